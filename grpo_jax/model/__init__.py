@@ -1,0 +1,1 @@
+"""Gemma 3 in plain JAX: parameter description, forward pass, weight loaders."""

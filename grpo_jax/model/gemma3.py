@@ -1,0 +1,206 @@
+"""Gemma 3 decoder as pure functions over a params pytree.
+
+The parameter tree is described once, in `param_specs`: each leaf's shape and
+logical axes. `init_params`, `abstract_params`, `logical_axes` and the loaders'
+shape checks all derive from that one description.
+
+Canonical layout (D embed, H query heads, K kv heads, Dh head dim, F ffw, V vocab):
+    embed                      [V, D]        (vocab, embed)
+    final_norm                 [D]           (embed,)
+    layers[i].pre_attn_norm    [D]           and post_attn_norm, pre_ffw_norm, post_ffw_norm
+    layers[i].attn.q           [D, H, Dh]    (embed, q_heads, head_dim)
+    layers[i].attn.k / .v      [D, K, Dh]    (embed, kv_heads, head_dim)
+    layers[i].attn.o           [H, Dh, D]    (q_heads, head_dim, embed)
+    layers[i].attn.q_norm/k_norm [Dh]        (head_dim,)
+    layers[i].mlp.gate / .up   [D, F]        (embed, ffw)
+    layers[i].mlp.down         [F, D]        (ffw, embed)
+Norm scales use Gemma's (1 + scale) convention: a zero scale is the identity.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.config import ModelConfig
+from kernels.reference import attention
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    # Standard deviation of the random init (None: zeros, for norm scales).
+    init_std: float | None
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The one description of every weight: shapes and logical axes."""
+    d, h, k, dh, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
+    norm = lambda n, axis: ParamSpec((n,), (axis,), None)  # noqa: E731
+    dense = lambda shape, axes, fan_in: ParamSpec(shape, axes, fan_in ** -0.5)  # noqa: E731
+
+    def layer():
+        return {
+            "pre_attn_norm": norm(d, "embed"),
+            "post_attn_norm": norm(d, "embed"),
+            "pre_ffw_norm": norm(d, "embed"),
+            "post_ffw_norm": norm(d, "embed"),
+            "attn": {
+                "q": dense((d, h, dh), ("embed", "q_heads", "head_dim"), d),
+                "k": dense((d, k, dh), ("embed", "kv_heads", "head_dim"), d),
+                "v": dense((d, k, dh), ("embed", "kv_heads", "head_dim"), d),
+                "o": dense((h, dh, d), ("q_heads", "head_dim", "embed"), h * dh),
+                "q_norm": norm(dh, "head_dim"),
+                "k_norm": norm(dh, "head_dim"),
+            },
+            "mlp": {
+                "gate": dense((d, f), ("embed", "ffw"), d),
+                "up": dense((d, f), ("embed", "ffw"), d),
+                "down": dense((f, d), ("ffw", "embed"), f),
+            },
+        }
+
+    return {
+        "embed": ParamSpec((cfg.vocab_size, d), ("vocab", "embed"), 1.0),
+        "final_norm": norm(d, "embed"),
+        "layers": [layer() for _ in range(cfg.num_layers)],
+    }
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.weight_dtype),
+                        param_specs(cfg), is_leaf=_is_spec)
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    return jax.tree.map(lambda s: s.logical_axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random weights (for tests and tiny runs); norms random too so they matter."""
+    specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
+    keys = jax.random.split(key, len(specs))
+
+    def one(spec, k):
+        std = 0.1 if spec.init_std is None else spec.init_std
+        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(cfg.weight_dtype)
+
+    return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(specs, keys)])
+
+
+# ---------------------------------------------------------------------------
+# Forward pass
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float) -> jax.Array:
+    """Rotary embedding on the two halves of the head dim. x [B, T, N, Dh], positions [B, T]."""
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))
+    angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq  # [B, T, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array,
+                   window: int | None) -> jax.Array:
+    """[B, T, S] bool: causal by position, keys must be valid, optional sliding window.
+
+    Positions (not array indices) decide causality and the window, so left-padded
+    rows and (later) ring-buffer caches use the same rule.
+    """
+    diff = q_positions[:, :, None] - k_positions[:, None, :]
+    mask = (diff >= 0) & k_valid[:, None, :]
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    dtype = cfg.compute_dtype
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    return x * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
+
+
+def _attention_block(p: Params, x: jax.Array, positions: jax.Array, input_mask: jax.Array,
+                     cfg: ModelConfig, layer: int) -> jax.Array:
+    dtype = cfg.compute_dtype
+    is_global = cfg.is_global_layer(layer)
+    q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dtype))
+    k = jnp.einsum("btd,dhk->bthk", x, p["k"].astype(dtype))
+    v = jnp.einsum("btd,dhk->bthk", x, p["v"].astype(dtype))
+    q = rms_norm(q, p["q_norm"], cfg.rms_eps)
+    k = rms_norm(k, p["k_norm"], cfg.rms_eps)
+    base = cfg.rope_base_global if is_global else cfg.rope_base_local
+    scale = cfg.rope_scale_global if is_global else 1.0
+    q = apply_rope(q, positions, base=base, scale=scale)
+    k = apply_rope(k, positions, base=base, scale=scale)
+    mask = attention_mask(positions, positions, input_mask,
+                          None if is_global else cfg.sliding_window)
+    out = attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar ** -0.5)
+    return jnp.einsum("bthk,hkd->btd", out, p["o"].astype(dtype))
+
+
+def _mlp_block(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    dtype = cfg.compute_dtype
+    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dtype))
+    up = jnp.einsum("btd,df->btf", x, p["up"].astype(dtype))
+    hidden = jax.nn.gelu(gate, approximate=True) * up
+    return jnp.einsum("btf,fd->btd", hidden, p["down"].astype(dtype))
+
+
+def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
+                  input_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final-normed hidden states [B, T, D] for tokens [B, T].
+
+    positions [B, T] int: each token's position in its own sequence (left padding
+    does not count). input_mask [B, T] bool: False marks padding, which no token
+    attends to.
+    """
+    x = embed_tokens(params, tokens, cfg)
+    for i, lp in enumerate(params["layers"]):
+        h = rms_norm(x, lp["pre_attn_norm"], cfg.rms_eps)
+        h = _attention_block(lp["attn"], h, positions, input_mask, cfg, i)
+        x = x + rms_norm(h, lp["post_attn_norm"], cfg.rms_eps)
+        h = rms_norm(x, lp["pre_ffw_norm"], cfg.rms_eps)
+        h = _mlp_block(lp["mlp"], h, cfg)
+        x = x + rms_norm(h, lp["post_ffw_norm"], cfg.rms_eps)
+    return rms_norm(x, params["final_norm"], cfg.rms_eps)
+
+
+def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Tied output projection: hidden [..., D] -> float32 logits [..., V]."""
+    return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(cfg.compute_dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
+            cfg: ModelConfig) -> jax.Array:
+    """Float32 logits [B, T, V]. Materialises the full vocabulary: use
+    `hidden_states` + `logits_from_hidden` on a slice when only some positions matter."""
+    return logits_from_hidden(params, hidden_states(params, tokens, positions, input_mask, cfg), cfg)
+
+
+def left_padded_positions(input_mask: jax.Array) -> jax.Array:
+    """Per-row positions for a left-padded batch: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(input_mask.astype(jnp.int32), axis=-1) - 1, 0)

