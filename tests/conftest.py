@@ -17,12 +17,27 @@ def embedded_gguf_path():
 
 
 @pytest.fixture(scope="session")
-def embedded_params(embedded_gguf_path):
+def embedded_gguf_reader(embedded_gguf_path):
+    """Parsing the GGUF header (262k vocabulary entries) takes ~15 s: do it once."""
+    from grpo_jax.model import weights
+
+    return weights.open_gguf(embedded_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def embedded_params(embedded_gguf_reader):
     """Canonical float32 params of the embedded Gemma 3 270M (dequantized GGUF)."""
     from grpo_jax.config import GEMMA3_270M
     from grpo_jax.model import weights
 
-    return weights.load_gguf(embedded_gguf_path, GEMMA3_270M)
+    return weights.load_gguf(embedded_gguf_reader, GEMMA3_270M)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_gguf_reader):
+    from grpo_jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(embedded_gguf_reader)
 
 
 @pytest.fixture(scope="session")

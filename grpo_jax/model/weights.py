@@ -147,7 +147,7 @@ def load_safetensors(path: str | os.PathLike, cfg: ModelConfig) -> gemma3.Params
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         try:
-            if _is_bf16_file(f):
+            if _is_bf16_file(_safetensors_header(f)):
                 tensors.update(_load_bf16_safetensors(f))
             else:
                 tensors.update(load_file(str(f)))
@@ -156,8 +156,10 @@ def load_safetensors(path: str | os.PathLike, cfg: ModelConfig) -> gemma3.Params
     return params_from_hf_tensors(tensors, cfg, source=str(path))
 
 
-def _is_bf16_file(f: Path) -> bool:
+def _safetensors_header(f: Path) -> dict:
+    """The JSON header, after checking the file holds all the tensor data it describes."""
     import struct
+    size = f.stat().st_size
     with open(f, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -167,6 +169,18 @@ def _is_bf16_file(f: Path) -> bool:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{f} is truncated or not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f} is not a safetensors file")
+    ends = [v["data_offsets"][1] for v in header.values()
+            if isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    if ends and 8 + n + max(ends) > size:
+        raise CheckpointError(
+            f"{f} is truncated: its header describes {8 + n + max(ends)} bytes, "
+            f"the file has {size}")
+    return header
+
+
+def _is_bf16_file(header: dict) -> bool:
     return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
 
 
@@ -197,7 +211,11 @@ def open_gguf(path: str | os.PathLike):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises assorted errors on a bad file
-        raise CheckpointError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+        with open(path, "rb") as fh:
+            what = "truncated or corrupt" if fh.read(4) == b"GGUF" else "not a GGUF file"
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"cannot read GGUF file {path} ({what}): {type(e).__name__}: {detail}") from None
 
 
 def _gguf_field(reader, name: str, default=None):
@@ -321,8 +339,10 @@ def params_from_orbax_tree(tree: Mapping[str, Any], cfg: ModelConfig,
             layer = int(m.group(1))
             for key, arr in _orbax_layer_tensors(m.group(2), prop, w):
                 named[("layers", layer) + key] = arr
-        elif path.split("/")[0].startswith("SigLiP"):
-            continue  # vision encoder
+        elif path.split("/")[0].startswith("SigLiP") or "embedder/mm_" in path:
+            # Vision encoder, and (4B+) 'transformer/embedder/mm_input_projection' and
+            # 'transformer/embedder/mm_soft_embedding_norm': not the text decoder.
+            continue
         else:
             raise CheckpointError(f"{source}: unexpected tensor {name}")
     return _to_params(named, cfg, source)
