@@ -170,6 +170,20 @@ def test_left_padding_invariance(tiny_params, cfg):
         np.testing.assert_allclose(zero_padded, alone, atol=5e-5, rtol=1e-5)
 
 
+def test_bfloat16_compute_tracks_float32(tiny_params):
+    """The TPU setting (bf16 weights and compute) stays close to the f32 forward."""
+    cfg16 = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
+    params16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), tiny_params[TINY.name])
+    ids = _random_ids(np.random.randint(1 << 30), 13, TINY.vocab_size)
+    want = _np_log_softmax(_logits_alone(tiny_params[TINY.name], TINY, ids))
+    logits16 = _logits_alone(params16, cfg16, ids)
+    assert logits16.dtype == np.float32  # logits come out in float32 whatever the compute dtype
+    got = _np_log_softmax(logits16)
+    # bf16 keeps 8 mantissa bits: per-token log-probs agree to a few percent of their scale.
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.7
+
+
 # ---------------------------------------------------------------------------
 # Parity with transformers: tiny random Gemma 3
 
