@@ -61,6 +61,45 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
 
+# LoRA target names -> the projections they adapt ("kv" adapts keys and values).
+LORA_TARGETS: dict[str, tuple[tuple[str, str], ...]] = {
+    "q": (("attn", "q"),),
+    "kv": (("attn", "k"), ("attn", "v")),
+    "o": (("attn", "o"),),
+    "gate": (("mlp", "gate"),),
+    "up": (("mlp", "up"),),
+    "down": (("mlp", "down"),),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the base projections: W x + (alpha / rank) * B(A x)."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter output is multiplied by alpha / rank."""
+    targets: tuple[str, ...] = ("q", "kv", "o", "gate", "up", "down")
+    """Projections to adapt: any of q, kv, o, gate, up, down."""
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets {list(self.targets)} invalid; choose from "
+                             f"{', '.join(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def projections(self) -> tuple[tuple[str, str], ...]:
+        return tuple(p for t in self.targets for p in LORA_TARGETS[t])
+
+
 GEMMA3_270M = ModelConfig(
     name="gemma3-270m", vocab_size=262_144, embed_dim=640, num_layers=18, num_heads=4,
     num_kv_heads=1, head_dim=256, ffw_dim=2048, sliding_window=512)

@@ -142,49 +142,112 @@ def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Arr
     return x * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
 
 
-def _attention_block(p: Params, x: jax.Array, positions: jax.Array, input_mask: jax.Array,
-                     cfg: ModelConfig, layer: int) -> jax.Array:
+def _lora_equations(eq: str) -> tuple[str, str]:
+    """Split a projection "x,w->y" into LoRA's two einsums x,a->low and low,b->y.
+
+    a holds w's contracted (input) axes then the rank r; b holds r then w's output axes.
+    """
+    inputs, out = eq.split("->")
+    x_spec, w_spec = inputs.split(",")
+    contracted = "".join(c for c in w_spec if c in x_spec)
+    produced = "".join(c for c in w_spec if c not in x_spec)
+    kept = "".join(c for c in x_spec if c not in w_spec)
+    return f"{x_spec},{contracted}r->{kept}r", f"{kept}r,r{produced}->{out}"
+
+
+# The einsum of each projection, shared by the forward pass and LoRA's merge.
+PROJECTIONS = {
+    ("attn", "q"): "btd,dhk->bthk",
+    ("attn", "k"): "btd,dhk->bthk",
+    ("attn", "v"): "btd,dhk->bthk",
+    ("attn", "o"): "bthk,hkd->btd",
+    ("mlp", "gate"): "btd,df->btf",
+    ("mlp", "up"): "btd,df->btf",
+    ("mlp", "down"): "btf,fd->btd",
+}
+
+
+def project(x: jax.Array, p: Params, block: str, name: str, cfg: ModelConfig,
+            lora=None, layer: int = 0) -> jax.Array:
+    """x @ p[name], plus LoRA's low-rank path scale * (x @ a) @ b when it targets it.
+
+    The adapter stays unmerged: its gradients then cost rank-sized matmuls, not a
+    dense weight gradient.
+    """
     dtype = cfg.compute_dtype
-    is_global = cfg.is_global_layer(layer)
-    q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, p["k"].astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, p["v"].astype(dtype))
+    eq = PROJECTIONS[(block, name)]
+    y = jnp.einsum(eq, x, p[name].astype(dtype))
+    adapter = None if lora is None else lora.layers[layer].get(block, {}).get(name)
+    if adapter is not None:
+        eq_a, eq_b = _lora_equations(eq)
+        low = jnp.einsum(eq_a, x, adapter["a"].astype(dtype))
+        y = y + jnp.einsum(eq_b, low, adapter["b"].astype(dtype)) * jnp.asarray(lora.scale, dtype)
+    return y
+
+
+def layer_window(cfg: ModelConfig, layer: int) -> int | None:
+    """The sliding window of a local layer; None for a global one."""
+    return None if cfg.is_global_layer(layer) else cfg.sliding_window
+
+
+def qkv(p: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig, layer: int,
+        lora=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normed, rotated queries [B,T,H,Dh]; keys and values [B,T,K,Dh]."""
+    q = project(x, p, "attn", "q", cfg, lora, layer)
+    k = project(x, p, "attn", "k", cfg, lora, layer)
+    v = project(x, p, "attn", "v", cfg, lora, layer)
     q = rms_norm(q, p["q_norm"], cfg.rms_eps)
     k = rms_norm(k, p["k_norm"], cfg.rms_eps)
+    is_global = cfg.is_global_layer(layer)
     base = cfg.rope_base_global if is_global else cfg.rope_base_local
     scale = cfg.rope_scale_global if is_global else 1.0
-    q = apply_rope(q, positions, base=base, scale=scale)
-    k = apply_rope(k, positions, base=base, scale=scale)
-    mask = attention_mask(positions, positions, input_mask,
-                          None if is_global else cfg.sliding_window)
-    out = attention(q, k, v, mask, scale=cfg.query_pre_attn_scalar ** -0.5)
-    return jnp.einsum("bthk,hkd->btd", out, p["o"].astype(dtype))
+    return (apply_rope(q, positions, base=base, scale=scale),
+            apply_rope(k, positions, base=base, scale=scale), v)
 
 
-def _mlp_block(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    dtype = cfg.compute_dtype
-    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dtype))
-    up = jnp.einsum("btd,df->btf", x, p["up"].astype(dtype))
-    hidden = jax.nn.gelu(gate, approximate=True) * up
-    return jnp.einsum("btf,fd->btd", hidden, p["down"].astype(dtype))
+def _mlp_block(p: Params, x: jax.Array, cfg: ModelConfig, lora, layer: int) -> jax.Array:
+    gate = project(x, p, "mlp", "gate", cfg, lora, layer)
+    up = project(x, p, "mlp", "up", cfg, lora, layer)
+    return project(jax.nn.gelu(gate, approximate=True) * up, p, "mlp", "down", cfg, lora, layer)
+
+
+def decoder_layer(lp: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
+                  layer: int, attend, lora=None) -> tuple[jax.Array, Any]:
+    """One layer: pre/post-normed attention, then pre/post-normed gated MLP.
+
+    `attend(q, k, v) -> (out, aux)` is the attention itself, so the plain forward
+    and the KV-cached sampler share everything else; aux (the updated cache, say)
+    is handed back.
+    """
+    h = rms_norm(x, lp["pre_attn_norm"], cfg.rms_eps)
+    q, k, v = qkv(lp["attn"], h, positions, cfg, layer, lora)
+    out, aux = attend(q, k, v)
+    h = project(out, lp["attn"], "attn", "o", cfg, lora, layer)
+    x = x + rms_norm(h, lp["post_attn_norm"], cfg.rms_eps)
+    h = _mlp_block(lp["mlp"], rms_norm(x, lp["pre_ffw_norm"], cfg.rms_eps), cfg, lora, layer)
+    return x + rms_norm(h, lp["post_ffw_norm"], cfg.rms_eps), aux
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+    return cfg.query_pre_attn_scalar ** -0.5
 
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
-                  input_mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+                  input_mask: jax.Array, cfg: ModelConfig, lora=None) -> jax.Array:
     """Final-normed hidden states [B, T, D] for tokens [B, T].
 
     positions [B, T] int: each token's position in its own sequence (left padding
     does not count). input_mask [B, T] bool: False marks padding, which no token
-    attends to.
+    attends to. lora: optional `LoraWeights` (grpo_jax.model.lora); None is the base.
     """
     x = embed_tokens(params, tokens, cfg)
     for i, lp in enumerate(params["layers"]):
-        h = rms_norm(x, lp["pre_attn_norm"], cfg.rms_eps)
-        h = _attention_block(lp["attn"], h, positions, input_mask, cfg, i)
-        x = x + rms_norm(h, lp["post_attn_norm"], cfg.rms_eps)
-        h = rms_norm(x, lp["pre_ffw_norm"], cfg.rms_eps)
-        h = _mlp_block(lp["mlp"], h, cfg)
-        x = x + rms_norm(h, lp["post_ffw_norm"], cfg.rms_eps)
+        mask = attention_mask(positions, positions, input_mask, layer_window(cfg, i))
+
+        def attend(q, k, v, mask=mask):
+            return attention(q, k, v, mask, scale=attention_scale(cfg)), None
+
+        x, _ = decoder_layer(lp, x, positions, cfg, i, attend, lora)
     return rms_norm(x, params["final_norm"], cfg.rms_eps)
 
 
@@ -195,10 +258,11 @@ def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> j
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,
-            cfg: ModelConfig) -> jax.Array:
+            cfg: ModelConfig, lora=None) -> jax.Array:
     """Float32 logits [B, T, V]. Materialises the full vocabulary: use
     `hidden_states` + `logits_from_hidden` on a slice when only some positions matter."""
-    return logits_from_hidden(params, hidden_states(params, tokens, positions, input_mask, cfg), cfg)
+    hidden = hidden_states(params, tokens, positions, input_mask, cfg, lora)
+    return logits_from_hidden(params, hidden, cfg)
 
 
 def left_padded_positions(input_mask: jax.Array) -> jax.Array:
