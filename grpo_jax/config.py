@@ -100,6 +100,40 @@ class LoraConfig:
         return tuple(p for t in self.targets for p in LORA_TARGETS[t])
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """How completions are drawn."""
+
+    max_new_tokens: int = 256
+    """Token budget per completion; generation stops earlier at a stop token."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy decoding."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0: no limit)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    stop_ids: tuple[int, ...] = (1, 106)
+    """Token ids that end a completion (EOS and <end_of_turn>); kept in the output."""
+    prompt_bucket: int = 32
+    """Prompt lengths are padded up to a multiple of this, to bound recompiles."""
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.prompt_bucket <= 0:
+            raise ValueError(f"prompt_bucket must be positive, got {self.prompt_bucket}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
 GEMMA3_270M = ModelConfig(
     name="gemma3-270m", vocab_size=262_144, embed_dim=640, num_layers=18, num_heads=4,
     num_kv_heads=1, head_dim=256, ffw_dim=2048, sliding_window=512)

@@ -1,30 +1,48 @@
-"""Autoregressive sampling.
+"""Batched autoregressive sampling with a KV cache and group fan-out.
 
-`sample_uncached` recomputes the whole sequence at every step. It is the simple,
-obviously-correct path (and the baseline the KV-cached sampler is measured and
-tested against); it keeps fixed shapes: prompts are left-padded to a bucketed
-length and generation is padded to the token budget, and a `lax.while_loop`
-exits once every row has stopped.
+`sample` prefills each distinct prompt once, fans its cache out to `group` rows
+(GRPO's G samples per prompt), then decodes one token per row per step inside a
+`lax.while_loop` that exits as soon as every row has stopped. Prefill and decode
+are two jitted programs (so they can be timed apart); the decode program takes
+the cache donated and updates it in place.
+
+Randomness is per row: row r at step t draws from fold_in(fold_in(key, r), t), so
+a row's sample depends only on the key, its row index and its own logits, never
+on the batch around it; fan-out and G separate prefills give the same samples.
+
+`sample_uncached` recomputes the full sequence at every step: the simple,
+obviously-correct path the cached one is tested and benchmarked against.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.config import ModelConfig
-from grpo_jax.model import gemma3
-from grpo_jax.tokenizer import PAD_ID, STOP_IDS
+from grpo_jax.config import ModelConfig, SamplerConfig
+from grpo_jax.model import gemma3, kv_cache
+from grpo_jax.tokenizer import PAD_ID
+
+# top_p without top_k first looks for the nucleus among this many most likely tokens;
+# only a step where some row's nucleus is wider pays for a full sort of the vocabulary.
+TOP_P_CANDIDATES = 1024
 
 
 class SampleOutput(NamedTuple):
-    tokens: jax.Array      # [B, N] int32, PAD after a row's stop token
-    logprobs: jax.Array    # [B, N] float32 log-softmax (temperature 1) of each token; 0 after stop
-    lengths: jax.Array     # [B] int32 completion length, stop token included
-    stopped: jax.Array     # [B] bool: ended on a stop token (False: hit the budget)
+    tokens: jax.Array             # [B, N] int32, PAD after a row's stop token
+    logprobs: jax.Array           # [B, N] float32 log-softmax at temperature 1 (full vocab); 0 after stop
+    sampling_logprobs: jax.Array  # [B, N] log-prob under the distribution sampled from
+                                  # (temperature, top-k, top-p applied); 0 when greedy
+    lengths: jax.Array            # [B] int32 completion length, stop token included
+    stopped: jax.Array            # [B] bool: ended on a stop token (False: hit the budget)
+
+
+# ---------------------------------------------------------------------------
+# Shapes
 
 
 def bucket_length(n: int, multiple: int = 32) -> int:
@@ -32,15 +50,27 @@ def bucket_length(n: int, multiple: int = 32) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None,
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token lists to `length` (default: bucketed longest). -> tokens, mask."""
+def bucket_batch(n: int) -> int:
+    """Row-count bucket: powers of two up to 8, then multiples of 8."""
+    return 1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8
+
+
+def check_group(batch: int, group: int) -> None:
+    if group <= 0:
+        raise ValueError(f"group size must be positive, got {group}")
+    if batch % group:
+        raise ValueError(f"batch {batch} is not divisible by the group size {group}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, *,
+             multiple: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to `length` (default: the bucketed longest). -> tokens, mask."""
     if not prompts:
         raise ValueError("no prompts to pad")
     longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("empty prompt: every prompt needs at least one token (BOS)")
-    length = bucket_length(longest) if length is None else length
+    length = bucket_length(longest, multiple) if length is None else length
     if longest > length:
         raise ValueError(f"prompt of {longest} tokens exceeds the padded length {length}")
     tokens = np.full((len(prompts), length), PAD_ID, np.int32)
@@ -51,53 +81,283 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None,
     return tokens, mask
 
 
-def _choose(logits: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+# ---------------------------------------------------------------------------
+# Choosing a token
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "stop_ids"))
-def sample_uncached(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-                    key: jax.Array, *, cfg: ModelConfig, max_new_tokens: int,
-                    temperature: float = 0.0, stop_ids: tuple[int, ...] = STOP_IDS,
-                    ) -> SampleOutput:
-    """Sample up to `max_new_tokens` per row, recomputing the full forward each step.
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
 
-    prompt_tokens/prompt_mask [B, P]: left-padded prompts. temperature 0 = greedy.
+
+def _sample_candidates(scaled: jax.Array, keys: jax.Array, sampling: SamplerConfig,
+                       num_candidates: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k / top-p among the `num_candidates` most likely tokens.
+
+    -> token, its log-prob under the truncated distribution, and whether the
+    candidates held each row's whole nucleus (always true when top_k is set).
     """
-    batch, prompt_len = prompt_tokens.shape
-    tokens = jnp.concatenate(
-        [prompt_tokens, jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32)], axis=1)
-    valid = jnp.concatenate([prompt_mask, jnp.zeros((batch, max_new_tokens), bool)], axis=1)
-    stop = jnp.asarray(stop_ids, jnp.int32)
+    vals, idx = jax.lax.top_k(scaled, num_candidates)  # sorted, descending
+    keep = jnp.ones(vals.shape, bool)
+    covered = jnp.ones(vals.shape[:1], bool)
+    if sampling.top_p < 1.0:
+        # With top_k the nucleus is taken within the renormalised top-k (as HF does);
+        # without it, candidates carry their full-vocabulary probabilities.
+        norm = jax.nn.logsumexp(vals if sampling.top_k else scaled, axis=-1, keepdims=True)
+        probs = jnp.exp(vals - norm)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = before < sampling.top_p  # the top token is always kept
+        covered = jnp.sum(probs, axis=-1) >= sampling.top_p
+    masked = jnp.where(keep, vals, -jnp.inf)
+    choice = jax.vmap(jax.random.categorical)(keys, masked)
+    token = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(masked, choice[:, None], axis=-1)[:, 0]
+    return token, chosen - jax.nn.logsumexp(masked, axis=-1), covered
+
+
+def vocab_major_logits(params: gemma3.Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """float32 logits [V, B] of hidden [B, D]. Vocabulary-major because XLA:CPU reduces
+    over the major axis with vector lanes across the batch: max / sum-exp over
+    [V, B] run several times faster than over [B, V] (and the matmul is no slower)."""
+    return jnp.einsum("bd,vd->vb", hidden, params["embed"].astype(cfg.compute_dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _chunk_size(vocab: int) -> int:
+    """A power-of-two divisor of the vocabulary near its square root (1 if odd)."""
+    size = 1 << math.isqrt(vocab).bit_length()
+    while vocab % size:
+        size //= 2
+    return size
+
+
+def _pick_in_chunks(logits: jax.Array, chunk_scores: jax.Array, keys: jax.Array | None,
+                    size: int) -> jax.Array:
+    """Choose a chunk per row from chunk_scores [V/size, B] (argmax, or a categorical draw
+    when keys are given), then a token inside it; -> token ids [B]."""
+    batch = logits.shape[1]
+    chunks = logits.reshape(-1, size, batch)
+    if keys is None:
+        chunk = jnp.argmax(chunk_scores, axis=0)
+    else:
+        chunk = jax.vmap(jax.random.categorical)(keys[:, 0], chunk_scores.T)
+    inside = chunks[chunk, :, jnp.arange(batch)]  # [B, size]
+    pick = (jnp.argmax(inside, axis=-1) if keys is None
+            else jax.vmap(jax.random.categorical)(keys[:, 1], inside))
+    return (chunk * size + pick).astype(jnp.int32)
+
+
+def _token_logit(logits: jax.Array, token: jax.Array) -> jax.Array:
+    return logits[token, jnp.arange(logits.shape[1])]
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplerConfig,
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [V, B] float32 (vocabulary-major), keys [B] -> token [B], its log-prob at
+    temperature 1, and its log-prob under the distribution sampled from.
+
+    Greedy and plain temperature sampling read the vocabulary in two passes (chunk
+    maxima, then exp-sums), never draw V random numbers: a token is drawn as a
+    chunk (by its probability mass) then a token within the chunk, which is exactly
+    the categorical distribution. Top-k / top-p sort at most TOP_P_CANDIDATES per
+    row unless some row's nucleus is wider.
+    """
+    vocab, _ = logits.shape
+    size = _chunk_size(vocab)
+    chunk_max = jnp.max(logits.reshape(-1, size, logits.shape[1]), axis=1)  # [V/size, B]
+    top = jnp.max(chunk_max, axis=0)
+    exp_sums = jnp.sum(jnp.exp(logits - top).reshape(chunk_max.shape[0], size, -1), axis=1)
+    lse = top + jnp.log(jnp.sum(exp_sums, axis=0))
+    if sampling.greedy:
+        token = _pick_in_chunks(logits, chunk_max, None, size)
+        return token, _token_logit(logits, token) - lse, jnp.zeros(token.shape, jnp.float32)
+
+    two_keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    if sampling.top_k or sampling.top_p < 1.0:
+        scaled = (logits / sampling.temperature).T  # [B, V]: top_k works on the last axis
+        if sampling.top_k:
+            token, sampling_lp, _ = _sample_candidates(
+                scaled, keys, sampling, min(sampling.top_k, vocab))
+        else:
+            few = min(TOP_P_CANDIDATES, vocab)
+            token, sampling_lp, covered = _sample_candidates(scaled, keys, sampling, few)
+            token, sampling_lp = jax.lax.cond(
+                jnp.all(covered) | (few == vocab),
+                lambda: (token, sampling_lp),
+                lambda: _sample_candidates(scaled, keys, sampling, vocab)[:2])
+        token = token.astype(jnp.int32)
+    elif sampling.temperature == 1.0:
+        token = _pick_in_chunks(logits, jnp.log(exp_sums), two_keys, size)
+        sampling_lp = _token_logit(logits, token) - lse
+    else:
+        scaled = logits / sampling.temperature
+        scaled_top = top / sampling.temperature
+        scaled_sums = jnp.sum(jnp.exp(scaled - scaled_top).reshape(exp_sums.shape[0], size, -1),
+                              axis=1)
+        token = _pick_in_chunks(scaled, jnp.log(scaled_sums), two_keys, size)
+        sampling_lp = (_token_logit(scaled, token) - scaled_top
+                       - jnp.log(jnp.sum(scaled_sums, axis=0)))
+    return token, _token_logit(logits, token) - lse, sampling_lp
+
+
+class _Record(NamedTuple):
+    tokens: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+
+
+def _empty_record(batch: int, steps: int) -> _Record:
+    return _Record(jnp.full((batch, steps), PAD_ID, jnp.int32),
+                   jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch, steps), jnp.float32),
+                   jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+
+
+def _record_step(rec: _Record, step: jax.Array, logits: jax.Array, keys: jax.Array,
+                 sampling: SamplerConfig) -> tuple[_Record, jax.Array]:
+    """Choose each row's token at `step`, write it down; rows already done get PAD."""
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    token, lp, slp = choose_tokens(logits, step_keys, sampling)
+    token = jnp.where(rec.done, PAD_ID, token)
+    rec = _Record(
+        rec.tokens.at[:, step].set(token),
+        rec.logprobs.at[:, step].set(jnp.where(rec.done, 0.0, lp)),
+        rec.sampling_logprobs.at[:, step].set(jnp.where(rec.done, 0.0, slp)),
+        rec.lengths + (~rec.done).astype(jnp.int32),
+        rec.done | jnp.isin(token, jnp.asarray(sampling.stop_ids, jnp.int32)))
+    return rec, token
+
+
+def _output(rec: _Record) -> SampleOutput:
+    return SampleOutput(rec.tokens, rec.logprobs, rec.sampling_logprobs, rec.lengths, rec.done)
+
+
+# ---------------------------------------------------------------------------
+# KV-cached sampler
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "group"))
+def prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
+            cfg: ModelConfig, cache_len: int, group: int = 1) -> tuple[jax.Array, kv_cache.KVCache]:
+    """Prefill each distinct prompt once; fan cache and last logits out to `group` rows each.
+
+    -> logits [V, P*G] float32 (vocabulary-major) of every row's next token, and the cache.
+    """
+    hidden, cache = kv_cache.prefill(params, prompt_tokens, prompt_mask, cfg, cache_len, lora)
+    logits = vocab_major_logits(params, hidden, cfg)
+    if group > 1:
+        cache = kv_cache.repeat_rows(cache, group)
+        logits = jnp.repeat(logits, group, axis=1)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
+def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Array,
+           key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig,
+           ) -> tuple[SampleOutput, kv_cache.KVCache]:
+    """Decode from prefilled `cache` and first-token `logits` until all rows stop.
+
+    The cache is donated and returned (the loop writes into the same buffers).
+    """
+    batch = logits.shape[1]
+    steps = sampling.max_new_tokens
+    keys = row_keys(key, batch)
+    rec, token = _record_step(_empty_record(batch, steps), jnp.int32(0), logits, keys, sampling)
 
     def cond(state):
-        step, _, _, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+        step, _, _, rec = state
+        return (step < steps) & ~jnp.all(rec.done)
 
     def body(state):
-        step, tokens, valid, out_tokens, out_logprobs, done, lengths = state
-        positions = gemma3.left_padded_positions(valid)
-        hidden = gemma3.hidden_states(params, tokens, positions, valid, cfg)
-        last = jax.lax.dynamic_index_in_dim(hidden, prompt_len + step - 1, axis=1, keepdims=False)
-        logits = gemma3.logits_from_hidden(params, last, cfg)  # [B, V] float32
-        next_token = _choose(logits, jax.random.fold_in(key, step), temperature)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
-                                      next_token[:, None], axis=-1)[:, 0]
-        next_token = jnp.where(done, PAD_ID, next_token)
-        logprob = jnp.where(done, 0.0, logprob)
-        tokens = tokens.at[:, prompt_len + step].set(next_token)
-        valid = valid.at[:, prompt_len + step].set(~done)
-        out_tokens = out_tokens.at[:, step].set(next_token)
-        out_logprobs = out_logprobs.at[:, step].set(logprob)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(next_token, stop)
-        return step + 1, tokens, valid, out_tokens, out_logprobs, done, lengths
+        step, token, cache, rec = state
+        hidden, cache = kv_cache.decode_step(params, cache, token, cfg, lora)
+        rec, token = _record_step(rec, step, vocab_major_logits(params, hidden, cfg), keys,
+                                  sampling)
+        return step + 1, token, cache, rec
 
-    state = (jnp.int32(0), tokens, valid,
-             jnp.full((batch, max_new_tokens), PAD_ID, jnp.int32),
-             jnp.zeros((batch, max_new_tokens), jnp.float32),
-             jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
-    _, _, _, out_tokens, out_logprobs, done, lengths = jax.lax.while_loop(cond, body, state)
-    return SampleOutput(out_tokens, out_logprobs, lengths, done)
+    _, _, cache, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, rec))
+    return _output(rec), cache
+
+
+def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+           key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig, group: int = 1,
+           lora=None, max_cache_len: int | None = None) -> SampleOutput:
+    """Sample `group` completions for each left-padded prompt row [P, L] -> [P*group] rows
+    (prompt-major: rows g*... of prompt p are p*group .. p*group+group-1)."""
+    check_group(prompt_tokens.shape[0] * group, group)
+    cache_len = prompt_tokens.shape[1] + sampling.max_new_tokens
+    if max_cache_len is not None and cache_len > max_cache_len:
+        raise ValueError(
+            f"prompt length {prompt_tokens.shape[1]} + {sampling.max_new_tokens} new tokens "
+            f"exceeds the cache length {max_cache_len}")
+    logits, cache = prefill(params, lora, prompt_tokens, prompt_mask, cfg=cfg,
+                            cache_len=cache_len, group=group)
+    out, _ = decode(params, lora, cache, logits, key, cfg=cfg, sampling=sampling)
+    return out
+
+
+def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
+                   cfg: ModelConfig, sampling: SamplerConfig, group: int = 1, lora=None,
+                   max_cache_len: int | None = None) -> SampleOutput:
+    """Token lists in, NumPy arrays out, with prompt length and count bucketed.
+
+    Filler rows (copies of the last prompt) come after the real ones, so the real
+    rows' keys, and hence their samples, do not depend on the bucket.
+    """
+    n = len(prompts)
+    padded = list(prompts) + [prompts[-1]] * (bucket_batch(n) - n) if prompts else []
+    tokens, mask = left_pad(padded, multiple=sampling.prompt_bucket)
+    out = sample(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
+                 sampling=sampling, group=group, lora=lora, max_cache_len=max_cache_len)
+    return SampleOutput(*(np.asarray(x)[:n * group] for x in out))
+
+
+# ---------------------------------------------------------------------------
+# Uncached baseline
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
+def sample_uncached(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                    key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig,
+                    lora=None) -> SampleOutput:
+    """The same sampling, recomputing the whole padded sequence at every step.
+
+    Same token choice and per-row keys as `sample`, so the two agree token for token.
+    """
+    batch, prompt_len = prompt_tokens.shape
+    steps = sampling.max_new_tokens
+    tokens = jnp.concatenate(
+        [prompt_tokens, jnp.full((batch, steps), PAD_ID, jnp.int32)], axis=1)
+    valid = jnp.concatenate([prompt_mask, jnp.zeros((batch, steps), bool)], axis=1)
+    keys = row_keys(key, batch)
+
+    def cond(state):
+        step, _, _, rec = state
+        return (step < steps) & ~jnp.all(rec.done)
+
+    def body(state):
+        step, tokens, valid, rec = state
+        positions = gemma3.left_padded_positions(valid)
+        hidden = gemma3.hidden_states(params, tokens, positions, valid, cfg, lora)
+        last = jax.lax.dynamic_index_in_dim(hidden, prompt_len + step - 1, axis=1, keepdims=False)
+        logits = vocab_major_logits(params, last, cfg)
+        was_done = rec.done
+        rec, token = _record_step(rec, step, logits, keys, sampling)
+        tokens = tokens.at[:, prompt_len + step].set(token)
+        valid = valid.at[:, prompt_len + step].set(~was_done)
+        return step + 1, tokens, valid, rec
+
+    _, _, _, rec = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), tokens, valid, _empty_record(batch, steps)))
+    return _output(rec)
+
+
+def model_flops_per_token(cfg: ModelConfig, context: float, logits: bool = True) -> float:
+    """Matmul FLOPs of one token: 2 x the weights it multiplies (the layers, plus the
+    tied logits when computed; the embedding lookup is free) + attention over
+    `context` earlier positions (capped by each layer's window)."""
+    d, h, k, dh, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffw_dim
+    per_layer = d * (h + 2 * k) * dh + h * dh * d + 3 * d * f
+    attn = sum(4 * h * dh * min(context, gemma3.layer_window(cfg, i) or math.inf)
+               for i in range(cfg.num_layers))
+    return 2.0 * (cfg.num_layers * per_layer + logits * cfg.vocab_size * d) + attn

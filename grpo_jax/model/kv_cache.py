@@ -1,0 +1,141 @@
+"""KV cache for Gemma 3: prefill a left-padded prompt batch, then decode a token per row.
+
+Layout: each layer keeps keys [B, K, Dh, S] (transposed, see
+`kernels.reference.decode_attention`) and values [B, K, S, Dh]. A global layer's S is the
+cache length (prompt bucket + token budget); a sliding-window layer's S is
+min(window, cache length), used as a ring buffer. Slots are addressed by each
+row's own position (slot = position mod S), so left padding occupies no slot and
+rows of different prompt lengths decode side by side with per-row write indices.
+
+`lengths[b]` counts the tokens row b has written, which is also the position of
+its next token. The slot -> position map needs no storage: slot s of a layer of
+size S holds position q - ((q - s) mod S) for the latest position q, or nothing
+when that is negative.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax.config import ModelConfig
+from grpo_jax.model import gemma3
+from kernels.reference import attention, decode_attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    keys: list[jax.Array]     # per layer [B, K, Dh, S_layer]
+    values: list[jax.Array]   # per layer [B, K, S_layer, Dh]
+    lengths: jax.Array        # [B] int32: tokens written = position of the next token
+
+
+def layer_cache_size(cfg: ModelConfig, layer: int, cache_len: int) -> int:
+    window = gemma3.layer_window(cfg, layer)
+    return cache_len if window is None else min(window, cache_len)
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
+    sizes = [layer_cache_size(cfg, i, cache_len) for i in range(cfg.num_layers)]
+    k, dh, dtype = cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype
+    return KVCache([jnp.zeros((batch, k, dh, s), dtype) for s in sizes],
+                   [jnp.zeros((batch, k, s, dh), dtype) for s in sizes],
+                   jnp.zeros((batch,), jnp.int32))
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
+    slots = sum(layer_cache_size(cfg, i, cache_len) for i in range(cfg.num_layers))
+    return 2 * batch * slots * cfg.num_kv_heads * cfg.head_dim * cfg.compute_dtype.itemsize
+
+
+def _slot_index(buf: jax.Array, rows: jax.Array, slots: jax.Array, keys: bool):
+    """Index of (row, slot) pairs in a keys [B,K,Dh,S] or values [B,K,S,Dh] buffer;
+    NumPy puts the indexed dims first, so both read as [..., K, Dh]."""
+    return (rows, slice(None), slice(None), slots) if keys else (rows, slice(None), slots)
+
+
+def _write_prompt(buf: jax.Array, new: jax.Array, positions: jax.Array, valid: jax.Array,
+                  lengths: jax.Array, keys: bool) -> jax.Array:
+    """Scatter a prompt's keys or values [B, T, K, Dh] into slots position mod S.
+
+    Padding, and positions a ring buffer cannot hold (older than the last S),
+    go to an out-of-range slot that the scatter drops.
+    """
+    size = buf.shape[-1] if keys else buf.shape[2]
+    keep = valid & (positions >= lengths[:, None] - size)
+    slots = jnp.where(keep, positions % size, size)
+    rows = jnp.broadcast_to(jnp.arange(buf.shape[0])[:, None], slots.shape)
+    return buf.at[_slot_index(buf, rows, slots, keys)].set(new.astype(buf.dtype), mode="drop")
+
+
+def _write_token(buf: jax.Array, new: jax.Array, lengths: jax.Array, keys: bool) -> jax.Array:
+    """Write one token's keys or values [B, 1, K, Dh] at each row's own slot."""
+    slots = lengths % (buf.shape[-1] if keys else buf.shape[2])
+    index = _slot_index(buf, jnp.arange(buf.shape[0]), slots, keys)
+    return buf.at[index].set(new[:, 0].astype(buf.dtype))
+
+
+def decode_mask(lengths: jax.Array, size: int, window: int | None) -> jax.Array:
+    """[B, S] bool: slots a query at position lengths[b] may attend (itself included)."""
+    q = lengths[:, None]
+    slot = jnp.arange(size)[None, :]
+    held = q - (q - slot) % size  # the position slot s holds; negative: never written
+    mask = held >= 0
+    if window is not None:
+        mask &= q - held < window
+    return mask
+
+
+def prefill(params: gemma3.Params, tokens: jax.Array, input_mask: jax.Array, cfg: ModelConfig,
+            cache_len: int, lora=None) -> tuple[jax.Array, KVCache]:
+    """Run the left-padded prompts [B, T]; return the last token's hidden state [B, D]
+    (the last column: left padding puts every row's last token there) and the cache."""
+    if tokens.shape[1] > cache_len:
+        raise ValueError(f"prompt length {tokens.shape[1]} exceeds the cache length {cache_len}")
+    positions = gemma3.left_padded_positions(input_mask)
+    lengths = jnp.sum(input_mask, axis=-1, dtype=jnp.int32)
+    cache = init_cache(cfg, tokens.shape[0], cache_len)
+    x = gemma3.embed_tokens(params, tokens, cfg)
+    keys, values = [], []
+    for i, lp in enumerate(params["layers"]):
+        mask = gemma3.attention_mask(positions, positions, input_mask, gemma3.layer_window(cfg, i))
+
+        def attend(q, k, v, i=i, mask=mask):
+            out = attention(q, k, v, mask, scale=gemma3.attention_scale(cfg))
+            return out, (_write_prompt(cache.keys[i], k, positions, input_mask, lengths, True),
+                         _write_prompt(cache.values[i], v, positions, input_mask, lengths, False))
+
+        x, (k_buf, v_buf) = gemma3.decoder_layer(lp, x, positions, cfg, i, attend, lora)
+        keys.append(k_buf)
+        values.append(v_buf)
+    hidden = gemma3.rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps)
+    return hidden, KVCache(keys, values, lengths)
+
+
+def decode_step(params: gemma3.Params, cache: KVCache, tokens: jax.Array, cfg: ModelConfig,
+                lora=None) -> tuple[jax.Array, KVCache]:
+    """Feed one token per row [B] at position lengths[b]; -> hidden [B, D], updated cache."""
+    positions = cache.lengths[:, None]
+    x = gemma3.embed_tokens(params, tokens[:, None], cfg)
+    keys, values = [], []
+    for i, lp in enumerate(params["layers"]):
+        mask = decode_mask(cache.lengths, cache.keys[i].shape[-1], gemma3.layer_window(cfg, i))
+
+        def attend(q, k, v, i=i, mask=mask):
+            k_buf = _write_token(cache.keys[i], k, cache.lengths, True)
+            v_buf = _write_token(cache.values[i], v, cache.lengths, False)
+            out = decode_attention(q[:, 0], k_buf, v_buf, mask, scale=gemma3.attention_scale(cfg))
+            return out[:, None], (k_buf, v_buf)
+
+        x, (k_buf, v_buf) = gemma3.decoder_layer(lp, x, positions, cfg, i, attend, lora)
+        keys.append(k_buf)
+        values.append(v_buf)
+    hidden = gemma3.rms_norm(x[:, 0], params["final_norm"], cfg.rms_eps)
+    return hidden, KVCache(keys, values, cache.lengths + 1)
+
+
+def repeat_rows(cache: KVCache, times: int) -> KVCache:
+    """Fan each row out to `times` consecutive rows (prompt-major), for G samples per prompt."""
+    return jax.tree.map(lambda x: jnp.repeat(x, times, axis=0), cache)
