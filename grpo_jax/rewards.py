@@ -1,0 +1,263 @@
+"""Rule-based rewards for the reasoning format and the numeric answer.
+
+Each reward function is `fn(completions, answers, *, cfg=RewardConfig()) -> list[float]`:
+pure, one score per completion, and it never raises on any text (the model
+can write anything). Scores live in `RewardConfig`; which functions run, and
+with which weights, is `RewardConfig.functions`, resolved through a registry so
+new rewards plug in by name (`register_reward`).
+
+The expected completion is
+
+    <reasoning> ... </reasoning>
+    <answer> 42 </answer>
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Scores of the built-in rewards, and the weighted list of rewards to run."""
+
+    functions: tuple[tuple[str, float], ...] = (
+        ("match_format_exactly", 1.0),
+        ("match_format_approximately", 1.0),
+        ("check_answer", 1.0),
+        ("check_numbers", 1.0),
+    )
+    """(registered reward name, weight) pairs; the total reward is the weighted sum."""
+    format_exact: float = 3.0
+    """match_format_exactly: the whole completion is the reasoning block then the answer block."""
+    tag_once: float = 0.5
+    """match_format_approximately: added for each of the four tags that occurs exactly once."""
+    tag_not_once: float = -0.5
+    """match_format_approximately: added for each tag that is missing or repeated."""
+    answer_exact: float = 3.0
+    """check_answer: the answer equals the reference as a number."""
+    answer_within_10pct: float = 0.5
+    """check_answer: guess / reference within [0.9, 1.1]."""
+    answer_within_20pct: float = 0.25
+    """check_answer: guess / reference within [0.8, 1.2]."""
+    answer_wrong: float = -1.0
+    """check_answer: a number, but further off."""
+    answer_unparsable: float = -0.5
+    """check_answer: an <answer> block holding no single number."""
+    answer_missing: float = 0.0
+    """check_answer: no <answer>...</answer> block at all."""
+    number_match: float = 1.5
+    """check_numbers: the first number inside <answer> equals the reference."""
+
+    def __post_init__(self):
+        if not self.functions:
+            raise ValueError("RewardConfig.functions is empty: list at least one reward")
+        for entry in self.functions:
+            if (not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], str)
+                    or not isinstance(entry[1], (int, float)) or not math.isfinite(entry[1])):
+                raise ValueError(f"RewardConfig.functions entries must be (name, finite weight) "
+                                 f"pairs, got {entry!r}")
+        names = [n for n, _ in self.functions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"RewardConfig.functions lists a reward twice: {names}")
+
+
+DEFAULT_REWARD_CONFIG = RewardConfig()
+
+
+# ---------------------------------------------------------------------------
+# Parsing helpers
+
+# The whole completion: optional whitespace, the reasoning block, optional
+# whitespace, the answer block, optional whitespace, end. \A and \Z (not ^ and
+# $ with MULTILINE) so text on a later line after </answer> does not pass.
+_EXACT = re.compile(
+    r"\A\s*<reasoning>(?P<reasoning>.*?)</reasoning>\s*<answer>(?P<answer>.*?)</answer>\s*\Z",
+    re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+# A decimal number: optional sign, optional "$", digits grouped by thousands
+# commas or plain, optional fraction. The look-behind keeps a match from
+# starting inside a longer number or word ("v2", "1.2.3" second part).
+_NUMBER = re.compile(
+    r"(?<![\w.,])(?P<sign>[-+\u2212]?)(?:\$\s?)?"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
+
+
+def _numbers(text: str) -> list[float]:
+    """Every number in `text`, thousands separators, "$" and "%" dropped."""
+    out = []
+    for m in _NUMBER.finditer(text):
+        value = float(m.group("num").replace(",", ""))  # huge digit strings give inf, not raise
+        out.append(-value if m.group("sign") in ("-", "\u2212") else value)
+    return out
+
+
+def parse_number(text: str) -> float | None:
+    """The one number in `text` ("$1,234.50", "-7", "12%", "42 apples"); None when
+    there is no number or more than one (an ambiguous answer is not a number)."""
+    found = _numbers(text)
+    return found[0] if len(found) == 1 else None
+
+
+def first_number(text: str) -> float | None:
+    found = _numbers(text)
+    return found[0] if found else None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the first <answer>...</answer>, or None."""
+    m = _ANSWER.search(completion)
+    return None if m is None else m.group(1)
+
+
+def _check_lengths(completions: Sequence[str], answers: Sequence[str]) -> None:
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} reference answers: "
+                         "each completion needs its reference")
+
+
+def _text(x) -> str:
+    # Robust to None / bytes from a decoder: scored as text, never raising.
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bytes):
+        return x.decode("utf-8", "replace")
+    return "" if x is None else str(x)
+
+
+# ---------------------------------------------------------------------------
+# The four rewards
+
+
+def match_format_exactly(completions: Sequence[str], answers: Sequence[str], *,
+                         cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
+    """cfg.format_exact when the completion is exactly one non-empty reasoning block then
+    one non-empty answer block (whitespace around and between allowed), else 0."""
+    _check_lengths(completions, answers)
+    scores = []
+    for c in map(_text, completions):
+        m = _EXACT.match(c)
+        ok = (m is not None and m.group("reasoning").strip() != "" and m.group("answer").strip() != ""
+              # a tag nested in a block ("<answer>1</answer><answer>2</answer>" parses as
+              # one block by the lazy regex) means doubled tags, not the format
+              and all(c.count(t) == 1 for t in TAGS))
+        scores.append(cfg.format_exact if ok else 0.0)
+    return scores
+
+
+def match_format_approximately(completions: Sequence[str], answers: Sequence[str], *,
+                               cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
+    """Per tag: cfg.tag_once if it occurs exactly once, else cfg.tag_not_once; summed."""
+    _check_lengths(completions, answers)
+    return [float(sum(cfg.tag_once if c.count(t) == 1 else cfg.tag_not_once for t in TAGS))
+            for c in map(_text, completions)]
+
+
+def check_answer(completions: Sequence[str], answers: Sequence[str], *,
+                 cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
+    """Grade the number inside the first <answer> block against the reference.
+
+    Equal as numbers (or as stripped strings) -> answer_exact; else by ratio
+    guess / reference: within 10% -> answer_within_10pct, 20% -> answer_within_20pct,
+    otherwise answer_wrong. No single number in the block -> answer_unparsable;
+    no block -> answer_missing.
+    """
+    _check_lengths(completions, answers)
+    scores = []
+    for c, ref_text in zip(map(_text, completions), map(_text, answers)):
+        inner = extract_answer(c)
+        if inner is None:
+            scores.append(cfg.answer_missing)
+            continue
+        if inner.strip() == ref_text.strip():
+            scores.append(cfg.answer_exact)
+            continue
+        guess, ref = parse_number(inner), parse_number(ref_text)
+        if guess is None:
+            scores.append(cfg.answer_unparsable)
+        elif ref is None:
+            scores.append(cfg.answer_wrong)  # a non-numeric reference matches only as a string
+        elif guess == ref:
+            scores.append(cfg.answer_exact)
+        elif ref == 0 or not math.isfinite(guess) or not math.isfinite(ref):
+            scores.append(cfg.answer_wrong)  # no meaningful ratio
+        else:
+            ratio = guess / ref
+            if 0.9 <= ratio <= 1.1:
+                scores.append(cfg.answer_within_10pct)
+            elif 0.8 <= ratio <= 1.2:
+                scores.append(cfg.answer_within_20pct)
+            else:
+                scores.append(cfg.answer_wrong)
+    return scores
+
+
+def check_numbers(completions: Sequence[str], answers: Sequence[str], *,
+                  cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
+    """cfg.number_match if the first number inside <answer> equals the reference's
+    (first) number, else 0."""
+    _check_lengths(completions, answers)
+    scores = []
+    for c, ref_text in zip(map(_text, completions), map(_text, answers)):
+        inner = extract_answer(c)
+        guess = None if inner is None else first_number(inner)
+        ref = first_number(ref_text)
+        scores.append(cfg.number_match if guess is not None and guess == ref else 0.0)
+    return scores
+
+
+# ---------------------------------------------------------------------------
+# Registry and scoring
+
+RewardFn = Callable[..., list]
+
+_REGISTRY: dict[str, RewardFn] = {}
+# Built-ins read their scores from the config; plugged-in rewards may not take one.
+_TAKES_CFG: set[str] = set()
+
+
+def register_reward(name: str, fn: RewardFn, *, takes_cfg: bool = False) -> None:
+    """Make `fn(completions, answers[, cfg=...]) -> list[float]` available by name."""
+    if not callable(fn):
+        raise ValueError(f"reward {name!r} is not callable")
+    _REGISTRY[name] = fn
+    (_TAKES_CFG.add if takes_cfg else _TAKES_CFG.discard)(name)
+
+
+for _fn in (match_format_exactly, match_format_approximately, check_answer, check_numbers):
+    register_reward(_fn.__name__, _fn, takes_cfg=True)
+
+
+def reward_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def score_completions(completions: Sequence[str], answers: Sequence[str],
+                      cfg: RewardConfig = DEFAULT_REWARD_CONFIG
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Total weighted reward [N] and each function's unweighted rewards [N], float64."""
+    _check_lengths(completions, answers)
+    n = len(completions)
+    total = np.zeros(n, np.float64)
+    per_function: dict[str, np.ndarray] = {}
+    for name, weight in cfg.functions:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown reward {name!r}; registered: {', '.join(_REGISTRY)}")
+        fn = _REGISTRY[name]
+        out = fn(completions, answers, cfg=cfg) if name in _TAKES_CFG else fn(completions, answers)
+        values = np.asarray(out, np.float64).reshape(-1)
+        if values.shape != (n,):
+            raise ValueError(f"reward {name!r} returned {values.size} scores for {n} completions")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"reward {name!r} returned non-finite scores at rows "
+                             f"{np.flatnonzero(~np.isfinite(values)).tolist()}")
+        per_function[name] = values
+        total += weight * values
+    return total, per_function
