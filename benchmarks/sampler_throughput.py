@@ -136,7 +136,7 @@ def run(args: Args) -> dict:
         end = time.perf_counter()
         prefill_s, decode_s = min(prefill_s, mid - start), min(decode_s, end - mid)
     generated = int(np.sum(out.lengths))
-    steps = int(np.max(out.lengths))
+    steps = int(out.steps)
     total_s = prefill_s + decode_s
 
     # Decode FLOPs: each generated token (after the first, which prefill's logits give)

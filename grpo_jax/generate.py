@@ -45,6 +45,10 @@ class GenerateArgs:
     """Generation stops at EOS / <end_of_turn> (included in the output) or after this many."""
     temperature: float = 0.0
     """0 = greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: no limit)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold in (0, 1]."""
     seed: int = 0
     """PRNG seed for temperature > 0."""
     batch_size: int = 8
@@ -72,11 +76,20 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def sampler_config(args: GenerateArgs):
+    from grpo_jax.config import SamplerConfig
+    from grpo_jax.tokenizer import STOP_IDS
+
+    try:
+        return SamplerConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, stop_ids=STOP_IDS)
+    except ValueError as e:  # name the flag, not the field
+        field = str(e).split()[0]
+        raise ValueError(f"--{field.replace('_', '-')}{str(e)[len(field):]}") from None
+
+
 def validate(args: GenerateArgs) -> None:
-    if args.max_new_tokens <= 0:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    sampler_config(args)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.prompts_file is None and not args.prompt:
@@ -85,13 +98,13 @@ def validate(args: GenerateArgs) -> None:
 
 def run(args: GenerateArgs) -> list[dict]:
     import jax
-    import numpy as np
 
     from grpo_jax.model.load import load_model
-    from grpo_jax.sampler import left_pad, sample_uncached
+    from grpo_jax.sampler import sample_prompts
     from grpo_jax.tokenizer import STOP_IDS, chat_prompt
 
     validate(args)
+    sampling = sampler_config(args)
     texts = (read_prompts(args.prompts_file) if args.prompts_file else []) + list(args.prompt)
     loaded = load_model(args.model, checkpoint=args.checkpoint, gguf=args.gguf,
                         tokenizer=args.tokenizer, dtype=args.dtype)
@@ -101,13 +114,9 @@ def run(args: GenerateArgs) -> list[dict]:
     results = []
     for start in range(0, len(encoded), args.batch_size):
         batch = encoded[start:start + args.batch_size]
-        # Pad the batch to full size so every batch compiles to the same program.
-        padded_batch = batch + [batch[-1]] * (args.batch_size - len(batch))
-        tokens, mask = left_pad(padded_batch)
-        out = sample_uncached(loaded.params, tokens, mask, jax.random.fold_in(key, start),
-                              cfg=loaded.cfg, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, stop_ids=STOP_IDS)
-        out_tokens, out_lp, lengths = (np.asarray(x) for x in out[:3])
+        out = sample_prompts(loaded.params, batch, jax.random.fold_in(key, start),
+                             cfg=loaded.cfg, sampling=sampling)
+        out_tokens, out_lp, lengths = out.tokens, out.logprobs, out.lengths
         for row, prompt_ids in enumerate(batch):
             n = int(lengths[row])
             ids = out_tokens[row, :n].tolist()

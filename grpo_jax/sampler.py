@@ -39,6 +39,7 @@ class SampleOutput(NamedTuple):
                                   # (temperature, top-k, top-p applied); 0 when greedy
     lengths: jax.Array            # [B] int32 completion length, stop token included
     stopped: jax.Array            # [B] bool: ended on a stop token (False: hit the budget)
+    steps: jax.Array              # [] int32 decode steps run (the loop exits once all rows stop)
 
 
 # ---------------------------------------------------------------------------
@@ -228,8 +229,9 @@ def _record_step(rec: _Record, step: jax.Array, logits: jax.Array, keys: jax.Arr
     return rec, token
 
 
-def _output(rec: _Record) -> SampleOutput:
-    return SampleOutput(rec.tokens, rec.logprobs, rec.sampling_logprobs, rec.lengths, rec.done)
+def _output(rec: _Record, steps: jax.Array) -> SampleOutput:
+    return SampleOutput(rec.tokens, rec.logprobs, rec.sampling_logprobs, rec.lengths, rec.done,
+                        steps)
 
 
 # ---------------------------------------------------------------------------
@@ -275,8 +277,8 @@ def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Arr
                                   sampling)
         return step + 1, token, cache, rec
 
-    _, _, cache, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, rec))
-    return _output(rec), cache
+    steps, _, cache, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, rec))
+    return _output(rec, steps), cache
 
 
 def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
@@ -309,7 +311,8 @@ def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key:
     tokens, mask = left_pad(padded, multiple=sampling.prompt_bucket)
     out = sample(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
                  sampling=sampling, group=group, lora=lora, max_cache_len=max_cache_len)
-    return SampleOutput(*(np.asarray(x)[:n * group] for x in out))
+    return SampleOutput(*(np.asarray(x)[:n * group] if np.ndim(x) else np.asarray(x)
+                          for x in out))
 
 
 # ---------------------------------------------------------------------------
@@ -347,9 +350,9 @@ def sample_uncached(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask
         valid = valid.at[:, prompt_len + step].set(~was_done)
         return step + 1, tokens, valid, rec
 
-    _, _, _, rec = jax.lax.while_loop(
+    step, _, _, rec = jax.lax.while_loop(
         cond, body, (jnp.int32(0), tokens, valid, _empty_record(batch, steps)))
-    return _output(rec)
+    return _output(rec, step)
 
 
 def model_flops_per_token(cfg: ModelConfig, context: float, logits: bool = True) -> float:

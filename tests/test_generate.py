@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from grpo_jax import generate
-from grpo_jax.config import GEMMA3_270M, TINY
+from grpo_jax.config import GEMMA3_270M, TINY, SamplerConfig
 from grpo_jax.model import gemma3
-from grpo_jax.sampler import left_pad, sample_uncached
+from grpo_jax.sampler import sample_prompts
 from grpo_jax.tokenizer import STOP_IDS, chat_prompt
 
 PROMPTS = [
@@ -36,10 +36,11 @@ def _full_logprobs(params, cfg, ids):
 
 @pytest.fixture(scope="module")
 def greedy_embedded(embedded_params, embedded_tokenizer):
+    """The KV-cached sampler, greedy, 32 tokens, on the embedded weights."""
     encoded = [embedded_tokenizer.encode(p, add_bos=True) for p in PROMPTS]
-    tokens, mask = left_pad(encoded)
-    out = sample_uncached(embedded_params, tokens, mask, jax.random.key(0), cfg=GEMMA3_270M,
-                          max_new_tokens=32, temperature=0.0)
+    out = sample_prompts(embedded_params, encoded, jax.random.key(0), cfg=GEMMA3_270M,
+                         sampling=SamplerConfig(max_new_tokens=32, temperature=0.0,
+                                                stop_ids=STOP_IDS))
     return encoded, out
 
 
@@ -69,56 +70,6 @@ def test_sampled_logprobs_equal_full_forward(greedy_embedded, embedded_params):
         np.testing.assert_allclose(np.asarray(out.logprobs[row, :n]), expected, atol=2e-4)
         # Greedy: every chosen token is the full forward's argmax.
         assert completion == full[len(ids) - 1:len(ids) - 1 + n].argmax(-1).tolist()
-
-
-def test_uncached_greedy_is_stepwise_argmax_and_padding_invariant():
-    """Tiny random model, prompts of different lengths across the sliding window."""
-    params = gemma3.init_params(TINY, jax.random.key(np.random.randint(1 << 30)))
-    rng = np.random.default_rng()
-    prompts = [rng.integers(3, TINY.vocab_size, size=n).tolist() for n in (3, 9, 17)]
-    tokens, mask = left_pad(prompts)
-    out = sample_uncached(params, tokens, mask, jax.random.key(0), cfg=TINY,
-                          max_new_tokens=12, temperature=0.0, stop_ids=(-1,))
-    assert np.all(np.asarray(out.lengths) == 12) and not np.any(np.asarray(out.stopped))
-    for row, ids in enumerate(prompts):
-        seq = list(ids)
-        for _ in range(12):
-            seq.append(int(_full_logprobs(params, TINY, seq)[-1].argmax()))
-        assert np.asarray(out.tokens[row]).tolist() == seq[len(ids):]
-        alone_t, alone_m = left_pad([ids])
-        alone = sample_uncached(params, alone_t, alone_m, jax.random.key(0), cfg=TINY,
-                                max_new_tokens=12, temperature=0.0, stop_ids=(-1,))
-        np.testing.assert_array_equal(alone.tokens[0], out.tokens[row])
-        np.testing.assert_allclose(alone.logprobs[0], out.logprobs[row], atol=1e-5)
-
-
-def test_stop_token_ends_row_and_pads_after():
-    params = gemma3.init_params(TINY, jax.random.key(1))
-    tokens, mask = left_pad([[2, 7, 8], [2, 9]])
-    free = sample_uncached(params, tokens, mask, jax.random.key(0), cfg=TINY,
-                           max_new_tokens=8, temperature=0.0, stop_ids=(-1,))
-    stop = int(free.tokens[0, 2])  # make row 0's third token a stop token
-    out = sample_uncached(params, tokens, mask, jax.random.key(0), cfg=TINY,
-                          max_new_tokens=8, temperature=0.0, stop_ids=(stop,))
-    first = np.asarray(out.tokens[0]).tolist()
-    n = first.index(stop) + 1
-    assert n <= 3 and int(out.lengths[0]) == n and bool(out.stopped[0])
-    assert all(t == 0 for t in first[n:]) and np.all(np.asarray(out.logprobs[0, n:]) == 0)
-
-
-def test_temperature_sampling_is_reproducible_per_seed():
-    params = gemma3.init_params(TINY, jax.random.key(2))
-    # A small embedding flattens the (tied) logits, so sampling has real choices to make.
-    params = {**params, "embed": params["embed"] * 0.05}
-    tokens, mask = left_pad([[2, 5, 6, 7]] * 4)
-    a = sample_uncached(params, tokens, mask, jax.random.key(3), cfg=TINY,
-                        max_new_tokens=10, temperature=1.0, stop_ids=(-1,))
-    b = sample_uncached(params, tokens, mask, jax.random.key(3), cfg=TINY,
-                        max_new_tokens=10, temperature=1.0, stop_ids=(-1,))
-    c = sample_uncached(params, tokens, mask, jax.random.key(4), cfg=TINY,
-                        max_new_tokens=10, temperature=1.0, stop_ids=(-1,))
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 
 
 def test_cli_json_output(tmp_path, capsys, greedy_embedded):
@@ -191,3 +142,4 @@ def test_cli_preset_without_embedded_weights():
 def test_cli_bad_numbers():
     assert "--max-new-tokens" in _cli_error(["--prompt", "x", "--max-new-tokens", "0"])
     assert "--temperature" in _cli_error(["--prompt", "x", "--temperature", "-1"])
+    assert "--top-p must be in (0, 1]" in _cli_error(["--prompt", "x", "--top-p", "1.5"])

@@ -1,0 +1,285 @@
+"""KV-cached sampler: against the full uncached forward token for token, across a
+sliding-window boundary; padding and batch invariance; group fan-out; stop tokens;
+the sampling distributions themselves; bad input."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax import sampler
+from grpo_jax.config import TINY, SamplerConfig
+from grpo_jax.model import gemma3, kv_cache
+from grpo_jax.sampler import left_pad, sample, sample_prompts, sample_uncached
+
+NO_STOP = ()
+GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, stop_ids=NO_STOP, prompt_bucket=8)
+
+
+def _fresh_seed() -> int:
+    return int(np.random.default_rng().integers(1 << 30))
+
+
+def _tiny_params(seed: int, flatten: float = 1.0):
+    params = gemma3.init_params(TINY, jax.random.key(seed))
+    # A small embedding flattens the (tied) logits so sampling has real choices to make.
+    return {**params, "embed": params["embed"] * flatten}
+
+
+_forward = jax.jit(gemma3.forward, static_argnums=4)
+
+
+def _full_logprobs(params, ids):
+    tokens = jnp.asarray([ids], jnp.int32)
+    mask = jnp.ones_like(tokens, bool)
+    logits = _forward(params, tokens, gemma3.left_padded_positions(mask), mask, TINY)
+    return np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+
+
+def _prompts(rng, lengths):
+    return [[2] + rng.integers(3, TINY.vocab_size, size=n - 1).tolist() for n in lengths]
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward():
+    """Prompts of 3..17 tokens and 12 new ones, window 4: every row crosses the
+    ring buffer's wrap point many times and the global layers' cache grows."""
+    seed = _fresh_seed()
+    params = _tiny_params(seed)
+    prompts = _prompts(np.random.default_rng(seed), (3, 9, 17, 5))
+    out = sample_prompts(params, prompts, jax.random.key(0), cfg=TINY, sampling=GREEDY)
+    assert np.all(out.lengths == 12) and not np.any(out.stopped) and int(out.steps) == 12
+    for row, ids in enumerate(prompts):
+        seq = list(ids)
+        for _ in range(12):
+            seq.append(int(_full_logprobs(params, seq)[-1].argmax()))
+        assert out.tokens[row].tolist() == seq[len(ids):], f"row {row} (seed {seed})"
+        full = _full_logprobs(params, seq)[len(ids) - 1:-1]
+        expected = full[np.arange(12), seq[len(ids):]]
+        np.testing.assert_allclose(out.logprobs[row], expected, atol=2e-5, rtol=0)
+        np.testing.assert_array_equal(out.sampling_logprobs[row], 0.0)
+
+
+@pytest.mark.parametrize("sampling", [
+    dataclasses.replace(GREEDY, temperature=0.0),
+    dataclasses.replace(GREEDY, temperature=0.7),
+    dataclasses.replace(GREEDY, temperature=1.0, top_k=20),
+    dataclasses.replace(GREEDY, temperature=1.3, top_p=0.8),
+], ids=["greedy", "temperature", "top-k", "top-p"])
+def test_cached_equals_uncached(sampling):
+    """Same keys, same token choice: the cache must change nothing but speed."""
+    seed = _fresh_seed()
+    params = _tiny_params(seed, flatten=0.05)
+    tokens, mask = left_pad(_prompts(np.random.default_rng(seed), (4, 11, 7)), multiple=8)
+    key = jax.random.key(seed)
+    cached = sample(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=TINY,
+                    sampling=sampling)
+    full = sample_uncached(params, tokens, mask, key, cfg=TINY, sampling=sampling)
+    np.testing.assert_array_equal(cached.tokens, full.tokens)
+    np.testing.assert_allclose(cached.logprobs, full.logprobs, atol=2e-5)
+    np.testing.assert_allclose(cached.sampling_logprobs, full.sampling_logprobs, atol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_row_does_not_depend_on_the_batch(temperature):
+    """Row 0 alone, and row 0 beside longer prompts (so padded differently)."""
+    seed = _fresh_seed()
+    params = _tiny_params(seed, flatten=0.05)
+    sampling = dataclasses.replace(GREEDY, temperature=temperature)
+    prompts = _prompts(np.random.default_rng(seed), (5, 21, 13))
+    key = jax.random.key(seed)
+    together = sample_prompts(params, prompts, key, cfg=TINY, sampling=sampling)
+    alone = sample_prompts(params, prompts[:1], key, cfg=TINY, sampling=sampling)
+    np.testing.assert_array_equal(alone.tokens[0], together.tokens[0])
+    np.testing.assert_allclose(alone.logprobs[0], together.logprobs[0], atol=2e-5)
+
+
+def test_fan_out_equals_separate_prefills():
+    seed = _fresh_seed()
+    params = _tiny_params(seed, flatten=0.05)
+    sampling = dataclasses.replace(GREEDY, temperature=1.0)
+    prompts = _prompts(np.random.default_rng(seed), (6, 3, 10))
+    key = jax.random.key(seed)
+    fanned = sample_prompts(params, prompts, key, cfg=TINY, sampling=sampling, group=4)
+    repeated = [p for p in prompts for _ in range(4)]
+    separate = sample_prompts(params, repeated, key, cfg=TINY, sampling=sampling, group=1)
+    np.testing.assert_array_equal(fanned.tokens, separate.tokens)
+    np.testing.assert_allclose(fanned.logprobs, separate.logprobs, atol=2e-5)
+    # The G samples of one prompt differ from each other (distinct per-row keys).
+    assert len({tuple(r) for r in fanned.tokens[:4].tolist()}) > 1
+
+
+def test_fan_out_prefills_each_prompt_once():
+    """The prefill program's batch is the number of distinct prompts, not P x G."""
+    params = _tiny_params(0)
+    tokens, mask = left_pad([[2, 3, 4], [2, 5]], multiple=8)
+    jaxpr = jax.make_jaxpr(lambda p, t, m: sampler.prefill(
+        p, None, t, m, cfg=TINY, cache_len=20, group=4))(params, tokens, mask)
+    text = str(jaxpr)
+    assert "f32[2,8,64]" in text  # embeddings of 2 prompts x 8 tokens
+    assert "f32[8,8,64]" not in text
+    logits, cache = sampler.prefill(params, None, tokens, mask, cfg=TINY, cache_len=20, group=4)
+    assert logits.shape == (TINY.vocab_size, 8) and cache.lengths.tolist() == [3] * 4 + [2] * 4
+
+
+def test_stop_tokens_end_rows_and_the_loop_exits_early():
+    params = _tiny_params(1)
+    prompts = [[2, 7, 8], [2, 9], [2, 11, 12, 13]]
+    free = sample_prompts(params, prompts, jax.random.key(0), cfg=TINY,
+                          sampling=dataclasses.replace(GREEDY, max_new_tokens=30))
+    # Stop on every row's 3rd token: all rows end by step 3 and the loop stops there.
+    stops = tuple(sorted({int(free.tokens[r, 2]) for r in range(3)}))
+    out = sample_prompts(params, prompts, jax.random.key(0), cfg=TINY,
+                         sampling=dataclasses.replace(GREEDY, max_new_tokens=30, stop_ids=stops))
+    assert int(out.steps) <= 3 < 30
+    for row in range(3):
+        ids = out.tokens[row].tolist()
+        n = next(i for i, t in enumerate(ids) if t in stops) + 1
+        assert n <= 3 and out.lengths[row] == n and out.stopped[row]
+        assert ids[:n] == free.tokens[row, :n].tolist()
+        assert all(t == 0 for t in ids[n:]) and np.all(out.logprobs[row, n:] == 0)
+
+
+def test_budget_rows_are_marked_not_stopped():
+    out = sample_prompts(_tiny_params(2), [[2, 3]], jax.random.key(0), cfg=TINY,
+                         sampling=dataclasses.replace(GREEDY, max_new_tokens=5))
+    assert out.lengths.tolist() == [5] and out.stopped.tolist() == [False]
+
+
+def test_reproducible_per_seed():
+    params = _tiny_params(3, flatten=0.05)
+    sampling = dataclasses.replace(GREEDY, temperature=1.0)
+    run = lambda seed: sample_prompts(params, [[2, 5, 6, 7]] * 4, jax.random.key(seed),  # noqa: E731
+                                      cfg=TINY, sampling=sampling).tokens
+    np.testing.assert_array_equal(run(3), run(3))
+    assert not np.array_equal(run(3), run(4))
+
+
+# --- the token choice itself, against the exact distributions ---------------------
+
+def _draws(logits_row: np.ndarray, sampling: SamplerConfig, n: int, seed: int):
+    """n independent draws from one logits row (as n batch rows)."""
+    logits = jnp.asarray(np.repeat(logits_row[:, None], n, axis=1), jnp.float32)
+    keys = jax.random.split(jax.random.key(seed), n)
+    return jax.jit(lambda l, k: sampler.choose_tokens(l, k, sampling))(logits, keys)
+
+
+def _expected_probs(logits_row, temperature, top_k=0, top_p=1.0):
+    z = logits_row.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(z.shape, bool)
+    keep[order[:top_k or len(z)]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1.0:
+        sorted_p = p[order]
+        before = np.cumsum(sorted_p) - sorted_p
+        nucleus = np.zeros(z.shape, bool)
+        nucleus[order[before < top_p]] = True
+        p = np.where(nucleus & keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.7), (1.5, 8, 0.6)])
+def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
+    seed = _fresh_seed()
+    rng = np.random.default_rng(seed)
+    logits_row = rng.normal(size=512) * 2.0
+    sampling = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    n = 40_000
+    token, logprob, sampling_lp = (np.asarray(x) for x in _draws(logits_row, sampling, n, seed))
+    p = _expected_probs(logits_row, temperature, top_k, top_p)
+    assert np.all(p[token] > 0), "sampled a token outside the allowed set"
+    freq = np.bincount(token, minlength=512) / n
+    # Every token's frequency within 5 binomial standard deviations (+ slack for tiny p).
+    tol = 5 * np.sqrt(p * (1 - p) / n) + 2.0 / n
+    assert np.all(np.abs(freq - p) <= tol), f"seed {seed}: max dev {np.abs(freq - p).max()}"
+    full = logits_row - np.log(np.exp(logits_row - logits_row.max()).sum()) - logits_row.max()
+    np.testing.assert_allclose(logprob, full[token], atol=1e-5)
+    np.testing.assert_allclose(sampling_lp, np.log(p[token]), atol=1e-5)
+
+
+def test_top_p_nucleus_wider_than_the_candidate_list(monkeypatch):
+    """A flat distribution: the nucleus holds ~90% of 512 tokens, far beyond the
+    first candidate list, so the full-sort fallback must take over."""
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 16)
+    logits_row = np.zeros(512)
+    token, _, sampling_lp = (np.asarray(x) for x in
+                             _draws(logits_row, SamplerConfig(top_p=0.9), 4000, 0))
+    assert len(np.unique(token)) > 300
+    nucleus = int(np.ceil(0.9 * 512))
+    np.testing.assert_allclose(sampling_lp, -np.log(nucleus), atol=1e-4)
+
+
+def test_greedy_choice_breaks_ties_to_the_first_token():
+    logits = np.zeros((512, 2), np.float32)
+    logits[[40, 300], 0] = 5.0
+    logits[[511, 7], 1] = 3.0
+    token, _, _ = sampler.choose_tokens(jnp.asarray(logits), jax.random.split(jax.random.key(0), 2),
+                                        SamplerConfig(temperature=0.0))
+    assert token.tolist() == [40, 7] == np.argmax(logits, axis=0).tolist()
+
+
+# --- cache layout -------------------------------------------------------------------
+
+def test_sliding_layers_keep_only_a_window_sized_ring_buffer():
+    cache = kv_cache.init_cache(TINY, batch=3, cache_len=40)
+    for i in range(TINY.num_layers):
+        size = 40 if TINY.is_global_layer(i) else TINY.sliding_window
+        assert cache.keys[i].shape == (3, TINY.num_kv_heads, TINY.head_dim, size)
+        assert cache.values[i].shape == (3, TINY.num_kv_heads, size, TINY.head_dim)
+
+
+def test_decode_mask_by_position():
+    # Ring of 4 slots, window 4: after writing positions 0..9, slots hold 8, 9, 6, 7.
+    mask = np.asarray(kv_cache.decode_mask(jnp.asarray([9, 1]), 4, 4))
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+    # Global cache of 6: a row at position 2 sees slots 0..2 only.
+    assert np.asarray(kv_cache.decode_mask(jnp.asarray([2]), 6, None)).tolist() == [
+        [True, True, True, False, False, False]]
+
+
+# --- bad input ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_p", 0.0, "top_p must be in (0, 1]"),
+    ("top_p", 1.5, "top_p must be in (0, 1]"),
+    ("top_k", -1, "top_k must be >= 0"),
+    ("temperature", -0.1, "temperature must be >= 0"),
+    ("max_new_tokens", 0, "max_new_tokens must be positive"),
+])
+def test_bad_sampler_config(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        SamplerConfig(**{field: value})
+
+
+def test_batch_not_divisible_by_group():
+    with pytest.raises(ValueError, match="batch 10 is not divisible by the group size 4"):
+        sampler.check_group(10, 4)
+
+
+def test_prompt_longer_than_the_cache():
+    tokens, mask = left_pad([[2] * 40], multiple=8)
+    with pytest.raises(ValueError, match="exceeds the cache length 32"):
+        sample(_tiny_params(0), jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0),
+               cfg=TINY, sampling=GREEDY, max_cache_len=32)
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        kv_cache.prefill(_tiny_params(0), jnp.asarray(tokens), jnp.asarray(mask), TINY,
+                         cache_len=16)
+
+
+def test_benchmark_rejects_bad_input():
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "sampler_throughput.py"
+    for args, message in [(["--batch", "10", "--group", "4"], "not divisible by the group size"),
+                          (["--new-tokens", "0"], "must be positive")]:
+        proc = subprocess.run([sys.executable, str(script), "--model", "tiny", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
