@@ -1,0 +1,250 @@
+"""GRPO core: group-relative advantages, chunked per-token log-probs, the clipped loss.
+
+Layout used throughout: a batch of N = num_prompts * group_size completions,
+consecutive rows sharing a prompt. Completion arrays are [N, T] with T the
+longest completion (right-padded); `mask` [N, T] marks real completion tokens.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax.config import ModelConfig
+from grpo_jax.model import gemma3
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k3")
+RATIO_LEVELS = ("token", "sequence")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+# ---------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> jax.Array:
+    """(r - group mean) / (group sample std + eps) for each run of `group_size` rows.
+
+    The std is the sample std (ddof=1), as TRL and Tunix use. `scale_by_std=False`
+    keeps only the centring (Dr. GRPO: the std rescaling biases towards groups
+    that are nearly all right or all wrong). A group whose rewards are all equal
+    carries no signal and gets exactly 0 (not rounding noise divided by eps).
+    NaN checks need concrete values: under jit they are skipped.
+    """
+    rewards = jnp.asarray(rewards)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [num_completions], got shape {rewards.shape}")
+    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    n = rewards.shape[0]
+    if n % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch of {n} rewards")
+    if _is_concrete(rewards) and bool(jnp.any(~jnp.isfinite(rewards))):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(rewards))).tolist()
+        raise ValueError(f"rewards contain NaN or inf at rows {bad}")
+    if not jnp.issubdtype(rewards.dtype, jnp.floating):
+        rewards = rewards.astype(jnp.float32)
+
+    groups = rewards.reshape(n // group_size, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if scale_by_std:
+        # ddof=1; a group of one has no spread, and is zeroed below anyway.
+        var = jnp.sum(centred * centred, axis=1, keepdims=True) / max(group_size - 1, 1)
+        centred = centred / (jnp.sqrt(var) + eps)
+    flat = groups.max(axis=1, keepdims=True) == groups.min(axis=1, keepdims=True)
+    return jnp.where(flat, 0.0, centred).reshape(n)
+
+
+# ---------------------------------------------------------------------------
+# Log-probs
+
+
+def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mask: jax.Array,
+                       prompt_len: int, cfg: ModelConfig, *, positions: jax.Array | None = None,
+                       chunk_size: int = 256, temperature: float = 1.0,
+                       return_entropy: bool = False):
+    """Teacher-forced log p(completion token | everything before it), [N, T] float32.
+
+    tokens [N, prompt_len + T]: the left-padded prompt, then the completion
+    (right-padded). input_mask [N, prompt_len + T]: True on real tokens. lora:
+    a `LoraWeights` for the policy, or None for the reference (the same base
+    weights with the adapters off: no second model copy).
+
+    The hidden states are computed once; the vocabulary projection runs over
+    the N*T completion positions `chunk_size` at a time, each chunk under
+    jax.checkpoint, so neither the forward nor the backward pass holds more than
+    [chunk_size, V] logits (the full [N, T, V] never exists). Padding positions
+    get finite garbage: mask them downstream.
+
+    Returns logp [N, T], or (logp, entropy) with `return_entropy`: the entropy
+    of each position's (temperature-scaled) next-token distribution.
+    """
+    if tokens.ndim != 2 or tokens.shape != input_mask.shape:
+        raise ValueError(f"tokens {tokens.shape} and input_mask {input_mask.shape} must be the "
+                         "same [N, L] shape")
+    n, length = tokens.shape
+    if not 1 <= prompt_len < length:
+        raise ValueError(f"prompt_len={prompt_len} must be in [1, {length}): the sequence "
+                         "needs at least one prompt token and one completion token")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if positions is None:
+        positions = gemma3.left_padded_positions(input_mask)
+
+    hidden = gemma3.hidden_states(params, tokens, positions, input_mask, cfg, lora)
+    # Position p's hidden state predicts token p + 1.
+    hidden = hidden[:, prompt_len - 1:length - 1]
+    targets = tokens[:, prompt_len:]
+    steps = length - prompt_len
+    total = n * steps
+    chunk = min(chunk_size, total)
+    num_chunks = -(-total // chunk)
+    pad = num_chunks * chunk - total
+    flat_h = jnp.pad(hidden.reshape(total, -1), ((0, pad), (0, 0)))
+    flat_t = jnp.pad(targets.reshape(total), (0, pad))
+    embed = params["embed"]
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h, t = args
+        logits = gemma3.logits_from_hidden({"embed": embed}, h, cfg) / temperature
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logz
+        if not return_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - logz[:, None])
+        return logp, logz - jnp.sum(probs * logits, axis=-1)
+
+    logp, ent = jax.lax.map(one_chunk, (flat_h.reshape(num_chunks, chunk, -1),
+                                        flat_t.reshape(num_chunks, chunk)))
+    logp = logp.reshape(-1)[:total].reshape(n, steps)
+    if not return_entropy:
+        return logp
+    return logp, ent.reshape(-1)[:total].reshape(n, steps)
+
+
+# ---------------------------------------------------------------------------
+# Loss
+
+
+def _masked_mean(x, mask):
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, aggregation: str) -> jax.Array:
+    """Reduce a [N, T] per-token loss over the valid tokens to a scalar.
+
+    seq-mean-token-mean: mean over rows of each row's token mean (GRPO);
+    token-mean: one mean over all valid tokens (DAPO);
+    seq-mean-token-sum-norm: sum over valid tokens / (N * T) (Dr. GRPO, a
+    constant normaliser so long answers are not down-weighted).
+    Empty rows (all-False mask) contribute 0 and never divide by zero; they
+    still count in N.
+    """
+    masked = jnp.where(mask, per_token, 0.0)
+    if aggregation == "seq-mean-token-mean":
+        lengths = jnp.maximum(jnp.sum(mask, axis=1), 1)
+        return jnp.mean(jnp.sum(masked, axis=1) / lengths)
+    if aggregation == "token-mean":
+        return jnp.sum(masked) / jnp.maximum(jnp.sum(mask), 1)
+    if aggregation == "seq-mean-token-sum-norm":
+        return jnp.sum(masked) / (per_token.shape[0] * per_token.shape[1])
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+
+
+def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array | None,
+                ref_logprobs: jax.Array | None, advantages: jax.Array, mask: jax.Array, *,
+                epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.04,
+                kl_estimator: str = "k3", aggregation: str = "seq-mean-token-mean",
+                ratio_level: str = "token", entropy: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped GRPO surrogate plus beta * KL to the reference, and its metrics.
+
+    logprobs, old_logprobs, ref_logprobs, mask, entropy: [N, T]; advantages [N].
+    old_logprobs None means on-policy (old = stop_gradient(logprobs): ratio 1,
+    gradient -A * grad logp). ref_logprobs may be None only when beta == 0.
+
+    Per token: ratio r = exp(logp - old); loss = -min(r A, clip(r, 1-eps_low,
+    1+eps_high) A) + beta * KL, with KL k3 = exp(ref - logp) - (ref - logp) - 1
+    (unbiased, >= 0) or k1 = logp - ref.
+
+    ratio_level="sequence" is GSPO: s_i = exp(mean over valid t of (logp - old)),
+    used at every token as s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]). Its value is
+    s_i and its gradient s_i * grad logp_t, so with the token mean of
+    seq-mean-token-mean it reproduces GSPO's s_i * A_i * mean_t grad logp_t.
+
+    String options are Python-level: jit with them static.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; choose one of {RATIO_LEVELS}")
+    if logprobs.ndim != 2:
+        raise ValueError(f"logprobs must be [N, T], got shape {logprobs.shape}")
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("mask", mask), ("entropy", entropy)):
+        if x is not None and x.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {x.shape} does not match logprobs {logprobs.shape}")
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages shape {advantages.shape} must be [N]={logprobs.shape[:1]}")
+    if not (epsilon_low >= 0 and epsilon_high >= 0):
+        raise ValueError(f"epsilon_low/high must be >= 0, got {epsilon_low}, {epsilon_high}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the base model with LoRA off)")
+
+    mask = mask.astype(bool)
+    # Zero padded entries before any exp: garbage there would give inf * 0 = NaN in
+    # the loss or, through jnp.where, in the gradient.
+    logp = jnp.where(mask, logprobs, 0.0)
+    old = jax.lax.stop_gradient(logp) if old_logprobs is None else jnp.where(mask, old_logprobs, 0.0)
+    adv = advantages.astype(logp.dtype)[:, None]
+
+    if ratio_level == "token":
+        log_ratio = logp - old
+    else:
+        lengths = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
+        seq_log_ratio = jnp.sum(logp - old, axis=1, keepdims=True) / lengths
+        log_ratio = jax.lax.stop_gradient(seq_log_ratio) + logp - jax.lax.stop_gradient(logp)
+    ratio = jnp.exp(log_ratio)
+    clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -jnp.minimum(ratio * adv, clipped * adv)
+
+    kl = None
+    if ref_logprobs is not None:
+        delta = jnp.where(mask, ref_logprobs, 0.0) - logp
+        kl = jnp.exp(delta) - delta - 1.0 if kl_estimator == "k3" else -delta
+        if beta > 0:
+            per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation)
+
+    sg = jax.lax.stop_gradient
+    r = sg(ratio)
+    low = (r < 1.0 - epsilon_low) & (adv < 0) & mask
+    high = (r > 1.0 + epsilon_high) & (adv > 0) & mask
+    any_valid = jnp.any(mask)
+    metrics = {
+        "clip_frac_low": _masked_mean(low, mask),
+        "clip_frac_high": _masked_mean(high, mask),
+        "clip_frac": _masked_mean(low | high, mask),
+        "ratio_mean": _masked_mean(r, mask),
+        "ratio_min": jnp.where(any_valid, jnp.min(jnp.where(mask, r, jnp.inf)), 1.0),
+        "ratio_max": jnp.where(any_valid, jnp.max(jnp.where(mask, r, -jnp.inf)), 1.0),
+        "advantage_mean": jnp.mean(sg(adv)),
+        "completion_len_mean": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
+    }
+    if kl is not None:
+        metrics["kl_mean"] = _masked_mean(sg(kl), mask)
+    if entropy is not None:
+        metrics["entropy_mean"] = _masked_mean(sg(entropy), mask)
+    return loss, metrics

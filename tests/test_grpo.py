@@ -1,0 +1,369 @@
+"""GRPO core: the loss against a float64 NumPy restatement and finite differences,
+the on-policy gradient identity, advantage invariances, chunked log-probs against
+the full-logits forward, and clear errors on bad input."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grpo_jax import grpo
+from grpo_jax.config import TINY, LoraConfig
+from grpo_jax.model import gemma3
+
+from _tiny_model import random_lora, random_params
+
+# Jitted once per shape: eager dispatch of the tiny model compiles op by op and is slow.
+_forward = jax.jit(gemma3.forward, static_argnums=4)
+_logprobs = jax.jit(grpo.per_token_logprobs, static_argnums=(4, 5),
+                    static_argnames=("chunk_size", "temperature", "return_entropy"))
+
+ALL_OPTIONS = list(itertools.product(grpo.AGGREGATIONS, grpo.KL_ESTIMATORS, grpo.RATIO_LEVELS))
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh draw every run; the seed is printed so a failure can be replayed."""
+    seed = np.random.SeedSequence().entropy % 2 ** 32
+    print(f"{request.node.name}: numpy seed {seed}")
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------
+# A float64 NumPy restatement of the loss
+
+
+def np_policy_loss(logp, old, ref, adv, mask, *, eps_low, eps_high, beta, kl_estimator,
+                   aggregation, ratio_level):
+    logp, old, ref, adv = (np.asarray(x, np.float64) for x in (logp, old, ref, adv))
+    mask = np.asarray(mask, bool)
+    n, t = logp.shape
+    per_token = np.zeros((n, t))
+    for i in range(n):
+        valid = np.flatnonzero(mask[i])
+        if ratio_level == "sequence" and len(valid):
+            seq_ratio = math.exp(np.mean(logp[i, valid] - old[i, valid]))
+        for j in valid:
+            r = seq_ratio if ratio_level == "sequence" else math.exp(logp[i, j] - old[i, j])
+            surrogate = min(r * adv[i], min(max(r, 1 - eps_low), 1 + eps_high) * adv[i])
+            d = ref[i, j] - logp[i, j]
+            kl = math.exp(d) - d - 1 if kl_estimator == "k3" else logp[i, j] - ref[i, j]
+            per_token[i, j] = -surrogate + beta * kl
+    lengths = mask.sum(1)
+    if aggregation == "seq-mean-token-mean":
+        return np.mean([per_token[i].sum() / lengths[i] if lengths[i] else 0.0 for i in range(n)])
+    if aggregation == "token-mean":
+        return per_token.sum() / max(lengths.sum(), 1)
+    return per_token.sum() / (n * t)
+
+
+def _inputs(rng, n=6, t=7, garbage=np.nan):
+    """Random log-probs with ratios around 1 (some clipped on each side), one empty
+    row, one full row, and garbage (NaN by default) in every padded slot."""
+    logp = -3.0 * rng.random((n, t))
+    old = logp + 0.3 * rng.standard_normal((n, t))
+    ref = logp + 0.5 * rng.standard_normal((n, t))
+    adv = rng.standard_normal(n)
+    lengths = rng.integers(1, t + 1, n)
+    lengths[0], lengths[1] = 0, t
+    mask = np.arange(t)[None, :] < lengths[:, None]
+    for x in (logp, old, ref):
+        x[~mask] = garbage
+    return logp, old, ref, adv, mask
+
+
+def _weights(mask, aggregation):
+    """d(aggregate)/d(per-token loss): each valid token's weight in the scalar loss."""
+    mask = np.asarray(mask, np.float64)
+    n, t = mask.shape
+    if aggregation == "seq-mean-token-mean":
+        return mask / np.maximum(mask.sum(1, keepdims=True), 1) / n
+    if aggregation == "token-mean":
+        return mask / max(mask.sum(), 1)
+    return mask / (n * t)
+
+
+# ---------------------------------------------------------------------------
+# policy_loss
+
+
+@pytest.mark.parametrize("aggregation,kl_estimator,ratio_level", ALL_OPTIONS)
+def test_policy_loss_matches_numpy(rng, aggregation, kl_estimator, ratio_level):
+    logp, old, ref, adv, mask = _inputs(rng)
+    kw = dict(aggregation=aggregation, kl_estimator=kl_estimator, ratio_level=ratio_level)
+    eps_low, eps_high, beta = 0.2, 0.28, 0.07
+    loss, metrics = grpo.policy_loss(
+        jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32),
+        jnp.asarray(ref, jnp.float32), jnp.asarray(adv, jnp.float32), jnp.asarray(mask),
+        epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, **kw)
+    want = np_policy_loss(logp, old, ref, adv, mask, eps_low=eps_low, eps_high=eps_high,
+                          beta=beta, **kw)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_policy_loss_metrics(rng):
+    logp, old, ref, adv, mask = _inputs(rng)
+    ent = rng.random(logp.shape)
+    _, m = grpo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref),
+                            jnp.asarray(adv), jnp.asarray(mask), epsilon_low=0.1,
+                            epsilon_high=0.2, entropy=jnp.asarray(ent))
+    valid = mask
+    r = np.exp(logp - old)[valid]
+    a = np.broadcast_to(adv[:, None], mask.shape)[valid]
+    low = (r < 0.9) & (a < 0)
+    high = (r > 1.2) & (a > 0)
+    d = (ref - logp)[valid]
+    want = {"clip_frac_low": low.mean(), "clip_frac_high": high.mean(),
+            "clip_frac": (low | high).mean(), "ratio_mean": r.mean(), "ratio_min": r.min(),
+            "ratio_max": r.max(), "kl_mean": (np.exp(d) - d - 1).mean(),
+            "entropy_mean": ent[valid].mean()}
+    for k, v in want.items():
+        np.testing.assert_allclose(float(m[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("aggregation,kl_estimator,ratio_level", ALL_OPTIONS)
+def test_policy_loss_gradient_matches_finite_differences(rng, aggregation, kl_estimator,
+                                                         ratio_level):
+    """jax.grad in float64 against central differences of the NumPy restatement."""
+    logp, old, ref, adv, mask = _inputs(rng, n=4, t=5)
+    kw = dict(aggregation=aggregation, kl_estimator=kl_estimator, ratio_level=ratio_level,
+              beta=0.1)
+    with jax.enable_x64(True):
+        grad = np.asarray(jax.grad(lambda lp: grpo.policy_loss(
+            lp, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv), jnp.asarray(mask),
+            **kw)[0])(jnp.asarray(logp, jnp.float64)))
+    h = 1e-6
+    fd = np.zeros_like(logp)
+    for i, j in zip(*np.nonzero(mask)):
+        up, down = logp.copy(), logp.copy()
+        up[i, j] += h
+        down[i, j] -= h
+        fd[i, j] = (np_policy_loss(up, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, **kw)
+                    - np_policy_loss(down, old, ref, adv, mask, eps_low=0.2, eps_high=0.2,
+                                     **kw)) / (2 * h)
+    assert np.all(np.isfinite(grad)), "NaN garbage in padded slots leaked into the gradient"
+    np.testing.assert_array_equal(grad[~mask], 0.0)
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("aggregation,ratio_level",
+                         list(itertools.product(grpo.AGGREGATIONS, grpo.RATIO_LEVELS)))
+@pytest.mark.parametrize("old_given", [True, False])
+def test_on_policy_gradient_is_advantage_weighted_logprob(rng, aggregation, ratio_level,
+                                                          old_given):
+    """old = current, beta = 0: d loss / d logp[i, t] = -A_i * (aggregation weight)."""
+    logp, _, _, adv, mask = _inputs(rng)
+    old = jnp.asarray(logp) if old_given else None
+    grad = jax.grad(lambda lp: grpo.policy_loss(
+        lp, old, None, jnp.asarray(adv), jnp.asarray(mask), beta=0.0,
+        aggregation=aggregation, ratio_level=ratio_level)[0])(jnp.asarray(logp))
+    want = -adv[:, None] * _weights(mask, aggregation)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-7)
+
+
+def test_policy_loss_jits_with_static_options(rng):
+    logp, old, ref, adv, mask = (jnp.asarray(x) for x in _inputs(rng))
+    fn = jax.jit(grpo.policy_loss, static_argnames=(
+        "aggregation", "kl_estimator", "ratio_level", "epsilon_low", "epsilon_high", "beta"))
+    for agg in grpo.AGGREGATIONS:
+        eager, _ = grpo.policy_loss(logp, old, ref, adv, mask, aggregation=agg)
+        jitted, _ = fn(logp, old, ref, adv, mask, aggregation=agg)
+        np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+
+
+def test_policy_loss_all_rows_empty_is_zero(rng):
+    logp, old, ref, adv, mask = _inputs(rng)
+    mask[:] = False
+    for agg in grpo.AGGREGATIONS:
+        loss, metrics = grpo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref),
+                                         jnp.asarray(adv), jnp.asarray(mask), aggregation=agg)
+        assert float(loss) == 0.0
+        assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_policy_loss_bad_input():
+    lp = jnp.zeros((4, 5))
+    adv = jnp.zeros(4)
+    mask = jnp.ones((4, 5), bool)
+    cases = [
+        (dict(aggregation="mean"), "unknown aggregation 'mean'"),
+        (dict(kl_estimator="k2"), "unknown kl_estimator 'k2'"),
+        (dict(ratio_level="seq"), "unknown ratio_level 'seq'"),
+        (dict(beta=-1.0), "beta must be >= 0"),
+        (dict(epsilon_low=-0.1), "epsilon_low/high must be >= 0"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            grpo.policy_loss(lp, lp, lp, adv, mask, **kw)
+    with pytest.raises(ValueError, match=r"old_logprobs shape \(4, 6\) does not match"):
+        grpo.policy_loss(lp, jnp.zeros((4, 6)), lp, adv, mask)
+    with pytest.raises(ValueError, match=r"mask shape \(3, 5\) does not match"):
+        grpo.policy_loss(lp, lp, lp, adv, mask[:3])
+    with pytest.raises(ValueError, match=r"advantages shape \(5,\) must be \[N\]"):
+        grpo.policy_loss(lp, lp, lp, jnp.zeros(5), mask)
+    with pytest.raises(ValueError, match=r"logprobs must be \[N, T\]"):
+        grpo.policy_loss(lp[0], None, None, adv, mask[0], beta=0.0)
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
+        grpo.policy_loss(lp, lp, None, adv, mask, beta=0.04)
+
+
+# ---------------------------------------------------------------------------
+# group_advantages
+
+
+def np_advantages(rewards, g, scale_by_std=True, eps=1e-6):
+    r = np.asarray(rewards, np.float64).reshape(-1, g)
+    out = r - r.mean(1, keepdims=True)
+    if scale_by_std:
+        out = out / (r.std(1, ddof=1, keepdims=True) + eps)
+    out[np.ptp(r, axis=1) == 0] = 0.0
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_advantages_match_numpy_and_zero_for_flat_groups(rng, scale_by_std):
+    g = 4
+    rewards = rng.standard_normal(5 * g) * 3
+    rewards[4:8] = 0.1          # flat groups: exactly zero, not rounding noise / eps
+    rewards[12:16] = -2.5
+    adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards, jnp.float32), g,
+                                           scale_by_std=scale_by_std))
+    np.testing.assert_allclose(adv, np_advantages(rewards, g, scale_by_std), rtol=1e-4, atol=1e-5)
+    assert np.all(adv[4:8] == 0) and np.all(adv[12:16] == 0)
+
+
+def test_advantages_invariances(rng):
+    g, groups = 6, 5
+    rewards = rng.standard_normal(g * groups)
+    shift = np.repeat(rng.standard_normal(groups) * 10, g)
+    scale = np.repeat(rng.uniform(0.5, 10.0, groups), g)
+    base = np.asarray(grpo.group_advantages(rewards, g))
+    shifted = np.asarray(grpo.group_advantages(rewards + shift, g))
+    scaled = np.asarray(grpo.group_advantages(rewards * scale, g))
+    np.testing.assert_allclose(shifted, base, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scaled, base, rtol=1e-4, atol=1e-4)
+    # Without std scaling (Dr. GRPO): shift-invariant, and scaling scales the advantages.
+    base = np.asarray(grpo.group_advantages(rewards, g, scale_by_std=False))
+    np.testing.assert_allclose(
+        np.asarray(grpo.group_advantages(rewards + shift, g, scale_by_std=False)), base,
+        rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(grpo.group_advantages(rewards * scale, g, scale_by_std=False)), base * scale,
+        rtol=1e-4, atol=1e-4)
+    # Groups are independent and each sums to zero.
+    np.testing.assert_allclose(
+        np.asarray(grpo.group_advantages(rewards, g)).reshape(groups, g).sum(1), 0, atol=1e-5)
+
+
+def test_advantages_bad_input():
+    with pytest.raises(ValueError, match="group_size=4 does not divide the batch of 6"):
+        grpo.group_advantages(np.zeros(6), 4)
+    with pytest.raises(ValueError, match=r"NaN or inf at rows \[2\]"):
+        grpo.group_advantages(np.array([1.0, 2.0, np.nan, 0.0]), 2)
+    with pytest.raises(ValueError, match="rewards must be 1-D"):
+        grpo.group_advantages(np.zeros((2, 3)), 3)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        grpo.group_advantages(np.zeros(4), 0)
+
+
+# ---------------------------------------------------------------------------
+# per_token_logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    rng = np.random.default_rng()
+    return TINY, random_params(TINY, rng), random_lora(TINY, LoraConfig(rank=4, alpha=8.0), rng)
+
+
+def make_batch(rng, cfg, n=4, prompt_len=6, steps=7):
+    """Left-padded prompts then right-padded completions; garbage ids in the padding."""
+    tokens = rng.integers(0, cfg.vocab_size, (n, prompt_len + steps)).astype(np.int32)
+    p_lens = rng.integers(1, prompt_len + 1, n)
+    c_lens = rng.integers(0, steps + 1, n)
+    c_lens[0] = steps
+    idx = np.arange(prompt_len + steps)
+    input_mask = ((idx[None] >= prompt_len - p_lens[:, None])
+                  & (idx[None] < prompt_len + c_lens[:, None]))
+    completion_mask = input_mask[:, prompt_len:]
+    return jnp.asarray(tokens), jnp.asarray(input_mask), jnp.asarray(completion_mask)
+
+
+def full_logits_reference(params, lw, tokens, input_mask, prompt_len, cfg, temperature=1.0):
+    """log p and entropy from the whole [N, L, V] logits of gemma3.forward."""
+    logits = _forward(params, tokens, gemma3.left_padded_positions(input_mask),
+                            input_mask, cfg, lw)
+    logits = np.asarray(logits, np.float64)[:, prompt_len - 1:-1] / temperature
+    logits -= logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits).sum(-1, keepdims=True))
+    logq = logits - logz
+    targets = np.asarray(tokens)[:, prompt_len:]
+    logp = np.take_along_axis(logq, targets[..., None], -1)[..., 0]
+    return logp, -(np.exp(logq) * logq).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size,temperature,use_lora", [(5, 1.0, True), (1000, 0.7, False)])
+def test_per_token_logprobs_match_full_logits(rng, tiny_model, chunk_size, temperature, use_lora):
+    cfg, params, lw = tiny_model
+    lw = lw if use_lora else None
+    tokens, input_mask, cmask = make_batch(rng, cfg)
+    logp, ent = _logprobs(params, lw, tokens, input_mask, 6, cfg,
+                                        chunk_size=chunk_size, temperature=temperature,
+                                        return_entropy=True)
+    want_logp, want_ent = full_logits_reference(params, lw, tokens, input_mask, 6, cfg,
+                                                temperature)
+    m = np.asarray(cmask)
+    assert logp.shape == ent.shape == m.shape
+    assert np.all(np.isfinite(np.asarray(logp)))
+    np.testing.assert_allclose(np.asarray(logp)[m], want_logp[m], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent)[m], want_ent[m], rtol=1e-4, atol=1e-4)
+
+
+def _arrays_in(jaxpr):
+    """Every intermediate array shape in a closed jaxpr, sub-jaxprs (scan, remat) included."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield tuple(v.aval.shape)
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else [param]
+            for sub in subs:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _arrays_in(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _arrays_in(sub)
+
+
+def test_per_token_logprobs_never_materialises_full_logits(rng, tiny_model):
+    """Forward and backward: no array holds more than `chunk` rows of vocabulary logits."""
+    cfg, params, lw = tiny_model
+    tokens, input_mask, cmask = make_batch(rng, cfg, n=4, prompt_len=6, steps=8)
+    chunk = 4
+
+    def loss(lw):
+        logp = grpo.per_token_logprobs(params, lw, tokens, input_mask, 6, cfg, chunk_size=chunk)
+        return jnp.sum(jnp.where(cmask, logp, 0.0))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(lw).jaxpr
+    v, d = cfg.vocab_size, cfg.embed_dim
+    vocab_arrays = [s for s in _arrays_in(jaxpr)
+                    if v in s and sorted(s) != sorted((v, d))]  # the embedding itself is fine
+    assert vocab_arrays, "expected chunk logits in the jaxpr"
+    too_big = [s for s in vocab_arrays if math.prod(s) > chunk * v]
+    assert not too_big, f"arrays with more than {chunk} rows of logits: {too_big}"
+
+
+def test_per_token_logprobs_bad_input(tiny_model):
+    cfg, params, lw = tiny_model
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    mask = jnp.ones((2, 8), bool)
+    with pytest.raises(ValueError, match="must be the same"):
+        grpo.per_token_logprobs(params, lw, tokens, mask[:, :7], 4, cfg)
+    with pytest.raises(ValueError, match="prompt_len=8 must be in"):
+        grpo.per_token_logprobs(params, lw, tokens, mask, 8, cfg)
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        grpo.per_token_logprobs(params, lw, tokens, mask, 4, cfg, chunk_size=0)
