@@ -88,6 +88,17 @@ def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     return x.nbytes / seconds
 
 
+def measure_matvec_bandwidth(rows: int = 262_144, cols: int = 640, repeats: int = 5) -> float:
+    """Bytes/s at which a batch-1 matmul streams a weight matrix (the logits' shape):
+    what a decode step at small batch can hope to read its weights at."""
+    w = jax.random.normal(jax.random.key(3), (rows, cols), jnp.float32)
+    x = jax.random.normal(jax.random.key(4), (1, cols), jnp.float32)
+    mv = jax.jit(lambda x, w: jnp.einsum("bd,vd->vb", x, w))
+    jax.block_until_ready(mv(x, w))
+    seconds, _ = _best_time(lambda: mv(x, w), repeats)
+    return w.nbytes / seconds
+
+
 def load_params(model: str):
     if model == "gemma3-270m":
         from grpo_jax.model.load import load_model
@@ -104,6 +115,7 @@ def run(args: Args) -> dict:
         raise ValueError("--prompt-len, --new-tokens and --repeats must be positive")
     matmul_flops = measure_matmul_flops()
     bandwidth = measure_read_bandwidth()
+    matvec_bandwidth = measure_matvec_bandwidth()
     cfg, params = load_params(args.model)
     stop_ids = () if args.ignore_eos else SamplerConfig().stop_ids
     sampling = SamplerConfig(max_new_tokens=args.new_tokens, temperature=args.temperature,
@@ -168,13 +180,17 @@ def run(args: Args) -> dict:
             "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
             "matmul_f32_gflops": matmul_flops / 1e9,
             "read_bandwidth_gb_s": bandwidth / 1e9,
+            "matvec_stream_gb_s": matvec_bandwidth / 1e9,
         },
         "model_gflops": {"prefill": prefill_flops / 1e9, "decode": decode_flops / 1e9},
         "decode_gflops_per_s": decode_flops / decode_s / 1e9,
         "decode_utilization_of_matmul": decode_flops / decode_s / matmul_flops,
         "decode_step_bytes": {"weights": weight_bytes, "kv_cache_max": cache_read,
                               "total": step_bytes},
+        # Tokens/s if a decode step only had to read its bytes: at the raw read rate,
+        # and at the rate a batch-1 matmul actually streams weights.
         "bandwidth_bound_tokens_per_s": args.batch * bandwidth / step_bytes,
+        "matvec_stream_bound_tokens_per_s": args.batch * matvec_bandwidth / step_bytes,
         "compute_bound_tokens_per_s": matmul_flops / model_flops_per_token(
             cfg, args.prompt_len + args.new_tokens / 2),
         "memory": {
