@@ -22,6 +22,10 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _concrete_float(x) -> float | None:
+    return float(x) if _is_concrete(x) else None
+
+
 # ---------------------------------------------------------------------------
 # Advantages
 
@@ -196,18 +200,24 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array | None,
             raise ValueError(f"{name} shape {x.shape} does not match logprobs {logprobs.shape}")
     if advantages.shape != logprobs.shape[:1]:
         raise ValueError(f"advantages shape {advantages.shape} must be [N]={logprobs.shape[:1]}")
-    if not (epsilon_low >= 0 and epsilon_high >= 0):
+    # Numbers may be traced (a schedule under jit): check them only when concrete.
+    eps_lo, eps_hi, beta_v = (_concrete_float(x) for x in (epsilon_low, epsilon_high, beta))
+    if (eps_lo is not None and not eps_lo >= 0) or (eps_hi is not None and not eps_hi >= 0):
         raise ValueError(f"epsilon_low/high must be >= 0, got {epsilon_low}, {epsilon_high}")
-    if not beta >= 0:
+    if beta_v is not None and not beta_v >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs (the base model with LoRA off)")
+    use_kl = beta_v is None or beta_v > 0
+    if use_kl and ref_logprobs is None:
+        raise ValueError("beta > 0 (or traced) needs ref_logprobs (the base model with LoRA off)")
 
     mask = mask.astype(bool)
     # Zero padded entries before any exp: garbage there would give inf * 0 = NaN in
     # the loss or, through jnp.where, in the gradient.
     logp = jnp.where(mask, logprobs, 0.0)
-    old = jax.lax.stop_gradient(logp) if old_logprobs is None else jnp.where(mask, old_logprobs, 0.0)
+    if old_logprobs is None:
+        old = jax.lax.stop_gradient(logp)
+    else:
+        old = jnp.where(mask, old_logprobs, 0.0)
     adv = advantages.astype(logp.dtype)[:, None]
 
     if ratio_level == "token":
@@ -224,7 +234,7 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array | None,
     if ref_logprobs is not None:
         delta = jnp.where(mask, ref_logprobs, 0.0) - logp
         kl = jnp.exp(delta) - delta - 1.0 if kl_estimator == "k3" else -delta
-        if beta > 0:
+        if use_kl:
             per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation)
 

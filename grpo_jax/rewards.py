@@ -144,7 +144,8 @@ def match_format_exactly(completions: Sequence[str], answers: Sequence[str], *,
     scores = []
     for c in map(_text, completions):
         m = _EXACT.match(c)
-        ok = (m is not None and m.group("reasoning").strip() != "" and m.group("answer").strip() != ""
+        ok = (m is not None and m.group("reasoning").strip() != ""
+              and m.group("answer").strip() != ""
               # a tag nested in a block ("<answer>1</answer><answer>2</answer>" parses as
               # one block by the lazy regex) means doubled tags, not the format
               and all(c.count(t) == 1 for t in TAGS))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,8 +103,9 @@ def test_policy_loss_matches_numpy(rng, aggregation, kl_estimator, ratio_level):
         epsilon_low=eps_low, epsilon_high=eps_high, beta=beta, **kw)
     want = np_policy_loss(logp, old, ref, adv, mask, eps_low=eps_low, eps_high=eps_high,
                           beta=beta, **kw)
+    chex.assert_shape(loss, ())
     np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
-    assert all(np.isfinite(float(v)) for v in metrics.values())
+    chex.assert_tree_all_finite(metrics)
 
 
 def test_policy_loss_metrics(rng):
@@ -174,6 +176,13 @@ def test_policy_loss_jits_with_static_options(rng):
         eager, _ = grpo.policy_loss(logp, old, ref, adv, mask, aggregation=agg)
         jitted, _ = fn(logp, old, ref, adv, mask, aggregation=agg)
         np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+    # Numeric hyperparameters may also be traced (schedules).
+    traced = jax.jit(lambda beta, eps: grpo.policy_loss(logp, old, ref, adv, mask, beta=beta,
+                                                        epsilon_low=eps, epsilon_high=eps)[0])
+    np.testing.assert_allclose(
+        float(traced(0.1, 0.3)),
+        float(grpo.policy_loss(logp, old, ref, adv, mask, beta=0.1, epsilon_low=0.3,
+                               epsilon_high=0.3)[0]), rtol=1e-6)
 
 
 def test_policy_loss_all_rows_empty_is_zero(rng):
@@ -208,7 +217,7 @@ def test_policy_loss_bad_input():
         grpo.policy_loss(lp, lp, lp, jnp.zeros(5), mask)
     with pytest.raises(ValueError, match=r"logprobs must be \[N, T\]"):
         grpo.policy_loss(lp[0], None, None, adv, mask[0], beta=0.0)
-    with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
+    with pytest.raises(ValueError, match=r"beta > 0 \(or traced\) needs ref_logprobs"):
         grpo.policy_loss(lp, lp, None, adv, mask, beta=0.04)
 
 
@@ -258,6 +267,13 @@ def test_advantages_invariances(rng):
     # Groups are independent and each sums to zero.
     np.testing.assert_allclose(
         np.asarray(grpo.group_advantages(rewards, g)).reshape(groups, g).sum(1), 0, atol=1e-5)
+
+
+def test_advantages_jit(rng):
+    rewards = jnp.asarray(rng.standard_normal(12), jnp.float32)
+    jitted = jax.jit(grpo.group_advantages, static_argnums=1, static_argnames="scale_by_std")
+    np.testing.assert_allclose(np.asarray(jitted(rewards, 4)),
+                               np.asarray(grpo.group_advantages(rewards, 4)), rtol=1e-6)
 
 
 def test_advantages_bad_input():
@@ -318,8 +334,9 @@ def test_per_token_logprobs_match_full_logits(rng, tiny_model, chunk_size, tempe
     want_logp, want_ent = full_logits_reference(params, lw, tokens, input_mask, 6, cfg,
                                                 temperature)
     m = np.asarray(cmask)
-    assert logp.shape == ent.shape == m.shape
-    assert np.all(np.isfinite(np.asarray(logp)))
+    chex.assert_shape([logp, ent], m.shape)
+    chex.assert_type([logp, ent], jnp.float32)
+    chex.assert_tree_all_finite((logp, ent))
     np.testing.assert_allclose(np.asarray(logp)[m], want_logp[m], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(ent)[m], want_ent[m], rtol=1e-4, atol=1e-4)
 

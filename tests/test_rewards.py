@@ -176,7 +176,8 @@ def test_bad_input_errors():
     rewards.register_reward("short_reward", lambda c, a: [0.0])
     try:
         with pytest.raises(ValueError, match="'nan_reward' returned non-finite scores at rows"):
-            score_completions(["a", "b"], ["1", "2"], RewardConfig(functions=(("nan_reward", 1.0),)))
+            score_completions(["a", "b"], ["1", "2"],
+                              RewardConfig(functions=(("nan_reward", 1.0),)))
         with pytest.raises(ValueError, match="'short_reward' returned 1 scores for 2"):
             score_completions(["a", "b"], ["1", "2"],
                               RewardConfig(functions=(("short_reward", 1.0),)))

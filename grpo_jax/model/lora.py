@@ -98,3 +98,16 @@ def num_params(lora: LoraWeights) -> int:
 
 def replace_scale(lora: LoraWeights, scale: float) -> LoraWeights:
     return dataclasses.replace(lora, scale=scale)
+
+
+def abstract_lora(model_cfg: ModelConfig, lora_cfg: LoraConfig, dtype=jnp.float32) -> LoraWeights:
+    """The adapters as ShapeDtypeStructs (for eval_shape and memory accounting)."""
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)),
+                          lora_specs(model_cfg, lora_cfg),
+                          is_leaf=lambda x: isinstance(x, gemma3.ParamSpec))
+    return LoraWeights(shapes, lora_cfg.scale)
+
+
+def num_bytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) leaf in a pytree."""
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
