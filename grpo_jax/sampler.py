@@ -147,6 +147,11 @@ def _pick_in_chunks(logits: jax.Array, chunk_scores: jax.Array, keys: jax.Array 
     return (chunk * size + pick).astype(jnp.int32)
 
 
+def _split_two(keys: jax.Array) -> jax.Array:
+    """[B] keys -> [B, 2]: one for the chunk draw, one for the draw inside it."""
+    return jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+
+
 def _token_logit(logits: jax.Array, token: jax.Array) -> jax.Array:
     return logits[token, jnp.arange(logits.shape[1])]
 
@@ -172,7 +177,6 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplerConfig,
         token = _pick_in_chunks(logits, chunk_max, None, size)
         return token, _token_logit(logits, token) - lse, jnp.zeros(token.shape, jnp.float32)
 
-    two_keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
     if sampling.top_k or sampling.top_p < 1.0:
         scaled = (logits / sampling.temperature).T  # [B, V]: top_k works on the last axis
         if sampling.top_k:
@@ -187,14 +191,14 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplerConfig,
                 lambda: _sample_candidates(scaled, keys, sampling, vocab)[:2])
         token = token.astype(jnp.int32)
     elif sampling.temperature == 1.0:
-        token = _pick_in_chunks(logits, jnp.log(exp_sums), two_keys, size)
+        token = _pick_in_chunks(logits, jnp.log(exp_sums), _split_two(keys), size)
         sampling_lp = _token_logit(logits, token) - lse
     else:
         scaled = logits / sampling.temperature
         scaled_top = top / sampling.temperature
         scaled_sums = jnp.sum(jnp.exp(scaled - scaled_top).reshape(exp_sums.shape[0], size, -1),
                               axis=1)
-        token = _pick_in_chunks(scaled, jnp.log(scaled_sums), two_keys, size)
+        token = _pick_in_chunks(scaled, jnp.log(scaled_sums), _split_two(keys), size)
         sampling_lp = (_token_logit(scaled, token) - scaled_top
                        - jnp.log(jnp.sum(scaled_sums, axis=0)))
     return token, _token_logit(logits, token) - lse, sampling_lp

@@ -210,3 +210,22 @@ def test_lora_memory_script_270m_rank16():
     assert abs(rep["lora_plus_adamw_mib"] - 12 * n / 2 ** 20) < 1e-3
     assert rep["base_params"] == sum(x.size for x in jax.tree.leaves(
         gemma3.abstract_params(GEMMA3_270M)))
+
+
+def test_adapter_logical_axes_follow_the_base_weight():
+    """a keeps the base weight's input axes, b its output axes, with lora_rank between."""
+    axes = lora_lib.lora_logical_axes(GEMMA3_270M, LoraConfig(rank=16))
+    assert len(axes) == GEMMA3_270M.num_layers
+    layer = axes[0]
+    assert layer["attn"]["q"] == {"a": ("embed", "lora_rank"),
+                                  "b": ("lora_rank", "q_heads", "head_dim")}
+    assert layer["attn"]["k"]["b"] == ("lora_rank", "kv_heads", "head_dim")
+    assert layer["attn"]["o"] == {"a": ("q_heads", "head_dim", "lora_rank"),
+                                  "b": ("lora_rank", "embed")}
+    assert layer["mlp"]["down"] == {"a": ("ffw", "lora_rank"), "b": ("lora_rank", "embed")}
+    shapes = jax.tree.map(lambda x: x.shape, lora_lib.init_lora(
+        TINY, LoraConfig(rank=3), jax.random.key(0)).layers)
+    tiny_axes = lora_lib.lora_logical_axes(TINY, LoraConfig(rank=3))
+    for shape, names in zip(jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)),
+                            jax.tree.leaves(tiny_axes, is_leaf=lambda x: isinstance(x, tuple))):
+        assert len(shape) == len(names)

@@ -7,7 +7,6 @@ the reference policy is the same base weights with `lora=None`: no second copy.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import flax.struct
@@ -94,10 +93,6 @@ def merge(params: gemma3.Params, lora: LoraWeights) -> gemma3.Params:
 
 def num_params(lora: LoraWeights) -> int:
     return sum(x.size for x in jax.tree.leaves(lora))
-
-
-def replace_scale(lora: LoraWeights, scale: float) -> LoraWeights:
-    return dataclasses.replace(lora, scale=scale)
 
 
 def abstract_lora(model_cfg: ModelConfig, lora_cfg: LoraConfig, dtype=jnp.float32) -> LoraWeights:
