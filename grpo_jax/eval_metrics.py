@@ -1,0 +1,95 @@
+"""Held-out evaluation figures: four booleans per completion, their accuracies, a table.
+
+    format   the completion is exactly <reasoning>...</reasoning><answer>...</answer>
+             (`rewards.match_format_exactly` > 0)
+    exact    the first number inside <answer> equals the reference number
+    partial  that number / reference within [0.9, 1.1] (reference 0: exact only)
+    lenient  ignoring the format, the last number anywhere equals the reference
+             (like lm-eval-harness's flexible extract: "$1,234." reads as 1234)
+
+`partial` includes `exact`; `lenient` measures arithmetic apart from format-following,
+so base and trained models can be compared even when the base model ignores the tags.
+Parsing is `grpo_jax.rewards`'s, so evaluation and training rewards read numbers alike.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from grpo_jax.rewards import (_check_lengths, _numbers, _text, extract_answer, first_number,
+                              match_format_exactly)
+
+FIGURES = ("format", "exact", "partial", "lenient")
+
+# summary key -> table row label
+_ROWS = (("format_accuracy", "format"), ("exact_accuracy", "exact"),
+         ("partial_accuracy", "partial (within 10%)"), ("lenient_accuracy", "lenient (last number)"))
+
+
+def _within_10pct(guess: float, ref: float) -> bool:
+    if guess == ref:
+        return True
+    if ref == 0 or not math.isfinite(guess) or not math.isfinite(ref):
+        return False  # no meaningful ratio
+    return 0.9 <= guess / ref <= 1.1
+
+
+def eval_scores(completions: Sequence[str], answers: Sequence[str]) -> dict[str, list[bool]]:
+    """Per completion: {"format", "exact", "partial", "lenient"} -> list of bools.
+
+    A reference with no number matches nothing (the data loader only yields numeric
+    answers; this keeps a stray row from aborting an evaluation after generation).
+    """
+    _check_lengths(completions, answers)
+    completions = [_text(c) for c in completions]
+    fmt = [s > 0 for s in match_format_exactly(completions, ["" for _ in completions])]
+    exact, partial, lenient = [], [], []
+    for c, ref_text in zip(completions, map(_text, answers)):
+        ref = first_number(ref_text)
+        inner = extract_answer(c)
+        guess = None if inner is None else first_number(inner)
+        ok = ref is not None and guess is not None
+        exact.append(ok and guess == ref)
+        partial.append(ok and _within_10pct(guess, ref))
+        found = _numbers(c)
+        lenient.append(ref is not None and bool(found) and found[-1] == ref)
+    return {"format": fmt, "exact": exact, "partial": partial, "lenient": lenient}
+
+
+def summarize(scores: Mapping[str, Sequence[bool]]) -> dict[str, float]:
+    """eval_scores output -> {"<figure>_accuracy": fraction in [0, 1], "num_problems": n}."""
+    missing = [f for f in FIGURES if f not in scores]
+    if missing:
+        raise ValueError(f"scores lack {missing}; expected the keys of eval_scores: {FIGURES}")
+    n = len(scores[FIGURES[0]])
+    if any(len(scores[f]) != n for f in FIGURES):
+        raise ValueError(f"score lists differ in length: "
+                         f"{ {f: len(scores[f]) for f in FIGURES} }")
+    if n == 0:
+        raise ValueError("no completions to summarize")
+    out: dict[str, float] = {f"{f}_accuracy": sum(map(bool, scores[f])) / n for f in FIGURES}
+    out["num_problems"] = n
+    return out
+
+
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+    """{model label: summarize(...)} -> Markdown table, a column per model, a row per figure.
+
+    Accuracies as percentages with one decimal; a figure a model lacks shows as "-".
+    """
+    if not results:
+        raise ValueError("format_table needs at least one model's results")
+    labels = list(results)
+    lines = ["| metric | " + " | ".join(labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    for key, name in _ROWS:
+        cells = []
+        for label in labels:
+            v = results[label].get(key)
+            cells.append("-" if v is None else f"{100 * float(v):.1f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any("num_problems" in r for r in results.values()):
+        cells = [str(int(r["num_problems"])) if "num_problems" in r else "-"
+                 for r in results.values()]
+        lines.append("| problems | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Evaluation figures: format / exact / partial / lenient per completion, summary, table."""
+from __future__ import annotations
+
+import pytest
+
+from grpo_jax.eval_metrics import eval_scores, format_table, summarize
+
+
+def fmt(reasoning: str, answer: str) -> str:
+    return f"<reasoning>{reasoning}</reasoning>\n<answer>{answer}</answer>"
+
+
+# (completion, reference, format, exact, partial, lenient)
+CASES = [
+    # well-formed
+    (fmt("6*7", "42"), "42", True, True, True, True),
+    (fmt("6*7", " 42 "), "42", True, True, True, True),
+    (fmt("6*7", "41"), "42", True, False, True, False),        # 41/42 = 0.976
+    (fmt("guess", "100"), "42", True, False, False, False),    # far off
+    (fmt("x", "110"), "100", True, False, True, False),        # ratio 1.1: edge, inside
+    (fmt("x", "89"), "100", True, False, False, False),        # ratio 0.89: outside
+    (fmt("x", "112"), "100", True, False, False, False),       # ratio 1.12: outside
+    (fmt("x", "42 apples, not 7"), "42", True, True, True, False),  # first inside, last anywhere
+    (fmt("x", "none"), "42", True, False, False, False),       # no number in the answer
+    # numbers written with commas, $, signs, decimals
+    (fmt("x", "$1,234"), "1234", True, True, True, True),
+    (fmt("x", "1,234.00"), "1234", True, True, True, True),
+    (fmt("x", "-5"), "-5", True, True, True, True),
+    (fmt("x", "5"), "-5", True, False, False, False),          # sign matters: ratio -1
+    (fmt("x", "-5.2"), "-5", True, False, True, False),
+    (fmt("x", "2.5"), "2.50", True, True, True, True),
+    (fmt("x", "0"), "0", True, True, True, True),
+    (fmt("x", "0.05"), "0", True, False, False, False),        # reference 0: exact only
+    # not the format
+    ("The answer is $1,234.", "1234", False, False, False, True),
+    ("We get 3 + 4 = 7\n#### 7", "7", False, False, False, True),
+    ("It costs 12 dollars, so 12 - 2 = 10 left.", "12", False, False, False, False),
+    ("<answer>42</answer>", "42", False, True, True, True),    # no reasoning block
+    (fmt("x", "42") + "\nextra 43", "42", False, True, True, False),  # text after </answer>
+    (fmt("a", "1") + fmt("b", "2"), "2", False, False, False, True),  # doubled: first block read
+    ("", "42", False, False, False, False),
+    ("no numbers at all", "42", False, False, False, False),
+    ("<reasoning>so -3</reasoning>", "-3", False, False, False, True),
+]
+
+
+@pytest.mark.parametrize("completion,ref,f,e,p,l", CASES)
+def test_eval_scores_table(completion, ref, f, e, p, l):
+    scores = eval_scores([completion], [ref])
+    assert scores == {"format": [f], "exact": [e], "partial": [p], "lenient": [l]}
+
+
+def test_eval_scores_batch_matches_rows_and_implications():
+    completions, refs = [c[0] for c in CASES], [c[1] for c in CASES]
+    scores = eval_scores(completions, refs)
+    for name, col in zip(("format", "exact", "partial", "lenient"), range(2, 6)):
+        assert scores[name] == [c[col] for c in CASES], name
+    assert all(p for e, p in zip(scores["exact"], scores["partial"]) if e)  # exact => partial
+
+
+def test_eval_scores_bad_input():
+    with pytest.raises(ValueError, match="reference"):
+        eval_scores(["a", "b"], ["1"])
+    # a reference with no number matches nothing, rather than aborting an evaluation
+    assert eval_scores([fmt("x", "1")], ["n/a"])["exact"] == [False]
+    assert eval_scores([None], ["1"]) == {"format": [False], "exact": [False],
+                                          "partial": [False], "lenient": [False]}
+
+
+def test_summarize():
+    scores = eval_scores([fmt("x", "42"), fmt("x", "41"), "so 42", ""], ["42"] * 4)
+    assert summarize(scores) == {"format_accuracy": 0.5, "exact_accuracy": 0.25,
+                                 "partial_accuracy": 0.5, "lenient_accuracy": 0.5,
+                                 "num_problems": 4}
+    with pytest.raises(ValueError, match="no completions"):
+        summarize(eval_scores([], []))
+    with pytest.raises(ValueError, match="length"):
+        summarize({**scores, "exact": [True]})
+    with pytest.raises(ValueError, match="lack"):
+        summarize({"format": [True]})
+
+
+def test_format_table():
+    base = {"format_accuracy": 0.0, "exact_accuracy": 0.125, "partial_accuracy": 0.25,
+            "lenient_accuracy": 1 / 3, "num_problems": 8}
+    trained = {"format_accuracy": 0.875, "exact_accuracy": 0.5, "partial_accuracy": 0.625,
+               "lenient_accuracy": 1.0, "num_problems": 8}
+    table = format_table({"base": base, "trained": trained})
+    lines = table.splitlines()
+    assert lines[0] == "| metric | base | trained |"
+    assert lines[1] == "|---|---:|---:|"
+    assert lines[2] == "| format | 0.0% | 87.5% |"
+    assert lines[3] == "| exact | 12.5% | 50.0% |"
+    assert lines[4] == "| partial (within 10%) | 25.0% | 62.5% |"
+    assert lines[5] == "| lenient (last number) | 33.3% | 100.0% |"
+    assert lines[6] == "| problems | 8 | 8 |"
+    assert all(line.count("|") == 4 for line in lines)
+    partial = format_table({"a": {"format_accuracy": 1.0}, "b": {}}).splitlines()
+    assert partial[2] == "| format | 100.0% | - |" and partial[3] == "| exact | - | - |"
+    assert len(partial) == 6  # no problems row when no model reports it
+    with pytest.raises(ValueError):
+        format_table({})
