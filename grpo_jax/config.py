@@ -5,9 +5,44 @@ tests read it from a `ModelConfig` and never hard-code it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax.numpy as jnp
+
+# Validation runs in each config's __post_init__; a CLI parser that builds configs
+# field by field defers it (see `deferred_validation`) so bad input ends in one
+# line of ours instead of the parser's own error box.
+_VALIDATE = contextvars.ContextVar("grpo_jax_validate_configs", default=True)
+
+
+def _validated(post_init):
+    def run(self):
+        if _VALIDATE.get():
+            post_init(self)
+    run.check = post_init
+    return run
+
+
+@contextlib.contextmanager
+def deferred_validation():
+    token = _VALIDATE.set(False)
+    try:
+        yield
+    finally:
+        _VALIDATE.reset(token)
+
+
+def validate(cfg) -> None:
+    """Run every (nested) config dataclass's checks, innermost first."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    check = getattr(type(cfg).__post_init__, "check", None)
+    if check is not None:
+        check(cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +72,7 @@ class ModelConfig:
     # Storage dtype of the weights.
     param_dtype: str = "float32"
 
+    @_validated
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
@@ -83,6 +119,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("q", "kv", "o", "gate", "up", "down")
     """Projections to adapt: any of q, kv, o, gate, up, down."""
 
+    @_validated
     def __post_init__(self):
         if self.rank <= 0:
             raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
@@ -117,6 +154,7 @@ class SamplerConfig:
     prompt_bucket: int = 32
     """Prompt lengths are padded up to a multiple of this, to bound recompiles."""
 
+    @_validated
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
@@ -191,6 +229,7 @@ class DataConfig:
     """A row without a question or a numeric answer: 'skip' it (reported with its
     index) or 'error' (refuse the file)."""
 
+    @_validated
     def __post_init__(self):
         if self.on_malformed not in ("skip", "error"):
             raise ValueError(f"on_malformed must be 'skip' or 'error', got {self.on_malformed!r}")
@@ -199,3 +238,213 @@ class DataConfig:
         if self.train_seed == self.eval_seed:
             raise ValueError(f"train_seed and eval_seed are both {self.train_seed}: "
                              "held-out problems must come from a different seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """The GRPO objective and batch shape."""
+
+    num_prompts: int = 4
+    """Distinct prompts per step (B)."""
+    group_size: int = 4
+    """Completions sampled per prompt (G); advantages are relative within a group."""
+    num_iterations: int = 1
+    """Optimizer passes over each sampled batch (mu). 1 is on-policy: ratio 1."""
+    micro_batch: int = 0
+    """Rows per gradient micro-batch (0: the whole batch); must divide B*G."""
+    epsilon_low: float = 0.2
+    """Lower clip range of the ratio."""
+    epsilon_high: float = 0.2
+    """Upper clip range of the ratio (raise it for DAPO's clip-higher)."""
+    beta: float = 0.04
+    """Weight of the KL penalty to the reference (base weights, LoRA off); 0 skips it."""
+    kl_estimator: str = "k3"
+    """k3 (exp(r) - r - 1, unbiased, >= 0) or k1 (log ratio)."""
+    aggregation: str = "seq-mean-token-mean"
+    """seq-mean-token-mean (GRPO), token-mean (DAPO), seq-mean-token-sum-norm (Dr. GRPO)."""
+    ratio_level: str = "token"
+    """token (GRPO) or sequence (GSPO)."""
+    scale_advantages_by_std: bool = True
+    """Divide advantages by the group std (False: Dr. GRPO)."""
+    logprob_chunk: int = 256
+    """Positions per chunk of the vocabulary projection in the log-prob pass."""
+
+    @_validated
+    def __post_init__(self):
+        for field in ("num_prompts", "group_size", "num_iterations", "logprob_chunk"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"grpo.{field} must be positive, got {getattr(self, field)}")
+        if self.group_size < 2:
+            raise ValueError("grpo.group_size must be at least 2: advantages compare samples "
+                             "of the same prompt")
+        batch = self.num_prompts * self.group_size
+        if self.micro_batch < 0 or (self.micro_batch and batch % self.micro_batch):
+            raise ValueError(f"grpo.micro_batch={self.micro_batch} does not divide the batch of "
+                             f"{batch} completions ({self.num_prompts} prompts x {self.group_size})")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"grpo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.aggregation not in ("seq-mean-token-mean", "token-mean",
+                                    "seq-mean-token-sum-norm"):
+            raise ValueError(f"grpo.aggregation {self.aggregation!r} unknown")
+        if self.ratio_level not in ("token", "sequence"):
+            raise ValueError(f"grpo.ratio_level must be token or sequence, got {self.ratio_level!r}")
+        if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
+            raise ValueError("grpo.beta and the epsilons must be >= 0")
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_prompts * self.group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW on the LoRA parameters, linear warmup then cosine decay."""
+
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer updates spent warming up."""
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.99
+    max_grad_norm: float = 0.1
+    """Global-norm gradient clipping (0: off)."""
+
+    @_validated
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optimizer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("optimizer.max_grad_norm and weight_decay must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes (data x fsdp x tensor); their product must equal the
+    device count. 1 x 1 x 1 is a single device."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @_validated
+    def __post_init__(self):
+        for field in ("data", "fsdp", "tensor"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"mesh.{field} must be positive, got {getattr(self, field)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """GRPO with LoRA on Gemma 3. Every field has a preset default; flags override it."""
+
+    preset: str = "cpu-270m"
+    """Named starting point: cpu-270m (default: embedded Gemma 3 270M on gsm_symbolic,
+    2 CPU cores), tiny (random tiny Gemma, byte tokenizer, for tests),
+    v5e-8-gemma3-1b (Gemma 3 1B-IT from --checkpoint, TPU v5e-8)."""
+    model: str = "gemma3-270m"
+    """Model preset (architecture); its weights are embedded (gemma3-270m), random (tiny),
+    or read from --checkpoint / --gguf."""
+    checkpoint: str | None = None
+    """Base weights: an orbax (Kaggle) or HF safetensors checkpoint directory."""
+    gguf: str | None = None
+    """Base weights from a GGUF file instead."""
+    dtype: str | None = None
+    """Compute dtype override (float32 on CPU, bfloat16 on TPU)."""
+    output_dir: str = "runs/cpu-270m"
+    """Checkpoints, metrics.jsonl, samples.jsonl, TensorBoard events and eval.json go here;
+    re-running with the same directory resumes from its latest complete checkpoint."""
+    steps: int = 30
+    """GRPO steps (each: sample B x G completions, score, update)."""
+    seed: int = 0
+    """Seeds LoRA init and every step's sampling key (fold_in(seed, step))."""
+    save_every: int = 10
+    """Checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept on disk (the newest)."""
+    log_samples: int = 2
+    """Completions per step written to samples.jsonl."""
+    max_consecutive_skips: int = 3
+    """Stop the run after this many steps in a row with a non-finite loss or gradient."""
+    eval_problems: int = 50
+    """Held-out problems evaluated (greedy) for the base and the trained model at the end
+    (0: skip)."""
+    eval_max_new_tokens: int = 256
+    """Token budget of each evaluation answer."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files."""
+    lora: LoraConfig = LoraConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    @_validated
+    def __post_init__(self):
+        for field in ("steps", "save_every", "keep_checkpoints"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        for field in ("log_samples", "eval_problems", "max_consecutive_skips"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.checkpoint is not None and self.gguf is not None:
+            raise ValueError("pass either --checkpoint or --gguf, not both")
+        model_preset(self.model)  # unknown model: one clear error
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a checkpoint's state means: resuming into anything else is refused."""
+        return {"model": self.model, "checkpoint": self.checkpoint, "gguf": self.gguf,
+                "lora": dataclasses.asdict(self.lora)}
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "cpu-270m": TrainConfig(),
+    "tiny": TrainConfig(
+        preset="tiny", model="tiny", output_dir="runs/tiny", steps=4, save_every=2,
+        eval_problems=4, eval_max_new_tokens=16, log_samples=1,
+        lora=LoraConfig(rank=4, alpha=8.0),
+        sampler=SamplerConfig(max_new_tokens=16, temperature=1.0, stop_ids=(1,),
+                              prompt_bucket=256),
+        grpo=GRPOConfig(num_prompts=2, group_size=4, logprob_chunk=64),
+        data=DataConfig(num_train=16, num_eval=8)),
+    "v5e-8-gemma3-1b": TrainConfig(
+        preset="v5e-8-gemma3-1b", model="gemma3-1b", dtype="bfloat16",
+        output_dir="runs/v5e-8-gemma3-1b", steps=500, save_every=50,
+        lora=LoraConfig(rank=64, alpha=64.0, targets=("q", "kv", "o", "gate", "up", "down")),
+        sampler=SamplerConfig(max_new_tokens=512, temperature=1.0),
+        grpo=GRPOConfig(num_prompts=16, group_size=4, micro_batch=16),
+        optimizer=OptimizerConfig(learning_rate=3e-6),
+        data=DataConfig(dataset="gsm8k", eval_dataset="gsm8k"),
+        mesh=MeshConfig(data=2, fsdp=4)),
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    try:
+        return TRAIN_PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}") from None
+
+
+def config_from_dict(cls, values: dict):
+    """Rebuild a (nested) config dataclass from `dataclasses.asdict` output read back
+    from JSON: nested dicts become their dataclasses, lists become tuples."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def convert(value, hint):
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            return config_from_dict(hint, value)
+        if isinstance(value, list):
+            return tuple(convert(v, None) for v in value)
+        return value
+
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**{k: convert(v, hints.get(k)) for k, v in values.items()})

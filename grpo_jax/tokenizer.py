@@ -289,3 +289,27 @@ def model_proto_from_gguf(reader: Any, *, source: str = "GGUF file") -> Any:
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     return proto
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 (PAD 0, EOS 1, BOS 2): the tokenizer of the random
+    `tiny` model, whose 512-token vocabulary cannot hold Gemma's ids. Same
+    encode/decode interface as `Tokenizer`."""
+
+    OFFSET = 3
+    pad_id, eos_id, bos_id = PAD_ID, EOS_ID, BOS_ID
+    vocab_size = 256 + OFFSET
+    source = "bytes"
+
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return ([self.bos_id] if add_bos else []) + [b + self.OFFSET for b in text.encode()]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        data = bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET
+                     and int(i) < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"

@@ -1,0 +1,323 @@
+"""GRPO training: `python -m grpo_jax.train [--preset NAME] [--field value ...]`.
+
+One step, top to bottom (each arrow one call into one module):
+    data.batch_at  -> B problems at the stream position
+    sampler.sample -> B x G completions from base + LoRA (prefill once per prompt)
+    rewards.score_completions -> total and per-function rewards
+    grpo.group_advantages     -> advantages within each group of G
+    grpo.per_token_logprobs   -> reference log-probs (LoRA off), old log-probs when mu > 1
+    train_step (jit) x mu     -> clipped surrogate + beta KL, grads w.r.t. LoRA only, AdamW
+    metrics / checkpoint      -> metrics.jsonl, samples.jsonl, orbax every save_every steps
+Every step's randomness is fold_in(seed, step) and its data position is
+(step - 1) * B, so a resumed run repeats exactly what an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grpo_jax import data, grpo, rewards, sampler
+from grpo_jax.config import (GRPOConfig, ModelConfig, OptimizerConfig, TrainConfig,
+                             deferred_validation, model_preset, train_preset, validate)
+from grpo_jax.model import gemma3, lora as lora_lib
+
+log = logging.getLogger("grpo_jax.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Pieces
+
+
+def load_base(cfg: TrainConfig):
+    """(model config, params, tokenizer). `tiny` without weights: random, byte tokenizer."""
+    if cfg.model == "tiny" and cfg.checkpoint is None and cfg.gguf is None:
+        from grpo_jax.tokenizer import ByteTokenizer
+
+        model_cfg = model_preset("tiny")
+        if cfg.dtype:
+            model_cfg = dataclasses.replace(model_cfg, dtype=cfg.dtype)
+        return model_cfg, gemma3.init_params(model_cfg, jax.random.key(cfg.seed + 1)), ByteTokenizer()
+    from grpo_jax.model.load import load_model
+
+    loaded = load_model(cfg.model, checkpoint=cfg.checkpoint, gguf=cfg.gguf, dtype=cfg.dtype)
+    return loaded.cfg, loaded.params, loaded.tokenizer
+
+
+def num_updates(cfg: TrainConfig) -> int:
+    return cfg.steps * cfg.grpo.num_iterations
+
+
+def make_optimizer(opt: OptimizerConfig, total_updates: int) -> optax.GradientTransformation:
+    warmup = int(opt.warmup_ratio * total_updates)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opt.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_updates, warmup + 1), end_value=0.0)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    if opt.max_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), adamw)
+    return adamw
+
+
+@functools.partial(jax.jit, static_argnames=("prompt_len", "model_cfg", "chunk"))
+def sequence_logprobs(params, lora, tokens, input_mask, *, prompt_len: int,
+                      model_cfg: ModelConfig, chunk: int) -> jax.Array:
+    """Teacher-forced completion log-probs [N, T] (lora=None: the reference policy)."""
+    return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
+                                   chunk_size=chunk)
+
+
+def _tree_all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "prompt_len", "model_cfg", "grpo_cfg", "opt_cfg", "total_updates"), donate_argnums=(1, 2))
+def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_logprobs,
+               advantages, *, prompt_len: int, model_cfg: ModelConfig, grpo_cfg: GRPOConfig,
+               opt_cfg: OptimizerConfig, total_updates: int):
+    """One optimizer update of the LoRA weights on a sampled batch.
+
+    Gradients are averaged over micro-batches of `grpo_cfg.micro_batch` rows (a
+    scan, so memory is one micro-batch's); an update whose loss or gradient is not
+    finite is not applied (lora and optimizer state come back unchanged).
+    """
+    n = tokens.shape[0]
+    micro = grpo_cfg.micro_batch or n
+    chunks = n // micro
+    completion_mask = input_mask[:, prompt_len:]
+
+    def split(x):
+        return None if x is None else x.reshape(chunks, micro, *x.shape[1:])
+
+    def loss_fn(lora, batch):
+        toks, mask, cmask, old, ref, adv = batch
+        logp = grpo.per_token_logprobs(params, lora, toks, mask, prompt_len, model_cfg,
+                                       chunk_size=grpo_cfg.logprob_chunk)
+        return grpo.policy_loss(
+            logp, old, ref, adv, cmask, epsilon_low=grpo_cfg.epsilon_low,
+            epsilon_high=grpo_cfg.epsilon_high, beta=grpo_cfg.beta,
+            kl_estimator=grpo_cfg.kl_estimator, aggregation=grpo_cfg.aggregation,
+            ratio_level=grpo_cfg.ratio_level)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, batch):
+        grads, loss_sum, metric_sums = carry
+        (loss, metrics), g = grad_fn(lora, batch)
+        grads = jax.tree.map(jnp.add, grads, g)
+        metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+        return (grads, loss_sum + loss, metric_sums), None
+
+    batches = (split(tokens), split(input_mask), split(completion_mask), split(old_logprobs),
+               split(ref_logprobs), split(advantages))
+    zero_metrics = jax.eval_shape(lambda: loss_fn(lora, jax.tree.map(lambda x: x[0], batches))[1])
+    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
+    zero_grads = jax.tree.map(jnp.zeros_like, lora)
+    (grads, loss, metrics), _ = jax.lax.scan(
+        accumulate, (zero_grads, jnp.float32(0.0), zero_metrics), batches)
+    grads = jax.tree.map(lambda g: g / chunks, grads)
+    loss = loss / chunks
+    metrics = jax.tree.map(lambda m: m / chunks, metrics)
+
+    optimizer = make_optimizer(opt_cfg, total_updates)
+    updates, new_opt_state = optimizer.update(grads, opt_state, lora)
+    new_lora = optax.apply_updates(lora, updates)
+    finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "finite": finite}
+    return keep(new_lora, lora), keep(new_opt_state, opt_state), metrics
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def _completion_texts(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
+    return [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(lengths))]
+
+
+def _step_batch(cfg: TrainConfig, tokenizer, problems, step: int):
+    """The prompts of `step` (1-based), left-padded, and their reference answers."""
+    batch = data.batch_at(problems, cfg.data.shuffle_seed, (step - 1) * cfg.grpo.num_prompts,
+                          cfg.grpo.num_prompts)
+    prompts = [tokenizer.encode(data.format_prompt(p.question)) for p in batch]
+    tokens, mask = sampler.left_pad(prompts, multiple=cfg.sampler.prompt_bucket)
+    return batch, tokens, mask
+
+
+def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, opt_state,
+             problems, step: int, rng: jax.Array):
+    """Sample, score, update. -> lora, opt_state, metrics dict, sample rows."""
+    start = time.perf_counter()
+    g = cfg.grpo
+    batch, prompt_tokens, prompt_mask = _step_batch(cfg, tokenizer, problems, step)
+    out = sampler.sample(params, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask),
+                         jax.random.fold_in(rng, step), cfg=model_cfg, sampling=cfg.sampler,
+                         group=g.group_size, lora=lora)
+    comp_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = _completion_texts(tokenizer, comp_tokens, lengths)
+    answers = [p.answer for p in batch for _ in range(g.group_size)]
+    total, per_function = rewards.score_completions(texts, answers)
+    advantages = grpo.group_advantages(total.astype(np.float32), g.group_size,
+                                       scale_by_std=g.scale_advantages_by_std)
+
+    prompt_len = prompt_tokens.shape[1]
+    completion_mask = np.arange(comp_tokens.shape[1])[None, :] < lengths[:, None]
+    tokens = jnp.asarray(np.concatenate(
+        [np.repeat(prompt_tokens, g.group_size, axis=0), comp_tokens], axis=1))
+    input_mask = jnp.asarray(np.concatenate(
+        [np.repeat(prompt_mask, g.group_size, axis=0), completion_mask], axis=1))
+    logprobs = functools.partial(sequence_logprobs, params, prompt_len=prompt_len,
+                                 model_cfg=model_cfg, chunk=g.logprob_chunk)
+    ref = logprobs(None, tokens, input_mask) if g.beta > 0 else None
+    current = logprobs(lora, tokens, input_mask)
+    # mu = 1 is on-policy (old = stop_gradient(current)); mu > 1 fixes old before updating.
+    old = current if g.num_iterations > 1 else None
+    drift = float(np.sum(np.abs(np.asarray(current) - np.asarray(out.logprobs)) * completion_mask)
+                  / max(completion_mask.sum(), 1))
+
+    finite_all = True
+    for _ in range(g.num_iterations):
+        lora, opt_state, m = train_step(
+            params, lora, opt_state, tokens, input_mask, old, ref, advantages,
+            prompt_len=prompt_len, model_cfg=model_cfg, grpo_cfg=g, opt_cfg=cfg.optimizer,
+            total_updates=num_updates(cfg))
+        finite_all &= bool(m["finite"])
+    m = jax.device_get(m)
+    elapsed = time.perf_counter() - start
+    generated = int(lengths.sum())
+    metrics = {
+        "reward/mean": float(total.mean()),
+        **{f"reward/{name}": float(v.mean()) for name, v in per_function.items()},
+        "format_rate": float(np.mean(np.asarray(rewards.match_format_exactly(texts, answers)) > 0)),
+        "accuracy": float(np.mean(np.asarray(rewards.check_numbers(texts, answers)) > 0)),
+        "kl": float(m.get("kl_mean", 0.0)),
+        "loss": float(m["loss"]),
+        "clip_frac": float(m["clip_frac"]),
+        "grad_norm": float(m["grad_norm"]),
+        "completion_len/mean": float(lengths.mean()),
+        "stopped_frac": float(np.mean(np.asarray(out.stopped))),
+        "logprob_drift": drift,
+        "tokens_per_s": generated / elapsed,
+        "step_time_s": elapsed,
+        "skipped": int(not finite_all),
+    }
+    samples = [{"question": batch[i // g.group_size].question, "answer": answers[i],
+                "completion": texts[i], "reward": float(total[i])}
+               for i in range(0, len(texts), max(1, len(texts) // max(cfg.log_samples, 1)))
+               ][:cfg.log_samples]
+    return lora, opt_state, metrics, samples
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) GRPO as configured; -> the last step's metrics."""
+    from grpo_jax.checkpoint import Checkpointer
+
+    out_dir = Path(cfg.output_dir)
+    problems = data.load_problems(cfg.data, "train")
+    ckpt = Checkpointer(out_dir, fingerprint=cfg.fingerprint, keep=cfg.keep_checkpoints)
+    try:
+        ckpt.check_compatible()  # before any heavy loading: a foreign directory fails fast
+        lora, start, metrics, model_cfg, params, tokenizer = _train_loop(cfg, ckpt, problems)
+    finally:
+        ckpt.close()
+    if cfg.eval_problems and start < cfg.steps:
+        from grpo_jax.evaluate import evaluate_run
+
+        evaluate_run(cfg, model_cfg, params, tokenizer, lora, out_dir)
+    return metrics
+
+
+def _train_loop(cfg: TrainConfig, ckpt, problems):
+    from grpo_jax.metrics import MetricsLogger, Progress
+
+    out_dir = Path(cfg.output_dir)
+    model_cfg, params, tokenizer = load_base(cfg)
+
+    lora = lora_lib.init_lora(model_cfg, cfg.lora, jax.random.key(cfg.seed))
+    opt_state = make_optimizer(cfg.optimizer, num_updates(cfg)).init(lora)
+    restored = ckpt.restore_latest({"lora": lora, "opt_state": opt_state})
+    start = 0
+    if restored is not None:
+        lora, opt_state, start = restored.state["lora"], restored.state["opt_state"], restored.step
+        log.info("resuming from step %d in %s", start, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    rng = jax.random.key(cfg.seed)
+    metrics: dict[str, Any] = {}
+    skips_in_a_row = 0
+    with MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start) as logger, \
+            Progress(total=cfg.steps, initial=start) as progress:
+        for step in range(start + 1, cfg.steps + 1):
+            lora, opt_state, metrics, samples = run_step(
+                cfg, model_cfg, params, tokenizer, lora, opt_state, problems, step, rng)
+            logger.log(step, metrics)
+            logger.log_samples(step, samples)
+            progress.update(metrics)
+            skips_in_a_row = skips_in_a_row + 1 if metrics["skipped"] else 0
+            if cfg.max_consecutive_skips and skips_in_a_row >= cfg.max_consecutive_skips:
+                raise TrainingError(f"{skips_in_a_row} steps in a row had a non-finite loss or "
+                                    f"gradient (last at step {step}); stopping")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                ckpt.save(step, {"lora": lora, "opt_state": opt_state},
+                          {"data_position": step * cfg.grpo.num_prompts})
+    return lora, start, metrics, model_cfg, params, tokenizer
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """--preset picks the defaults; every other flag overrides one field of it."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = "cpu-270m"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+    base = train_preset(preset)
+    with deferred_validation():
+        cfg = tyro.cli(TrainConfig, default=base, args=argv)
+    validate(cfg)
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from grpo_jax.checkpoint import CheckpointMismatch
+    from grpo_jax.data import DataError
+    from grpo_jax.model.weights import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except (ValueError, DataError, CheckpointError, CheckpointMismatch, TrainingError,
+            FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
