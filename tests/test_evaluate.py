@@ -1,0 +1,45 @@
+"""Evaluation wiring: train writes eval.json for base and trained side by side, and
+`python -m grpo_jax.evaluate --run-dir` re-evaluates a run from its checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+from grpo_jax import train
+from grpo_jax.config import TRAIN_PRESETS, TrainConfig, config_from_dict
+
+FIGURES = ("format_accuracy", "exact_accuracy", "partial_accuracy", "lenient_accuracy")
+
+
+def test_presets_round_trip_through_config_json():
+    for name, cfg in TRAIN_PRESETS.items():
+        assert config_from_dict(TrainConfig, json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+def test_train_then_evaluate_run_dir(tmp_path):
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(TRAIN_PRESETS["tiny"], output_dir=str(run), steps=1,
+                              eval_problems=3, tensorboard=False)
+    train.train(cfg)
+    result = json.loads((run / "eval.json").read_text())
+    assert result["num_problems"] == 3
+    for model in ("base", "trained"):
+        assert set(FIGURES) <= set(result[model])
+        assert all(0.0 <= result[model][f] <= 1.0 for f in FIGURES)
+        assert len(result["records"][model]) == 3
+    proc = subprocess.run([sys.executable, "-m", "grpo_jax.evaluate", "--run-dir", str(run),
+                           "--num-problems", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "| format" in proc.stdout
+    assert json.loads((run / "eval.json").read_text())["num_problems"] == 2
+
+
+def test_evaluate_missing_run_dir(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "grpo_jax.evaluate", "--run-dir",
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none' / 'config.json'} not found: is {tmp_path / 'none'} a "
+        "training run's output dir?"]
