@@ -11,6 +11,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from grpo_jax.rewards import RewardConfig
+
 # Validation runs in each config's __post_init__; a CLI parser that builds configs
 # field by field defers it (see `deferred_validation`) so bad input ends in one
 # line of ours instead of the parser's own error box.
@@ -380,6 +382,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
+    rewards: RewardConfig = RewardConfig()
 
     @_validated
     def __post_init__(self):

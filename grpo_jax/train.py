@@ -51,7 +51,11 @@ def load_base(cfg: TrainConfig):
         model_cfg = model_preset("tiny")
         if cfg.dtype:
             model_cfg = dataclasses.replace(model_cfg, dtype=cfg.dtype)
-        return model_cfg, gemma3.init_params(model_cfg, jax.random.key(cfg.seed + 1)), ByteTokenizer()
+        params = gemma3.init_params(model_cfg, jax.random.key(cfg.seed + 1))
+        # A small embedding flattens the tied logits: a random model then samples
+        # varied completions (as a pretrained one does), so groups carry signal.
+        params = {**params, "embed": params["embed"] * 0.05}
+        return model_cfg, params, ByteTokenizer()
     from grpo_jax.model.load import load_model
 
     loaded = load_model(cfg.model, checkpoint=cfg.checkpoint, gguf=cfg.gguf, dtype=cfg.dtype)
@@ -173,7 +177,7 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
     comp_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     texts = _completion_texts(tokenizer, comp_tokens, lengths)
     answers = [p.answer for p in batch for _ in range(g.group_size)]
-    total, per_function = rewards.score_completions(texts, answers)
+    total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
     advantages = grpo.group_advantages(total.astype(np.float32), g.group_size,
                                        scale_by_std=g.scale_advantages_by_std)
 

@@ -83,3 +83,17 @@ def test_output_dir_of_a_different_model_is_refused(tmp_path):
 def test_group_size_must_allow_advantages():
     with pytest.raises(ValueError, match="group_size must be at least 2"):
         GRPOConfig(group_size=1)
+
+
+def test_rewards_are_configurable_from_the_train_config(tmp_path):
+    """A plugged-in reward named in the config is the one that is logged."""
+    from grpo_jax import rewards
+    from grpo_jax.rewards import RewardConfig
+
+    rewards.register_reward("short_text", lambda c, a: [-len(x) / 16.0 for x in c])
+    cfg = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"), steps=1,
+                              rewards=RewardConfig(functions=(("short_text", 2.0),)))
+    train.train(cfg)
+    row = _rows(tmp_path / "run")[0]
+    assert "reward/short_text" in row and "reward/check_answer" not in row
+    assert row["reward/mean"] == pytest.approx(2.0 * row["reward/short_text"])
