@@ -45,6 +45,11 @@ def format_prompt(question: str) -> str:
     return chat_prompt(f"{SYSTEM_PROMPT}\n\n{question.strip()}")
 
 
+def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
+    """BOS + ids of each problem's formatted prompt."""
+    return [tokenizer.encode(format_prompt(p.question)) for p in problems]
+
+
 _NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?$")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from grpo_jax.rewards import (_check_lengths, _numbers, _text, extract_answer, first_number,
+from grpo_jax.rewards import (all_numbers, as_text, check_lengths, extract_answer, first_number,
                               match_format_exactly)
 
 FIGURES = ("format", "exact", "partial", "lenient")
@@ -40,18 +40,18 @@ def eval_scores(completions: Sequence[str], answers: Sequence[str]) -> dict[str,
     A reference with no number matches nothing (the data loader only yields numeric
     answers; this keeps a stray row from aborting an evaluation after generation).
     """
-    _check_lengths(completions, answers)
-    completions = [_text(c) for c in completions]
+    check_lengths(completions, answers)
+    completions = [as_text(c) for c in completions]
     fmt = [s > 0 for s in match_format_exactly(completions, ["" for _ in completions])]
     exact, partial, lenient = [], [], []
-    for c, ref_text in zip(completions, map(_text, answers)):
+    for c, ref_text in zip(completions, map(as_text, answers)):
         ref = first_number(ref_text)
         inner = extract_answer(c)
         guess = None if inner is None else first_number(inner)
         ok = ref is not None and guess is not None
         exact.append(ok and guess == ref)
         partial.append(ok and _within_10pct(guess, ref))
-        found = _numbers(c)
+        found = all_numbers(c)
         lenient.append(ref is not None and bool(found) and found[-1] == ref)
     return {"format": fmt, "exact": exact, "partial": partial, "lenient": lenient}
 

@@ -29,11 +29,10 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     completions = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        prompts = [tokenizer.encode(data.format_prompt(p.question)) for p in chunk]
-        out = sampler.sample_prompts(params, prompts, jax.random.key(0), cfg=model_cfg,
-                                     sampling=sampling, lora=lora)
-        completions += [tokenizer.decode(out.tokens[i, :out.lengths[i]].tolist())
-                        for i in range(len(chunk))]
+        out = sampler.sample_prompts(params, data.encode_prompts(tokenizer, chunk),
+                                     jax.random.key(0), cfg=model_cfg, sampling=sampling,
+                                     lora=lora)
+        completions += sampler.decode_completions(tokenizer, out)
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
     records = [{"index": p.index, "question": p.question, "answer": p.answer, "completion": c,

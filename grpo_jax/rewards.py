@@ -90,7 +90,7 @@ _NUMBER = re.compile(
     r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 
 
-def _numbers(text: str) -> list[float]:
+def all_numbers(text: str) -> list[float]:
     """Every number in `text`, thousands separators, "$" and "%" dropped."""
     out = []
     for m in _NUMBER.finditer(text):
@@ -102,12 +102,12 @@ def _numbers(text: str) -> list[float]:
 def parse_number(text: str) -> float | None:
     """The one number in `text` ("$1,234.50", "-7", "12%", "42 apples"); None when
     there is no number or more than one (an ambiguous answer is not a number)."""
-    found = _numbers(text)
+    found = all_numbers(text)
     return found[0] if len(found) == 1 else None
 
 
 def first_number(text: str) -> float | None:
-    found = _numbers(text)
+    found = all_numbers(text)
     return found[0] if found else None
 
 
@@ -117,13 +117,13 @@ def extract_answer(completion: str) -> str | None:
     return None if m is None else m.group(1)
 
 
-def _check_lengths(completions: Sequence[str], answers: Sequence[str]) -> None:
+def check_lengths(completions: Sequence[str], answers: Sequence[str]) -> None:
     if len(completions) != len(answers):
         raise ValueError(f"{len(completions)} completions but {len(answers)} reference answers: "
                          "each completion needs its reference")
 
 
-def _text(x) -> str:
+def as_text(x) -> str:
     # Robust to None / bytes from a decoder: scored as text, never raising.
     if isinstance(x, str):
         return x
@@ -140,9 +140,9 @@ def match_format_exactly(completions: Sequence[str], answers: Sequence[str], *,
                          cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
     """cfg.format_exact when the completion is exactly one non-empty reasoning block then
     one non-empty answer block (whitespace around and between allowed), else 0."""
-    _check_lengths(completions, answers)
+    check_lengths(completions, answers)
     scores = []
-    for c in map(_text, completions):
+    for c in map(as_text, completions):
         m = _EXACT.match(c)
         ok = (m is not None and m.group("reasoning").strip() != ""
               and m.group("answer").strip() != ""
@@ -156,9 +156,9 @@ def match_format_exactly(completions: Sequence[str], answers: Sequence[str], *,
 def match_format_approximately(completions: Sequence[str], answers: Sequence[str], *,
                                cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
     """Per tag: cfg.tag_once if it occurs exactly once, else cfg.tag_not_once; summed."""
-    _check_lengths(completions, answers)
+    check_lengths(completions, answers)
     return [float(sum(cfg.tag_once if c.count(t) == 1 else cfg.tag_not_once for t in TAGS))
-            for c in map(_text, completions)]
+            for c in map(as_text, completions)]
 
 
 def check_answer(completions: Sequence[str], answers: Sequence[str], *,
@@ -170,9 +170,9 @@ def check_answer(completions: Sequence[str], answers: Sequence[str], *,
     otherwise answer_wrong. No single number in the block -> answer_unparsable;
     no block -> answer_missing.
     """
-    _check_lengths(completions, answers)
+    check_lengths(completions, answers)
     scores = []
-    for c, ref_text in zip(map(_text, completions), map(_text, answers)):
+    for c, ref_text in zip(map(as_text, completions), map(as_text, answers)):
         inner = extract_answer(c)
         if inner is None:
             scores.append(cfg.answer_missing)
@@ -204,9 +204,9 @@ def check_numbers(completions: Sequence[str], answers: Sequence[str], *,
                   cfg: RewardConfig = DEFAULT_REWARD_CONFIG) -> list[float]:
     """cfg.number_match if the first number inside <answer> equals the reference's
     (first) number, else 0."""
-    _check_lengths(completions, answers)
+    check_lengths(completions, answers)
     scores = []
-    for c, ref_text in zip(map(_text, completions), map(_text, answers)):
+    for c, ref_text in zip(map(as_text, completions), map(as_text, answers)):
         inner = extract_answer(c)
         guess = None if inner is None else first_number(inner)
         ref = first_number(ref_text)
@@ -244,7 +244,7 @@ def score_completions(completions: Sequence[str], answers: Sequence[str],
                       cfg: RewardConfig = DEFAULT_REWARD_CONFIG
                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Total weighted reward [N] and each function's unweighted rewards [N], float64."""
-    _check_lengths(completions, answers)
+    check_lengths(completions, answers)
     n = len(completions)
     total = np.zeros(n, np.float64)
     per_function: dict[str, np.ndarray] = {}

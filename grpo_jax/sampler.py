@@ -319,6 +319,13 @@ def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key:
                           for x in out))
 
 
+def decode_completions(tokenizer, out: SampleOutput) -> list[str]:
+    """Text of each row's completion (its first `lengths[i]` tokens; the tokenizer
+    drops the stop token as a special token)."""
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(lengths))]
+
+
 # ---------------------------------------------------------------------------
 # Uncached baseline
 

@@ -152,16 +152,11 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
 # The loop
 
 
-def _completion_texts(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
-    return [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(lengths))]
-
-
 def _step_batch(cfg: TrainConfig, tokenizer, problems, step: int):
     """The prompts of `step` (1-based), left-padded, and their reference answers."""
     batch = data.batch_at(problems, cfg.data.shuffle_seed, (step - 1) * cfg.grpo.num_prompts,
                           cfg.grpo.num_prompts)
-    prompts = [tokenizer.encode(data.format_prompt(p.question)) for p in batch]
-    tokens, mask = sampler.left_pad(prompts, multiple=cfg.sampler.prompt_bucket)
+    tokens, mask = sampler.left_pad(data.encode_prompts(tokenizer, batch), multiple=cfg.sampler.prompt_bucket)
     return batch, tokens, mask
 
 
@@ -175,7 +170,7 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
                          jax.random.fold_in(rng, step), cfg=model_cfg, sampling=cfg.sampler,
                          group=g.group_size, lora=lora)
     comp_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    texts = _completion_texts(tokenizer, comp_tokens, lengths)
+    texts = sampler.decode_completions(tokenizer, out)
     answers = [p.answer for p in batch for _ in range(g.group_size)]
     total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
     advantages = grpo.group_advantages(total.astype(np.float32), g.group_size,
