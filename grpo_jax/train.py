@@ -92,13 +92,17 @@ def _tree_all_finite(tree) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=(
     "prompt_len", "model_cfg", "grpo_cfg", "opt_cfg", "total_updates"), donate_argnums=(1, 2))
 def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_logprobs,
-               advantages, *, prompt_len: int, model_cfg: ModelConfig, grpo_cfg: GRPOConfig,
-               opt_cfg: OptimizerConfig, total_updates: int):
+               advantages, sample_logprobs=None, *, prompt_len: int, model_cfg: ModelConfig,
+               grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig, total_updates: int):
     """One optimizer update of the LoRA weights on a sampled batch.
 
     Gradients are averaged over micro-batches of `grpo_cfg.micro_batch` rows (a
     scan, so memory is one micro-batch's); an update whose loss or gradient is not
     finite is not applied (lora and optimizer state come back unchanged).
+    sample_logprobs [N, T] (the sampler's own log-probs of the completions): the
+    metric `logprob_drift` is their mean |difference| from the trainer's log-probs
+    under the LoRA passed in, so no separate pass is needed to watch sampler/trainer
+    agreement.
     """
     n = tokens.shape[0]
     micro = grpo_cfg.micro_batch or n
@@ -109,14 +113,19 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
         return None if x is None else x.reshape(chunks, micro, *x.shape[1:])
 
     def loss_fn(lora, batch):
-        toks, mask, cmask, old, ref, adv = batch
+        toks, mask, cmask, old, ref, adv, sampled = batch
         logp = grpo.per_token_logprobs(params, lora, toks, mask, prompt_len, model_cfg,
                                        chunk_size=grpo_cfg.logprob_chunk)
-        return grpo.policy_loss(
+        loss, metrics = grpo.policy_loss(
             logp, old, ref, adv, cmask, epsilon_low=grpo_cfg.epsilon_low,
             epsilon_high=grpo_cfg.epsilon_high, beta=grpo_cfg.beta,
             kl_estimator=grpo_cfg.kl_estimator, aggregation=grpo_cfg.aggregation,
             ratio_level=grpo_cfg.ratio_level)
+        if sampled is not None:
+            # Summed here, divided by the token count after the scan: a token mean.
+            diff = jnp.where(cmask, jnp.abs(jax.lax.stop_gradient(logp) - sampled), 0.0)
+            metrics = {**metrics, "drift_sum": jnp.sum(diff)}
+        return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -128,7 +137,7 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
         return (grads, loss_sum + loss, metric_sums), None
 
     batches = (split(tokens), split(input_mask), split(completion_mask), split(old_logprobs),
-               split(ref_logprobs), split(advantages))
+               split(ref_logprobs), split(advantages), split(sample_logprobs))
     zero_metrics = jax.eval_shape(lambda: loss_fn(lora, jax.tree.map(lambda x: x[0], batches))[1])
     zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
     zero_grads = jax.tree.map(jnp.zeros_like, lora)
@@ -137,6 +146,9 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
     grads = jax.tree.map(lambda g: g / chunks, grads)
     loss = loss / chunks
     metrics = jax.tree.map(lambda m: m / chunks, metrics)
+    if "drift_sum" in metrics:
+        drift_sum = metrics.pop("drift_sum") * chunks
+        metrics["logprob_drift"] = drift_sum / jnp.maximum(jnp.sum(completion_mask), 1)
 
     optimizer = make_optimizer(opt_cfg, total_updates)
     updates, new_opt_state = optimizer.update(grads, opt_state, lora)
@@ -170,6 +182,7 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
                          jax.random.fold_in(rng, step), cfg=model_cfg, sampling=cfg.sampler,
                          group=g.group_size, lora=lora)
     comp_tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    sampled_at = time.perf_counter()
     texts = sampler.decode_completions(tokenizer, out)
     answers = [p.answer for p in batch for _ in range(g.group_size)]
     total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
@@ -184,20 +197,23 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
         [np.repeat(prompt_mask, g.group_size, axis=0), completion_mask], axis=1))
     logprobs = functools.partial(sequence_logprobs, params, prompt_len=prompt_len,
                                  model_cfg=model_cfg, chunk=g.logprob_chunk)
+    scored_at = time.perf_counter()
     ref = logprobs(None, tokens, input_mask) if g.beta > 0 else None
-    current = logprobs(lora, tokens, input_mask)
-    # mu = 1 is on-policy (old = stop_gradient(current)); mu > 1 fixes old before updating.
-    old = current if g.num_iterations > 1 else None
-    drift = float(np.sum(np.abs(np.asarray(current) - np.asarray(out.logprobs)) * completion_mask)
-                  / max(completion_mask.sum(), 1))
+    # mu = 1 is on-policy: old = stop_gradient(current) inside the loss, no extra pass.
+    # mu > 1 fixes old before the first update.
+    old = logprobs(lora, tokens, input_mask) if g.num_iterations > 1 else None
+    jax.block_until_ready((ref, old))
+    logprobs_at = time.perf_counter()
 
-    finite_all = True
+    finite_all, drift = True, None
     for _ in range(g.num_iterations):
         lora, opt_state, m = train_step(
-            params, lora, opt_state, tokens, input_mask, old, ref, advantages,
+            params, lora, opt_state, tokens, input_mask, old, ref, advantages, out.logprobs,
             prompt_len=prompt_len, model_cfg=model_cfg, grpo_cfg=g, opt_cfg=cfg.optimizer,
             total_updates=num_updates(cfg))
         finite_all &= bool(m["finite"])
+        # Only the first update sees the sampling policy's own weights.
+        drift = float(m["logprob_drift"]) if drift is None else drift
     m = jax.device_get(m)
     elapsed = time.perf_counter() - start
     generated = int(lengths.sum())
@@ -215,6 +231,11 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
         "logprob_drift": drift,
         "tokens_per_s": generated / elapsed,
         "step_time_s": elapsed,
+        # Where the step's time went (compiles included on a step that compiles).
+        "time/sample_s": sampled_at - start,
+        "time/score_s": scored_at - sampled_at,
+        "time/logprobs_s": logprobs_at - scored_at,
+        "time/update_s": start + elapsed - logprobs_at,
         "skipped": int(not finite_all),
     }
     samples = [{"question": batch[i // g.group_size].question, "answer": answers[i],

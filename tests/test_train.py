@@ -28,8 +28,11 @@ def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward/mean", "reward/match_format_exactly", "reward/check_answer",
                 "format_rate", "accuracy", "kl", "loss", "clip_frac", "completion_len/mean",
-                "tokens_per_s", "step_time_s", "skipped"):
+                "tokens_per_s", "step_time_s", "skipped", "logprob_drift", "time/sample_s",
+                "time/update_s"):
         assert key in rows[0], key
+    # The sampler's log-probs and the trainer's agree (float32, same weights).
+    assert all(r["logprob_drift"] < 1e-4 for r in rows), [r["logprob_drift"] for r in rows]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "3"]
     assert (run / "samples.jsonl").read_text().strip()
 
@@ -97,3 +100,33 @@ def test_rewards_are_configurable_from_the_train_config(tmp_path):
     row = _rows(tmp_path / "run")[0]
     assert "reward/short_text" in row and "reward/check_answer" not in row
     assert row["reward/mean"] == pytest.approx(2.0 * row["reward/short_text"])
+
+
+def test_logprob_drift_metric_measures_sampler_trainer_gap():
+    """train_step's drift is the masked mean |trainer - sampler| log-prob: a known
+    offset on real tokens reads back exactly; padding is ignored."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from grpo_jax.model import lora as lora_lib
+
+    cfg = TINY
+    model_cfg, params, _ = train.load_base(cfg)
+    lora = lora_lib.init_lora(model_cfg, cfg.lora, jax.random.key(0))
+    opt_state = train.make_optimizer(cfg.optimizer, 4).init(lora)
+    rng = np.random.default_rng(0)
+    n, prompt_len, t = 8, 6, 5
+    tokens = jnp.asarray(rng.integers(3, 200, (n, prompt_len + t)), jnp.int32)
+    mask = np.ones((n, prompt_len + t), bool)
+    mask[:, prompt_len + 3:] = False  # 3 real completion tokens per row
+    mask = jnp.asarray(mask)
+    true = train.sequence_logprobs(params, lora, tokens, mask, prompt_len=prompt_len,
+                                   model_cfg=model_cfg, chunk=16)
+    offset = jnp.where(mask[:, prompt_len:], 0.25, 100.0)  # padding: large, must not count
+    kw = dict(prompt_len=prompt_len, model_cfg=model_cfg, grpo_cfg=cfg.grpo,
+              opt_cfg=cfg.optimizer, total_updates=4)
+    adv = jnp.zeros((n,), jnp.float32)
+    *_, m = train.train_step(params, lora, opt_state, tokens, mask, None, true, adv,
+                             true + offset, **kw)
+    assert float(m["logprob_drift"]) == pytest.approx(0.25, abs=1e-5)
