@@ -52,9 +52,12 @@ def load_base(cfg: TrainConfig):
         if cfg.dtype:
             model_cfg = dataclasses.replace(model_cfg, dtype=cfg.dtype)
         params = gemma3.init_params(model_cfg, jax.random.key(cfg.seed + 1))
-        # A small embedding flattens the tied logits: a random model then samples
-        # varied completions (as a pretrained one does), so groups carry signal.
-        params = {**params, "embed": params["embed"] * 0.05}
+        # The embedding is tied, so its scale sets both how flat the random model's
+        # logits are (varied samples, so groups carry signal) and how far LoRA can
+        # move them (|logit| <= |normed h| * |embed row|). At 0.05x LoRA cannot lift
+        # any token measurably; at 0.5x the input token dominates and samples
+        # collapse; 0.2x samples near uniformly and is learnable (tests/test_learning.py).
+        params = {**params, "embed": params["embed"] * 0.2}
         return model_cfg, params, ByteTokenizer()
     from grpo_jax.model.load import load_model
 
