@@ -357,11 +357,11 @@ class TrainConfig:
     output_dir: str = "runs/cpu-270m"
     """Checkpoints, metrics.jsonl, samples.jsonl, TensorBoard events and eval.json go here;
     re-running with the same directory resumes from its latest complete checkpoint."""
-    steps: int = 30
+    steps: int = 20
     """GRPO steps (each: sample B x G completions, score, update)."""
     seed: int = 0
     """Seeds LoRA init and every step's sampling key (fold_in(seed, step))."""
-    save_every: int = 10
+    save_every: int = 5
     """Checkpoint every this many steps (and always at the end)."""
     keep_checkpoints: int = 3
     """Checkpoints kept on disk (the newest)."""
@@ -372,13 +372,16 @@ class TrainConfig:
     eval_problems: int = 50
     """Held-out problems evaluated (greedy) for the base and the trained model at the end
     (0: skip)."""
-    eval_max_new_tokens: int = 256
+    eval_max_new_tokens: int = 192
     """Token budget of each evaluation answer."""
+    eval_batch_size: int = 64
+    """Evaluation prompts decoded together (larger batches use the CPU's matmul units better)."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     lora: LoraConfig = LoraConfig()
-    sampler: SamplerConfig = SamplerConfig()
-    grpo: GRPOConfig = GRPOConfig()
+    # The cpu-270m budget: B=2 prompts x G=4 samples x 192 new tokens per step.
+    sampler: SamplerConfig = SamplerConfig(max_new_tokens=192)
+    grpo: GRPOConfig = GRPOConfig(num_prompts=2)
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
@@ -386,7 +389,7 @@ class TrainConfig:
 
     @_validated
     def __post_init__(self):
-        for field in ("steps", "save_every", "keep_checkpoints"):
+        for field in ("steps", "save_every", "keep_checkpoints", "eval_batch_size"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
         for field in ("log_samples", "eval_problems", "max_consecutive_skips"):

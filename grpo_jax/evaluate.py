@@ -46,7 +46,7 @@ def evaluate_run(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lo
     """Base and trained side by side on cfg.eval_problems held-out problems -> eval.json."""
     problems = data.load_problems(cfg.data, "eval")[:cfg.eval_problems]
     kwargs = dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
-                  prompt_bucket=cfg.sampler.prompt_bucket)
+                  prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size)
     base, base_records = evaluate_model(params, None, tokenizer, problems, model_cfg, **kwargs)
     trained, trained_records = evaluate_model(params, lora, tokenizer, problems, model_cfg,
                                               **kwargs)
