@@ -31,23 +31,40 @@ class Restored:
 
 
 class Checkpointer:
-    """Save every `every` steps (and on demand), keep the last `keep`."""
+    """The checkpoints under `directory/checkpoints`: save (keeping the newest `keep`),
+    check, restore.
 
-    def __init__(self, directory: str | Path, *, fingerprint: dict, keep: int = 3):
+    read_only: for readers beside a run that may still be training (evaluate,
+    export): the directory is neither created nor cleaned of temporary
+    directories, one of which may be that run's save in progress.
+    """
+
+    def __init__(self, directory: str | Path, *, fingerprint: dict, keep: int = 3,
+                 read_only: bool = False):
         if keep <= 0:
             raise ValueError(f"keep must be positive, got {keep}")
         self.directory = Path(directory).absolute() / "checkpoints"
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised: tuples -> lists
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoints in {Path(directory)} (no "
+                                    f"{self.directory.name}/ directory)")
+        # orbax's own read_only option would do too, but logs warnings on every open.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True)
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Write `state` (a pytree of arrays) and `meta` (JSON) for `step`, atomically."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         meta = {**meta, "step": step, "fingerprint": self.fingerprint}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -65,7 +82,8 @@ class Checkpointer:
                           if (theirs or {}).get(k) != self.fingerprint.get(k))
             raise CheckpointMismatch(
                 f"{self.directory} holds checkpoints of a different run (differs in: "
-                f"{', '.join(diff) or 'fingerprint'}); use another --output-dir")
+                f"{', '.join(diff) or 'fingerprint'})"
+                + ("" if self.read_only else "; use another --output-dir"))
 
     def _read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(
@@ -74,10 +92,16 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> Restored | None:
         """The newest complete checkpoint, restored into `abstract_state`'s structure
         (a pytree of arrays or ShapeDtypeStructs), or None when there is none."""
-        self.check_compatible()
         step = self.latest_step()
-        if step is None:
-            return None
+        return None if step is None else self.restore(step, abstract_state)
+
+    def restore(self, step: int, abstract_state: Any) -> Restored:
+        """Checkpoint `step` (which must exist and match this run's fingerprint)."""
+        self.check_compatible()
+        if step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: "
+                f"{', '.join(map(str, self.all_steps())) or 'none'}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state)

@@ -372,6 +372,9 @@ class TrainConfig:
     eval_problems: int = 50
     """Held-out problems evaluated (greedy) for the base and the trained model at the end
     (0: skip)."""
+    eval_every: int = 0
+    """Also evaluate the trained model every this many steps (0: only at the end); the
+    figures go into that step's metrics row as eval/<figure>_accuracy."""
     eval_max_new_tokens: int = 192
     """Token budget of each evaluation answer."""
     eval_batch_size: int = 64
@@ -392,7 +395,7 @@ class TrainConfig:
         for field in ("steps", "save_every", "keep_checkpoints", "eval_batch_size"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
-        for field in ("log_samples", "eval_problems", "max_consecutive_skips"):
+        for field in ("log_samples", "eval_problems", "max_consecutive_skips", "eval_every"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.checkpoint is not None and self.gguf is not None:

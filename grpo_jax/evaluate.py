@@ -41,15 +41,25 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     return eval_metrics.summarize(scores), records
 
 
+def eval_problems(cfg: TrainConfig) -> list[data.Problem]:
+    """The run's held-out problems (disjoint from its training questions)."""
+    return data.load_problems(cfg.data, "eval")[:cfg.eval_problems]
+
+
+def eval_options(cfg: TrainConfig) -> dict:
+    """evaluate_model's keyword arguments as the run config sets them."""
+    return dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
+                prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size)
+
+
 def evaluate_run(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora,
                  out_dir: Path) -> dict:
     """Base and trained side by side on cfg.eval_problems held-out problems -> eval.json."""
-    problems = data.load_problems(cfg.data, "eval")[:cfg.eval_problems]
-    kwargs = dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
-                  prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size)
-    base, base_records = evaluate_model(params, None, tokenizer, problems, model_cfg, **kwargs)
+    problems = eval_problems(cfg)
+    base, base_records = evaluate_model(params, None, tokenizer, problems, model_cfg,
+                                        **eval_options(cfg))
     trained, trained_records = evaluate_model(params, lora, tokenizer, problems, model_cfg,
-                                              **kwargs)
+                                              **eval_options(cfg))
     result = {"base": base, "trained": trained, "num_problems": len(problems),
               "dataset": cfg.data.eval_dataset or cfg.data.dataset}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,37 +83,27 @@ class EvaluateArgs:
     """Answer budget override."""
 
 
-def _run_config(run_dir: Path) -> TrainConfig:
-    from grpo_jax.config import config_from_dict
-
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a training run's output dir?")
-    return config_from_dict(TrainConfig, json.loads(path.read_text()))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(EvaluateArgs, args=argv)
-    from grpo_jax.checkpoint import Checkpointer, CheckpointMismatch
-    from grpo_jax.model import lora as lora_lib
-    from grpo_jax.train import load_base, make_optimizer, num_updates
+    from grpo_jax import log_to_stderr
+
+    log_to_stderr()
+    from grpo_jax import runs
+    from grpo_jax.checkpoint import CheckpointMismatch
+    from grpo_jax.train import load_base
 
     try:
-        cfg = _run_config(args.run_dir)
+        cfg = runs.run_config(args.run_dir)
         cfg = dataclasses.replace(
             cfg, eval_problems=args.num_problems or cfg.eval_problems,
             eval_max_new_tokens=args.max_new_tokens or cfg.eval_max_new_tokens,
             data=dataclasses.replace(cfg.data, eval_dataset=args.dataset or cfg.data.eval_dataset))
+        runs.checkpoint_steps(args.run_dir, cfg)  # fail before the slow base load
         model_cfg, params, tokenizer = load_base(cfg)
-        template = lora_lib.init_lora(model_cfg, cfg.lora, jax.random.key(0))
-        ckpt = Checkpointer(args.run_dir, fingerprint=cfg.fingerprint)
-        opt_template = make_optimizer(cfg.optimizer, num_updates(cfg)).init(template)
-        restored = ckpt.restore_latest({"lora": template, "opt_state": opt_template})
-        if restored is None:
-            raise FileNotFoundError(f"no checkpoint in {args.run_dir}")
-        evaluate_run(cfg, model_cfg, params, tokenizer, restored.state["lora"], args.run_dir)
+        lora, _ = runs.restore_lora(args.run_dir, cfg, model_cfg)
+        evaluate_run(cfg, model_cfg, params, tokenizer, lora, args.run_dir)
     except (ValueError, FileNotFoundError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

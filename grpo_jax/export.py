@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.config import ModelConfig, TrainConfig
+from grpo_jax import log_to_stderr
+from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3
 
 log = logging.getLogger("grpo_jax.export")
@@ -241,99 +242,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------
-# A training run's LoRA
-
-
-def run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    """The TrainConfig a run was trained with (its config.json)."""
-    from grpo_jax.evaluate import _run_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"run directory not found: {run_dir}")
-    try:
-        return _run_config(run_dir)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from None
-
-
-def _checkpoint_manager(run_dir: Path):
-    """An orbax manager that only reads the run's checkpoints: unlike `Checkpointer`, it
-    neither creates the directory nor cleans up temporary ones, so exporting next to
-    a running training job cannot delete that job's in-progress save."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(run_dir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise ExportError(f"no checkpoints in {run_dir} (no {directory.name}/ directory)")
-    # Only restore() is called; read_only=True would say so too but logs two absl
-    # warnings per open.
-    options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False,
-                                           enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(directory, options=options)
-    if not manager.all_steps():
-        manager.close()
-        raise ExportError(f"no checkpoints in {run_dir} ({directory} holds no complete step)")
-    return manager
-
-
-def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
-    manager = _checkpoint_manager(Path(run_dir))
-    try:
-        return sorted(manager.all_steps())
-    finally:
-        manager.close()
-
-
-def restore_lora(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg: ModelConfig,
-                 step: int | None = None):
-    """(LoraWeights, step) from a run's checkpoint: the latest, or `step`.
-
-    The state is restored into the structure training saved ({"lora", "opt_state"},
-    built as `train._train_loop` builds it); the checkpoint's fingerprint must
-    match the run config's.
-    """
-    import orbax.checkpoint as ocp
-
-    from grpo_jax.checkpoint import CheckpointMismatch
-    from grpo_jax.model import lora as lora_lib
-    from grpo_jax.train import make_optimizer, num_updates
-
-    run_dir = Path(run_dir)
-    manager = _checkpoint_manager(run_dir)
-    try:
-        steps = sorted(manager.all_steps())
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ExportError(f"no checkpoint for step {step} in {run_dir}; available steps: "
-                              f"{', '.join(map(str, steps))}")
-        meta = manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
-        want = json.loads(json.dumps(cfg.fingerprint))
-        if meta.get("fingerprint") != want:
-            raise CheckpointMismatch(
-                f"checkpoint {step} in {run_dir} was written by a different run setup than "
-                f"its config.json describes (fingerprint {meta.get('fingerprint')} != {want})")
-        # Shapes only: nothing is computed to describe what gets restored.
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        lora = lora_lib.abstract_lora(model_cfg, cfg.lora)
-        opt_state = jax.eval_shape(make_optimizer(cfg.optimizer, num_updates(cfg)).init, lora)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                {"lora": lora, "opt_state": opt_state})
-        state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
-    finally:
-        manager.close()
-    return state["lora"], step
-
-
 def export_merged(run_dir: str | os.PathLike | None = None, *, out_dir: str | os.PathLike,
                   checkpoint_step: int | None = None, dtype: str = "float32",
                   overwrite: bool = False) -> Path:
     """Merge a run's LoRA (latest checkpoint, or `checkpoint_step`) into its base weights
     and write the HF checkpoint to `out_dir`. Returns `out_dir`."""
+    from grpo_jax import runs
     from grpo_jax.model import lora as lora_lib
     from grpo_jax.train import load_base
 
@@ -343,15 +257,15 @@ def export_merged(run_dir: str | os.PathLike | None = None, *, out_dir: str | os
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     # Every cheap check first: loading the base (a 262k-entry GGUF vocabulary) takes a while.
-    cfg = run_config(run_dir)
-    steps = checkpoint_steps(run_dir)
+    cfg = runs.run_config(run_dir)
+    steps = runs.checkpoint_steps(run_dir, cfg)
     if checkpoint_step is not None and checkpoint_step not in steps:
         raise ExportError(f"no checkpoint for step {checkpoint_step} in {run_dir}; available "
                           f"steps: {', '.join(map(str, steps))}")
     _check_out_dir(out_dir, overwrite, protect=run_dir)
 
     model_cfg, params, tokenizer = load_base(cfg)
-    lora, step = restore_lora(run_dir, cfg, model_cfg, checkpoint_step)
+    lora, step = runs.restore_lora(run_dir, cfg, model_cfg, checkpoint_step)
     merged = jax.device_get(lora_lib.merge(params, lora))
     log.info("merged LoRA (rank %d, step %d) of %s into %s", cfg.lora.rank, step, run_dir,
              model_cfg.name)
@@ -387,14 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(ExportArgs, args=argv)
-    # Our own INFO lines only: importing orbax installs a WARNING-level root handler
-    # (so basicConfig would be a no-op), and root at INFO would print orbax's chatter.
-    if not log.handlers:  # main() may run more than once in a process (tests)
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    log_to_stderr()
     from grpo_jax.checkpoint import CheckpointMismatch
     from grpo_jax.model.weights import CheckpointError
 

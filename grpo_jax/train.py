@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpo_jax import data, grpo, rewards, sampler
+from grpo_jax import data, grpo, log_to_stderr, rewards, sampler
 from grpo_jax.config import (GRPOConfig, ModelConfig, OptimizerConfig, TrainConfig,
                              deferred_validation, model_preset, train_preset, validate)
 from grpo_jax.model import gemma3, lora as lora_lib
@@ -285,12 +285,23 @@ def _train_loop(cfg: TrainConfig, ckpt, problems):
 
     rng = jax.random.key(cfg.seed)
     metrics: dict[str, Any] = {}
+    periodic_eval = None
+    if cfg.eval_every and cfg.eval_problems:
+        from grpo_jax import evaluate
+
+        held_out = evaluate.eval_problems(cfg)
+        periodic_eval = lambda lora: evaluate.evaluate_model(  # noqa: E731
+            params, lora, tokenizer, held_out, model_cfg, **evaluate.eval_options(cfg))[0]
     skips_in_a_row = 0
     with MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start) as logger, \
             Progress(total=cfg.steps, initial=start) as progress:
         for step in range(start + 1, cfg.steps + 1):
             lora, opt_state, metrics, samples = run_step(
                 cfg, model_cfg, params, tokenizer, lora, opt_state, problems, step, rng)
+            if periodic_eval is not None and step % cfg.eval_every == 0 and step < cfg.steps:
+                figures = periodic_eval(lora)
+                metrics.update({f"eval/{k}": v for k, v in figures.items()
+                                if k.endswith("_accuracy")})
             logger.log(step, metrics)
             logger.log_samples(step, samples)
             progress.update(metrics)
@@ -331,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from grpo_jax.data import DataError
     from grpo_jax.model.weights import CheckpointError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_stderr()
     try:
         cfg = parse_config(argv)
         train(cfg)

@@ -40,6 +40,11 @@ def test_evaluate_missing_run_dir(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "grpo_jax.evaluate", "--run-dir",
                            str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: run directory not found: {tmp_path / 'none'}"]
+    (tmp_path / "none").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "grpo_jax.evaluate", "--run-dir",
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'none' / 'config.json'} not found: is {tmp_path / 'none'} a "
         "training run's output dir?"]

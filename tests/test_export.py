@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import export, train
+from grpo_jax import export, runs, train
 from grpo_jax.config import TRAIN_PRESETS, model_preset
 from grpo_jax.model import gemma3, lora as lora_lib, weights
 
@@ -146,7 +146,7 @@ def trained_run(tmp_path_factory):
 
 def _merged_reference(run, cfg):
     model_cfg, params, _ = train.load_base(cfg)
-    lora, step = export.restore_lora(run, cfg, model_cfg)
+    lora, step = runs.restore_lora(run, cfg, model_cfg)
     return model_cfg, params, lora, step
 
 

@@ -130,3 +130,17 @@ def test_logprob_drift_metric_measures_sampler_trainer_gap():
     *_, m = train.train_step(params, lora, opt_state, tokens, mask, None, true, adv,
                              true + offset, **kw)
     assert float(m["logprob_drift"]) == pytest.approx(0.25, abs=1e-5)
+
+
+def test_periodic_evaluation_goes_into_the_metrics_rows(tmp_path):
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(TINY, output_dir=str(run), steps=4, save_every=4, eval_every=2,
+                              eval_problems=3)
+    train.train(cfg)
+    rows = _rows(run)
+    for key in ("eval/format_accuracy", "eval/exact_accuracy", "eval/partial_accuracy",
+                "eval/lenient_accuracy"):
+        assert 0.0 <= rows[1][key] <= 1.0, key
+    # Steps between evaluations, and the last one (whose evaluation is eval.json), have none.
+    assert not any(k.startswith("eval/") for r in (rows[0], rows[2], rows[3]) for k in r)
+    assert json.loads((run / "eval.json").read_text())["num_problems"] == 3
