@@ -19,3 +19,18 @@ def log_to_stderr() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+def run_cli(body, *more_errors: type[BaseException]) -> int:
+    """A CLI's exit status: 0 when `body()` returns; 2 with one line `error: ...` on
+    stderr for bad input (ValueError and its kin: bad config, malformed data,
+    mismatched checkpoints; a missing or existing file) or any of `more_errors`."""
+    import sys
+
+    log_to_stderr()
+    try:
+        body()
+    except (ValueError, FileNotFoundError, FileExistsError, *more_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -87,27 +87,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(EvaluateArgs, args=argv)
-    from grpo_jax import log_to_stderr
+    from grpo_jax import run_cli
 
-    log_to_stderr()
+    return run_cli(lambda: evaluate_run_dir(args))
+
+
+def evaluate_run_dir(args: EvaluateArgs) -> dict:
+    """Base vs the run's latest checkpoint, with the overrides in `args` -> eval.json."""
     from grpo_jax import runs
-    from grpo_jax.checkpoint import CheckpointMismatch
     from grpo_jax.train import load_base
 
-    try:
-        cfg = runs.run_config(args.run_dir)
-        cfg = dataclasses.replace(
-            cfg, eval_problems=args.num_problems or cfg.eval_problems,
-            eval_max_new_tokens=args.max_new_tokens or cfg.eval_max_new_tokens,
-            data=dataclasses.replace(cfg.data, eval_dataset=args.dataset or cfg.data.eval_dataset))
-        runs.checkpoint_steps(args.run_dir, cfg)  # fail before the slow base load
-        model_cfg, params, tokenizer = load_base(cfg)
-        lora, _ = runs.restore_lora(args.run_dir, cfg, model_cfg)
-        evaluate_run(cfg, model_cfg, params, tokenizer, lora, args.run_dir)
-    except (ValueError, FileNotFoundError, CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    cfg = runs.run_config(args.run_dir)
+    cfg = dataclasses.replace(
+        cfg, eval_problems=args.num_problems or cfg.eval_problems,
+        eval_max_new_tokens=args.max_new_tokens or cfg.eval_max_new_tokens,
+        data=dataclasses.replace(cfg.data, eval_dataset=args.dataset or cfg.data.eval_dataset))
+    runs.checkpoint_steps(args.run_dir, cfg)  # fail before the slow base load
+    model_cfg, params, tokenizer = load_base(cfg)
+    lora, _ = runs.restore_lora(args.run_dir, cfg, model_cfg)
+    return evaluate_run(cfg, model_cfg, params, tokenizer, lora, args.run_dir)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import log_to_stderr
+from grpo_jax import run_cli
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3
 
@@ -301,18 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tyro
 
     args = tyro.cli(ExportArgs, args=argv)
-    log_to_stderr()
-    from grpo_jax.checkpoint import CheckpointMismatch
-    from grpo_jax.model.weights import CheckpointError
-
-    try:
-        export_merged(args.run_dir, out_dir=args.out, checkpoint_step=args.step,
-                      dtype=args.dtype, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError,
-            CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: export_merged(args.run_dir, out_dir=args.out,
+                                         checkpoint_step=args.step, dtype=args.dtype,
+                                         overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -129,20 +129,18 @@ def run(args: GenerateArgs) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.cli(GenerateArgs, args=argv)
-    from grpo_jax.model.weights import CheckpointError
+    from grpo_jax import run_cli
 
-    try:
-        results = run(args)
-    except (PromptFileError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: print_results(run(args), as_json=args.json))
+
+
+def print_results(results: Sequence[dict], *, as_json: bool) -> None:
     for r in results:
-        if args.json:
+        if as_json:
             print(json.dumps(r, ensure_ascii=False))
         else:
             print(r["completion"])
             print("-" * 40)
-    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpo_jax import data, grpo, log_to_stderr, rewards, sampler
+from grpo_jax import data, grpo, rewards, run_cli, sampler
 from grpo_jax.config import (GRPOConfig, ModelConfig, OptimizerConfig, TrainConfig,
                              deferred_validation, model_preset, train_preset, validate)
 from grpo_jax.model import gemma3, lora as lora_lib
@@ -338,19 +338,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from grpo_jax.checkpoint import CheckpointMismatch
-    from grpo_jax.data import DataError
-    from grpo_jax.model.weights import CheckpointError
-
-    log_to_stderr()
-    try:
-        cfg = parse_config(argv)
-        train(cfg)
-    except (ValueError, DataError, CheckpointError, CheckpointMismatch, TrainingError,
-            FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(parse_config(argv)), TrainingError)
 
 
 if __name__ == "__main__":
