@@ -401,6 +401,9 @@ class TrainConfig:
         if self.checkpoint is not None and self.gguf is not None:
             raise ValueError("pass either --checkpoint or --gguf, not both")
         model_preset(self.model)  # unknown model: one clear error
+        if self.sampler.greedy:
+            raise ValueError("sampler.temperature must be > 0 for training: greedy samples "
+                             "make every group identical, so no advantage is ever non-zero")
 
     @property
     def fingerprint(self) -> dict:

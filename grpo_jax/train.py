@@ -80,12 +80,12 @@ def make_optimizer(opt: OptimizerConfig, total_updates: int) -> optax.GradientTr
     return adamw
 
 
-@functools.partial(jax.jit, static_argnames=("prompt_len", "model_cfg", "chunk"))
+@functools.partial(jax.jit, static_argnames=("prompt_len", "model_cfg", "chunk", "temperature"))
 def sequence_logprobs(params, lora, tokens, input_mask, *, prompt_len: int,
-                      model_cfg: ModelConfig, chunk: int) -> jax.Array:
+                      model_cfg: ModelConfig, chunk: int, temperature: float = 1.0) -> jax.Array:
     """Teacher-forced completion log-probs [N, T] (lora=None: the reference policy)."""
     return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
-                                   chunk_size=chunk)
+                                   chunk_size=chunk, temperature=temperature)
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -93,19 +93,24 @@ def _tree_all_finite(tree) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "prompt_len", "model_cfg", "grpo_cfg", "opt_cfg", "total_updates"), donate_argnums=(1, 2))
+    "prompt_len", "model_cfg", "grpo_cfg", "opt_cfg", "total_updates", "temperature"),
+    donate_argnums=(1, 2))
 def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_logprobs,
                advantages, sample_logprobs=None, *, prompt_len: int, model_cfg: ModelConfig,
-               grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig, total_updates: int):
+               grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig, total_updates: int,
+               temperature: float = 1.0):
     """One optimizer update of the LoRA weights on a sampled batch.
 
     Gradients are averaged over micro-batches of `grpo_cfg.micro_batch` rows (a
     scan, so memory is one micro-batch's); an update whose loss or gradient is not
     finite is not applied (lora and optimizer state come back unchanged).
-    sample_logprobs [N, T] (the sampler's own log-probs of the completions): the
-    metric `logprob_drift` is their mean |difference| from the trainer's log-probs
-    under the LoRA passed in, so no separate pass is needed to watch sampler/trainer
-    agreement.
+    The policy is the sampling distribution: log-probs of logits / `temperature`
+    (the sampler's temperature), as old and reference log-probs must be too.
+    sample_logprobs [N, T] (the sampler's own log-probs of the completions under
+    the distribution it sampled from): the metric `logprob_drift` is their mean
+    |difference| from the trainer's log-probs under the LoRA passed in, so no
+    separate pass is needed to watch sampler/trainer agreement (top-k / top-p
+    truncation shows up in it as the log of the kept probability mass).
     """
     n = tokens.shape[0]
     micro = grpo_cfg.micro_batch or n
@@ -118,7 +123,8 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
     def loss_fn(lora, batch):
         toks, mask, cmask, old, ref, adv, sampled = batch
         logp = grpo.per_token_logprobs(params, lora, toks, mask, prompt_len, model_cfg,
-                                       chunk_size=grpo_cfg.logprob_chunk)
+                                       chunk_size=grpo_cfg.logprob_chunk,
+                                       temperature=temperature)
         loss, metrics = grpo.policy_loss(
             logp, old, ref, adv, cmask, epsilon_low=grpo_cfg.epsilon_low,
             epsilon_high=grpo_cfg.epsilon_high, beta=grpo_cfg.beta,
@@ -199,7 +205,8 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
     input_mask = jnp.asarray(np.concatenate(
         [np.repeat(prompt_mask, g.group_size, axis=0), completion_mask], axis=1))
     logprobs = functools.partial(sequence_logprobs, params, prompt_len=prompt_len,
-                                 model_cfg=model_cfg, chunk=g.logprob_chunk)
+                                 model_cfg=model_cfg, chunk=g.logprob_chunk,
+                                 temperature=cfg.sampler.temperature)
     scored_at = time.perf_counter()
     ref = logprobs(None, tokens, input_mask) if g.beta > 0 else None
     # mu = 1 is on-policy: old = stop_gradient(current) inside the loss, no extra pass.
@@ -211,9 +218,10 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
     finite_all, drift = True, None
     for _ in range(g.num_iterations):
         lora, opt_state, m = train_step(
-            params, lora, opt_state, tokens, input_mask, old, ref, advantages, out.logprobs,
-            prompt_len=prompt_len, model_cfg=model_cfg, grpo_cfg=g, opt_cfg=cfg.optimizer,
-            total_updates=num_updates(cfg))
+            params, lora, opt_state, tokens, input_mask, old, ref, advantages,
+            out.sampling_logprobs, prompt_len=prompt_len, model_cfg=model_cfg, grpo_cfg=g,
+            opt_cfg=cfg.optimizer, total_updates=num_updates(cfg),
+            temperature=cfg.sampler.temperature)
         finite_all &= bool(m["finite"])
         # Only the first update sees the sampling policy's own weights.
         drift = float(m["logprob_drift"]) if drift is None else drift

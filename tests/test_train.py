@@ -144,3 +144,14 @@ def test_periodic_evaluation_goes_into_the_metrics_rows(tmp_path):
     # Steps between evaluations, and the last one (whose evaluation is eval.json), have none.
     assert not any(k.startswith("eval/") for r in (rows[0], rows[2], rows[3]) for k in r)
     assert json.loads((run / "eval.json").read_text())["num_problems"] == 3
+
+
+def test_the_trained_policy_is_the_sampling_temperature(tmp_path):
+    """At temperature 0.7 the trainer's log-probs are those of logits / 0.7: they agree
+    with what the sampler drew from (untempered log-probs would differ by ~0.1+)."""
+    cfg = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"), steps=1,
+                              sampler=dataclasses.replace(TINY.sampler, temperature=0.7))
+    train.train(cfg)
+    assert _rows(tmp_path / "run")[0]["logprob_drift"] < 1e-4
+    with pytest.raises(ValueError, match="temperature must be > 0 for training"):
+        dataclasses.replace(cfg, sampler=dataclasses.replace(TINY.sampler, temperature=0.0))
