@@ -61,6 +61,14 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def require_step(self, step: int) -> None:
+        """FileNotFoundError naming the available steps unless `step` is complete here."""
+        steps = self.all_steps()
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: "
+                f"{', '.join(map(str, steps)) or 'none'}")
+
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Write `state` (a pytree of arrays) and `meta` (JSON) for `step`, atomically."""
         if self.read_only:
@@ -98,10 +106,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """Checkpoint `step` (which must exist and match this run's fingerprint)."""
         self.check_compatible()
-        if step not in self.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; available steps: "
-                f"{', '.join(map(str, self.all_steps())) or 'none'}")
+        self.require_step(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state)

@@ -39,7 +39,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 class ExportError(ValueError):
-    """Bad input to the export: a missing run, checkpoint or step, a refused out dir."""
+    """Bad input to the export: an unknown dtype or a refused out dir (a missing run,
+    checkpoint or step is reported by `runs`)."""
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def export_merged(run_dir: str | os.PathLike | None = None, *, out_dir: str | os.PathLike,
+def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
                   checkpoint_step: int | None = None, dtype: str = "float32",
                   overwrite: bool = False) -> Path:
     """Merge a run's LoRA (latest checkpoint, or `checkpoint_step`) into its base weights
@@ -251,17 +252,12 @@ def export_merged(run_dir: str | os.PathLike | None = None, *, out_dir: str | os
     from grpo_jax.model import lora as lora_lib
     from grpo_jax.train import load_base
 
-    if run_dir is None:
-        raise ExportError("a run directory is required (--run-dir)")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     # Every cheap check first: loading the base (a 262k-entry GGUF vocabulary) takes a while.
     cfg = runs.run_config(run_dir)
-    steps = runs.checkpoint_steps(run_dir, cfg)
-    if checkpoint_step is not None and checkpoint_step not in steps:
-        raise ExportError(f"no checkpoint for step {checkpoint_step} in {run_dir}; available "
-                          f"steps: {', '.join(map(str, steps))}")
+    runs.checkpoint_steps(run_dir, cfg, checkpoint_step)
     _check_out_dir(out_dir, overwrite, protect=run_dir)
 
     model_cfg, params, tokenizer = load_base(cfg)

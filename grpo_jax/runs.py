@@ -24,13 +24,17 @@ def run_config(run_dir: str | os.PathLike) -> TrainConfig:
     return config_from_dict(TrainConfig, json.loads(path.read_text()))
 
 
-def checkpoint_steps(run_dir: str | os.PathLike, cfg: TrainConfig) -> list[int]:
-    """The run's complete checkpoint steps; an error when there are none."""
+def checkpoint_steps(run_dir: str | os.PathLike, cfg: TrainConfig,
+                     step: int | None = None) -> list[int]:
+    """The run's complete checkpoint steps; an error when there are none, or when
+    `step` is given and is not one of them."""
     from grpo_jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, read_only=True)
     try:
         steps = ckpt.all_steps()
+        if steps and step is not None:
+            ckpt.require_step(step)
     finally:
         ckpt.close()
     if not steps:
