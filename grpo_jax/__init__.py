@@ -21,6 +21,27 @@ def log_to_stderr() -> None:
         log.propagate = False
 
 
+def use_compilation_cache() -> str | None:
+    """Keep compiled XLA programs on disk so a re-run or a resume skips compilation.
+
+    On the 270M CPU run, compiling the sampler, reference pass and update for each
+    new prompt-length bucket costs about 2 of its 20 minutes. JAX reads
+    JAX_COMPILATION_CACHE_DIR itself; where it is unset the CLIs use
+    $XDG_CACHE_HOME/grpo_jax/xla (~/.cache by default). JAX_COMPILATION_CACHE_DIR=
+    (empty) turns the cache off. Returns the directory in use, or None.
+    """
+    import os
+
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(root, "grpo_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run_cli(body, *more_errors: type[BaseException]) -> int:
     """A CLI's exit status: 0 when `body()` returns; 2 with one line `error: ...` on
     stderr for bad input (ValueError and its kin: bad config, malformed data,
@@ -28,6 +49,7 @@ def run_cli(body, *more_errors: type[BaseException]) -> int:
     import sys
 
     log_to_stderr()
+    use_compilation_cache()
     try:
         body()
     except (ValueError, FileNotFoundError, FileExistsError, *more_errors) as e:

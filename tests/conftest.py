@@ -7,6 +7,9 @@ import pytest
 
 # Tests run on CPU in float32; keep XLA from grabbing every core's worth of threads twice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLIs keep compiled programs in ~/.cache by default; tests (and the CLIs they
+# start) stay off it unless a test names a cache of its own.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 
 @pytest.fixture(scope="session")

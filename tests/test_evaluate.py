@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -29,11 +30,17 @@ def test_train_then_evaluate_run_dir(tmp_path):
         assert set(FIGURES) <= set(result[model])
         assert all(0.0 <= result[model][f] <= 1.0 for f in FIGURES)
         assert len(result["records"][model]) == 3
+    # With no JAX_COMPILATION_CACHE_DIR the CLI keeps its programs under XDG_CACHE_HOME.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     proc = subprocess.run([sys.executable, "-m", "grpo_jax.evaluate", "--run-dir", str(run),
-                           "--num-problems", "2"], capture_output=True, text=True, timeout=600)
+                           "--num-problems", "2"], capture_output=True, text=True, timeout=600,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     assert "| format" in proc.stdout
     assert json.loads((run / "eval.json").read_text())["num_problems"] == 2
+    assert any((tmp_path / "cache" / "grpo_jax" / "xla").iterdir())
 
 
 def test_evaluate_missing_run_dir(tmp_path):

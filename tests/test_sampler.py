@@ -195,8 +195,10 @@ def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
     p = _expected_probs(logits_row, temperature, top_k, top_p)
     assert np.all(p[token] > 0), "sampled a token outside the allowed set"
     freq = np.bincount(token, minlength=512) / n
-    # Every token's frequency within 5 binomial standard deviations (+ slack for tiny p).
-    tol = 5 * np.sqrt(p * (1 - p) / n) + 2.0 / n
+    # Every token's frequency within 6 binomial standard deviations, plus 3 counts of
+    # slack for the skewed tails of tiny p: summed over all tokens and cases, a correct
+    # sampler fails this about once in 50,000 runs (5 sd and 2 counts: once in 440).
+    tol = 6 * np.sqrt(p * (1 - p) / n) + 3.0 / n
     assert np.all(np.abs(freq - p) <= tol), f"seed {seed}: max dev {np.abs(freq - p).max()}"
     full = logits_row - np.log(np.exp(logits_row - logits_row.max()).sum()) - logits_row.max()
     np.testing.assert_allclose(logprob, full[token], atol=1e-5)
