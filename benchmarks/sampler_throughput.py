@@ -60,7 +60,7 @@ class Args:
     """Print one JSON object instead of a readable summary."""
 
 
-def _best_time(fn, repeats: int) -> tuple[float, object]:
+def best_time(fn, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,7 +75,7 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
     mm = jax.jit(jnp.matmul)
     jax.block_until_ready(mm(a, b))
-    seconds, _ = _best_time(lambda: mm(a, b), repeats)
+    seconds, _ = best_time(lambda: mm(a, b), repeats)
     return 2.0 * n ** 3 / seconds
 
 
@@ -84,7 +84,7 @@ def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     jax.block_until_ready(total(x))
-    seconds, _ = _best_time(lambda: total(x), repeats)
+    seconds, _ = best_time(lambda: total(x), repeats)
     return x.nbytes / seconds
 
 
@@ -95,7 +95,7 @@ def measure_matvec_bandwidth(rows: int = 262_144, cols: int = 640, repeats: int 
     x = jax.random.normal(jax.random.key(4), (1, cols), jnp.float32)
     mv = jax.jit(lambda x, w: jnp.einsum("bd,vd->vb", x, w))
     jax.block_until_ready(mv(x, w))
-    seconds, _ = _best_time(lambda: mv(x, w), repeats)
+    seconds, _ = best_time(lambda: mv(x, w), repeats)
     return w.nbytes / seconds
 
 
@@ -206,7 +206,7 @@ def run(args: Args) -> dict:
         fn = lambda: sample_uncached(params, full_tokens, full_mask, key, cfg=cfg,  # noqa: E731
                                      sampling=base_sampling)
         jax.block_until_ready(fn())
-        base_s, base_out = _best_time(fn, 1)
+        base_s, base_out = best_time(fn, 1)
         base_tps = float(np.sum(base_out.lengths)) / base_s
         result["no_cache_baseline"] = {
             "new_tokens": args.baseline_new_tokens, "tokens_per_s": base_tps,
@@ -218,10 +218,12 @@ def run(args: Args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = tyro.cli(Args, args=argv)
+def cli_main(args_type, run_fn, argv=None) -> int:
+    """A benchmark's CLI: parse `args_type`, run, print JSON (--json) or key: value
+    lines; bad arguments end in one line and exit 2."""
+    args = tyro.cli(args_type, args=argv)
     try:
-        result = run(args)
+        result = run_fn(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -231,6 +233,10 @@ def main(argv=None) -> int:
         for key, value in result.items():
             print(f"{key:>32}: {value}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(Args, run, argv)
 
 
 if __name__ == "__main__":

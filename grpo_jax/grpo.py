@@ -71,7 +71,7 @@ def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
 def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mask: jax.Array,
                        prompt_len: int, cfg: ModelConfig, *, positions: jax.Array | None = None,
                        chunk_size: int = 256, temperature: float = 1.0,
-                       return_entropy: bool = False):
+                       return_entropy: bool = False, group: int = 1):
     """Teacher-forced log p(completion token | everything before it), [N, T] float32.
 
     tokens [N, prompt_len + T]: the left-padded prompt, then the completion
@@ -84,6 +84,12 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
     jax.checkpoint, so neither the forward nor the backward pass holds more than
     [chunk_size, V] logits (the full [N, T, V] never exists). Padding positions
     get finite garbage: mask them downstream.
+
+    group > 1: rows come in consecutive groups of `group` completions of one
+    prompt (identical prompt tokens and mask, as GRPO samples them). Each group
+    is then packed into one row, the prompt once and its completions after it
+    (`pack_shared_prompt`), so the prompt's forward and backward run once per
+    group instead of once per completion. Same result, less compute.
 
     Returns logp [N, T], or (logp, entropy) with `return_entropy`: the entropy
     of each position's (temperature-scaled) next-token distribution.
@@ -99,14 +105,26 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if positions is None:
-        positions = gemma3.left_padded_positions(input_mask)
-
-    hidden = gemma3.hidden_states(params, tokens, positions, input_mask, cfg, lora)
-    # Position p's hidden state predicts token p + 1.
-    hidden = hidden[:, prompt_len - 1:length - 1]
-    targets = tokens[:, prompt_len:]
+    if group < 1 or n % group:
+        raise ValueError(f"group={group} must be positive and divide the {n} rows")
     steps = length - prompt_len
+    if group > 1:
+        if positions is not None:
+            raise ValueError("positions cannot be given with group > 1: the packed rows "
+                             "derive their own")
+        toks, pos, mask, branches = pack_shared_prompt(tokens, input_mask, prompt_len, group)
+        hidden = gemma3.hidden_states(params, toks, pos, mask, cfg, lora, branches)
+        # Each completion's first token is predicted by the prompt's last position,
+        # every later one by its own previous token.
+        hidden = hidden[:, _predicting_index(prompt_len, steps, group)]
+        hidden = hidden.reshape(n, steps, -1)
+    else:
+        if positions is None:
+            positions = gemma3.left_padded_positions(input_mask)
+        hidden = gemma3.hidden_states(params, tokens, positions, input_mask, cfg, lora)
+        # Position p's hidden state predicts token p + 1.
+        hidden = hidden[:, prompt_len - 1:length - 1]
+    targets = tokens[:, prompt_len:]
     total = n * steps
     chunk = min(chunk_size, total)
     num_chunks = -(-total // chunk)
@@ -123,8 +141,10 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
         logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logz
         if not return_entropy:
             return logp, jnp.zeros_like(logp)
-        probs = jnp.exp(logits - logz[:, None])
-        return logp, logz - jnp.sum(probs * logits, axis=-1)
+        # -sum p log p on the normalised log-probs: logz - E[logits] would cancel
+        # two large numbers when the logits are large and the entropy small.
+        logq = logits - logz[:, None]
+        return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
 
     logp, ent = jax.lax.map(one_chunk, (flat_h.reshape(num_chunks, chunk, -1),
                                         flat_t.reshape(num_chunks, chunk)))
@@ -134,8 +154,51 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
     return logp, ent.reshape(-1)[:total].reshape(n, steps)
 
 
+def pack_shared_prompt(tokens: jax.Array, input_mask: jax.Array, prompt_len: int,
+                       group: int):
+    """Rows [N, P + T] in groups of `group` sharing their first P tokens ->
+    (tokens, positions, input_mask, branches), each [N / group, P + group * T]:
+    the prompt once (branch 0), then the group's completions (branches 1..group).
+
+    A completion's positions continue its prompt's, and `branches` keeps it from
+    seeing its siblings, so every real token sees exactly what it saw unpacked.
+    Only the first row of each group supplies the prompt.
+    """
+    n, length = tokens.shape
+    steps, rows = length - prompt_len, n // group
+    prompt_mask = input_mask[::group, :prompt_len]
+    prompt_positions = gemma3.left_padded_positions(prompt_mask)
+    completion_positions = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None]
+                            + jnp.tile(jnp.arange(steps, dtype=jnp.int32), group)[None, :])
+    branches = jnp.concatenate([jnp.zeros(prompt_len, jnp.int32),
+                                jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), steps)])
+
+    def packed(x, prompt_part):
+        return jnp.concatenate([prompt_part, x[:, prompt_len:].reshape(rows, group * steps)],
+                               axis=1)
+
+    return (packed(tokens, tokens[::group, :prompt_len]),
+            jnp.concatenate([prompt_positions, completion_positions], axis=1),
+            packed(input_mask, prompt_mask),
+            jnp.broadcast_to(branches, (rows, prompt_len + group * steps)))
+
+
+def _predicting_index(prompt_len: int, steps: int, group: int) -> np.ndarray:
+    """[group * steps] indices into a packed row: the position whose hidden state
+    predicts completion g's token t."""
+    t = np.arange(steps)
+    starts = prompt_len + steps * np.arange(group)[:, None]
+    return np.where(t == 0, prompt_len - 1, starts + t - 1).reshape(-1)
+
+
 # ---------------------------------------------------------------------------
 # Loss
+
+
+# The metrics of `policy_loss` that are means over valid tokens (the rest are
+# extremes, ratio_min / ratio_max, or means over rows).
+TOKEN_MEAN_METRICS = frozenset({"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean",
+                                "kl_mean", "entropy_mean"})
 
 
 def _masked_mean(x, mask):

@@ -80,12 +80,14 @@ def make_optimizer(opt: OptimizerConfig, total_updates: int) -> optax.GradientTr
     return adamw
 
 
-@functools.partial(jax.jit, static_argnames=("prompt_len", "model_cfg", "chunk", "temperature"))
+@functools.partial(jax.jit, static_argnames=("prompt_len", "model_cfg", "chunk", "temperature",
+                                             "group"))
 def sequence_logprobs(params, lora, tokens, input_mask, *, prompt_len: int,
-                      model_cfg: ModelConfig, chunk: int, temperature: float = 1.0) -> jax.Array:
+                      model_cfg: ModelConfig, chunk: int, temperature: float = 1.0,
+                      group: int = 1) -> jax.Array:
     """Teacher-forced completion log-probs [N, T] (lora=None: the reference policy)."""
     return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
-                                   chunk_size=chunk, temperature=temperature)
+                                   chunk_size=chunk, temperature=temperature, group=group)
 
 
 def _tree_all_finite(tree) -> jax.Array:
@@ -117,6 +119,11 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
     chunks = n // micro
     completion_mask = input_mask[:, prompt_len:]
 
+    # Micro-batches must add up to the whole batch's numbers: token means are
+    # weighted by each micro-batch's share of the tokens (they hold unequal counts),
+    # extremes combine as extremes, row means (equal rows per micro-batch) average.
+    total_tokens = jnp.maximum(jnp.sum(completion_mask), 1).astype(jnp.float32)
+
     def split(x):
         return None if x is None else x.reshape(chunks, micro, *x.shape[1:])
 
@@ -124,40 +131,45 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
         toks, mask, cmask, old, ref, adv, sampled = batch
         logp = grpo.per_token_logprobs(params, lora, toks, mask, prompt_len, model_cfg,
                                        chunk_size=grpo_cfg.logprob_chunk,
-                                       temperature=temperature)
+                                       temperature=temperature,
+                                       group=grpo_cfg.packing_group(micro))
         loss, metrics = grpo.policy_loss(
             logp, old, ref, adv, cmask, epsilon_low=grpo_cfg.epsilon_low,
             epsilon_high=grpo_cfg.epsilon_high, beta=grpo_cfg.beta,
             kl_estimator=grpo_cfg.kl_estimator, aggregation=grpo_cfg.aggregation,
             ratio_level=grpo_cfg.ratio_level)
+        share = jnp.sum(cmask) / total_tokens  # this micro-batch's share of the tokens
+        if grpo_cfg.aggregation == "token-mean":
+            loss = loss * share * chunks  # the batch's token mean after / chunks below
+        metrics = {k: v * share * chunks if k in grpo.TOKEN_MEAN_METRICS else v
+                   for k, v in metrics.items()}
         if sampled is not None:
-            # Summed here, divided by the token count after the scan: a token mean.
             diff = jnp.where(cmask, jnp.abs(jax.lax.stop_gradient(logp) - sampled), 0.0)
-            metrics = {**metrics, "drift_sum": jnp.sum(diff)}
+            metrics = {**metrics, "logprob_drift": jnp.sum(diff) / total_tokens * chunks}
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    combine = {"ratio_min": jnp.minimum, "ratio_max": jnp.maximum}
 
     def accumulate(carry, batch):
         grads, loss_sum, metric_sums = carry
         (loss, metrics), g = grad_fn(lora, batch)
         grads = jax.tree.map(jnp.add, grads, g)
-        metric_sums = jax.tree.map(jnp.add, metric_sums, metrics)
+        metric_sums = {k: combine.get(k, jnp.add)(metric_sums[k], v) for k, v in metrics.items()}
         return (grads, loss_sum + loss, metric_sums), None
 
     batches = (split(tokens), split(input_mask), split(completion_mask), split(old_logprobs),
                split(ref_logprobs), split(advantages), split(sample_logprobs))
     zero_metrics = jax.eval_shape(lambda: loss_fn(lora, jax.tree.map(lambda x: x[0], batches))[1])
-    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics)
+    start = {"ratio_min": jnp.inf, "ratio_max": -jnp.inf}
+    zero_metrics = {k: jnp.full(v.shape, start.get(k, 0.0), v.dtype)
+                    for k, v in zero_metrics.items()}
     zero_grads = jax.tree.map(jnp.zeros_like, lora)
     (grads, loss, metrics), _ = jax.lax.scan(
         accumulate, (zero_grads, jnp.float32(0.0), zero_metrics), batches)
     grads = jax.tree.map(lambda g: g / chunks, grads)
     loss = loss / chunks
-    metrics = jax.tree.map(lambda m: m / chunks, metrics)
-    if "drift_sum" in metrics:
-        drift_sum = metrics.pop("drift_sum") * chunks
-        metrics["logprob_drift"] = drift_sum / jnp.maximum(jnp.sum(completion_mask), 1)
+    metrics = {k: v if k in combine else v / chunks for k, v in metrics.items()}
 
     optimizer = make_optimizer(opt_cfg, total_updates)
     updates, new_opt_state = optimizer.update(grads, opt_state, lora)
@@ -206,7 +218,8 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora, 
         [np.repeat(prompt_mask, g.group_size, axis=0), completion_mask], axis=1))
     logprobs = functools.partial(sequence_logprobs, params, prompt_len=prompt_len,
                                  model_cfg=model_cfg, chunk=g.logprob_chunk,
-                                 temperature=cfg.sampler.temperature)
+                                 temperature=cfg.sampler.temperature,
+                                 group=g.packing_group(tokens.shape[0]))
     scored_at = time.perf_counter()
     ref = logprobs(None, tokens, input_mask) if g.beta > 0 else None
     # mu = 1 is on-policy: old = stop_gradient(current) inside the loss, no extra pass.

@@ -377,6 +377,70 @@ def test_per_token_logprobs_never_materialises_full_logits(rng, tiny_model):
     assert not too_big, f"arrays with more than {chunk} rows of logits: {too_big}"
 
 
+def make_groups(rng, cfg, prompts=3, group=4, prompt_len=6, steps=9):
+    """GRPO's layout: each prompt (its own left padding) repeated for `group`
+    consecutive rows, each row its own completion (lengths 0..steps)."""
+    tokens, input_mask, _ = make_batch(rng, cfg, n=prompts * group, prompt_len=prompt_len,
+                                       steps=steps)
+    tokens, input_mask = np.array(tokens), np.array(input_mask)
+    for x in (tokens, input_mask):
+        x[:, :prompt_len] = np.repeat(x[::group, :prompt_len], group, axis=0)
+    input_mask[1, prompt_len:] = False  # an empty completion
+    return jnp.asarray(tokens), jnp.asarray(input_mask), jnp.asarray(input_mask[:, prompt_len:])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_packing_equals_one_row_per_completion(rng, tiny_model, temperature):
+    """group=G packs each prompt once with its G completions behind it: log-probs,
+    entropies and gradients must equal the plain layout's (sequences of 15 tokens
+    cross the tiny model's 4-token window, so the window sees the packed positions)."""
+    cfg, params, lw = tiny_model
+    group, prompt_len = 4, 6
+    tokens, input_mask, cmask = make_groups(rng, cfg, group=group, prompt_len=prompt_len)
+    weights = jnp.asarray(rng.standard_normal(cmask.shape), jnp.float32) * cmask
+    m = np.asarray(cmask)
+
+    def logprobs(params, lw, g):
+        return grpo.per_token_logprobs(params, lw, tokens, input_mask, prompt_len, cfg,
+                                       chunk_size=5, temperature=temperature,
+                                       return_entropy=True, group=g)
+
+    (packed, packed_ent), (plain, plain_ent) = logprobs(params, lw, group), logprobs(params, lw, 1)
+    want, want_ent = full_logits_reference(params, lw, tokens, input_mask, prompt_len, cfg,
+                                           temperature)
+    # The random tiny model's log-probs reach -100, where an f32 ulp is 8e-6.
+    np.testing.assert_allclose(np.asarray(packed)[m], np.asarray(plain)[m], rtol=2e-6, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(packed_ent)[m], np.asarray(plain_ent)[m], rtol=2e-6,
+                               atol=2e-5)
+    np.testing.assert_allclose(np.asarray(packed)[m], want[m], rtol=1e-4, atol=1e-4)
+
+    def objective(params, lw, g):
+        return jnp.sum(weights * logprobs(params, lw, g)[0])
+
+    got = jax.jit(jax.grad(objective, argnums=(0, 1)), static_argnums=2)(params, lw, group)
+    ref = jax.jit(jax.grad(objective, argnums=(0, 1)), static_argnums=2)(params, lw, 1)
+    # f32 sums in another order (a prompt's cotangents arrive together, not per row).
+    chex.assert_trees_all_close(got[1], ref[1], rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_close(got[0]["embed"], ref[0]["embed"], rtol=2e-4, atol=2e-5)
+    assert float(jnp.max(jnp.abs(got[1].layers[0]["attn"]["q"]["b"]))) > 0
+
+
+def test_pack_shared_prompt_layout():
+    """Two groups of two: [pad, p, p | c c pad | c c c] with positions continuing the
+    prompt and branches 0 | 1 1 1 | 2 2 2."""
+    tokens = jnp.asarray([[0, 5, 6, 7, 8, 0], [0, 5, 6, 9, 10, 11],
+                          [4, 5, 6, 1, 0, 0], [4, 5, 6, 2, 3, 0]], jnp.int32)
+    mask = tokens != 0
+    packed, positions, pmask, branches = grpo.pack_shared_prompt(tokens, mask, 3, 2)
+    np.testing.assert_array_equal(packed, [[0, 5, 6, 7, 8, 0, 9, 10, 11],
+                                           [4, 5, 6, 1, 0, 0, 2, 3, 0]])
+    np.testing.assert_array_equal(positions, [[0, 0, 1, 2, 3, 4, 2, 3, 4],
+                                              [0, 1, 2, 3, 4, 5, 3, 4, 5]])
+    np.testing.assert_array_equal(pmask, packed != 0)
+    np.testing.assert_array_equal(branches, [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 2)
+    np.testing.assert_array_equal(grpo._predicting_index(3, 3, 2), [2, 3, 4, 2, 6, 7])
+
+
 def test_per_token_logprobs_bad_input(tiny_model):
     cfg, params, lw = tiny_model
     tokens = jnp.zeros((2, 8), jnp.int32)
@@ -387,6 +451,11 @@ def test_per_token_logprobs_bad_input(tiny_model):
         grpo.per_token_logprobs(params, lw, tokens, mask, 8, cfg)
     with pytest.raises(ValueError, match="chunk_size must be positive"):
         grpo.per_token_logprobs(params, lw, tokens, mask, 4, cfg, chunk_size=0)
+    with pytest.raises(ValueError, match="group=3 must be positive and divide the 2 rows"):
+        grpo.per_token_logprobs(params, lw, tokens, mask, 4, cfg, group=3)
+    with pytest.raises(ValueError, match="positions cannot be given with group > 1"):
+        grpo.per_token_logprobs(params, lw, tokens, mask, 4, cfg, group=2,
+                                positions=gemma3.left_padded_positions(mask))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -117,7 +117,11 @@ def test_logprob_drift_metric_measures_sampler_trainer_gap():
     opt_state = train.make_optimizer(cfg.optimizer, 4).init(lora)
     rng = np.random.default_rng(0)
     n, prompt_len, t = 8, 6, 5
-    tokens = jnp.asarray(rng.integers(3, 200, (n, prompt_len + t)), jnp.int32)
+    tokens = rng.integers(3, 200, (n, prompt_len + t))
+    # GRPO's layout: the rows of a group share their prompt (the update packs it once).
+    tokens[:, :prompt_len] = np.repeat(tokens[::cfg.grpo.group_size, :prompt_len],
+                                       cfg.grpo.group_size, axis=0)
+    tokens = jnp.asarray(tokens, jnp.int32)
     mask = np.ones((n, prompt_len + t), bool)
     mask[:, prompt_len + 3:] = False  # 3 real completion tokens per row
     mask = jnp.asarray(mask)
@@ -130,6 +134,89 @@ def test_logprob_drift_metric_measures_sampler_trainer_gap():
     *_, m = train.train_step(params, lora, opt_state, tokens, mask, None, true, adv,
                              true + offset, **kw)
     assert float(m["logprob_drift"]) == pytest.approx(0.25, abs=1e-5)
+
+
+def _update_batch(seed=3, prompt_len=8, t=6):
+    """A tiny-model batch in GRPO's layout (each group's rows share a left-padded
+    prompt; completions of 1..t tokens), a perturbed LoRA, and an `update(**grpo)`
+    that runs train_step on it with old and reference log-probs given."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from grpo_jax.model import lora as lora_lib
+
+    cfg = TINY
+    model_cfg, params, _ = train.load_base(cfg)
+    lora = lora_lib.init_lora(model_cfg, cfg.lora, jax.random.key(1))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), lora)
+    rng = np.random.default_rng(seed)
+    g, n = cfg.grpo.group_size, cfg.grpo.batch_size
+    prompts = rng.integers(3, 200, (n // g, prompt_len))
+    tokens = jnp.asarray(np.concatenate([np.repeat(prompts, g, axis=0),
+                                         rng.integers(3, 200, (n, t))], axis=1), jnp.int32)
+    p_lens = np.repeat(rng.integers(1, prompt_len + 1, n // g), g)
+    c_lens = rng.integers(1, t + 1, n)
+    idx = np.arange(prompt_len + t)
+    mask = jnp.asarray((idx >= prompt_len - p_lens[:, None])
+                       & (idx < prompt_len + c_lens[:, None]))
+    adv = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    ref = train.sequence_logprobs(params, None, tokens, mask, prompt_len=prompt_len,
+                                  model_cfg=model_cfg, chunk=16)
+    # Old log-probs off the current policy, so ratios move and some clip.
+    old = ref + jnp.asarray(0.3 * rng.standard_normal(ref.shape), jnp.float32)
+
+    def update(**grpo_kw):
+        grpo_cfg = dataclasses.replace(cfg.grpo, num_iterations=2, **grpo_kw)
+        opt_state = train.make_optimizer(cfg.optimizer, 4).init(lora)
+        return train.train_step(params, jax.tree.map(jnp.copy, lora), opt_state, tokens, mask,
+                                old, ref, adv, ref, prompt_len=prompt_len, model_cfg=model_cfg,
+                                grpo_cfg=grpo_cfg, opt_cfg=cfg.optimizer, total_updates=4)
+
+    return params, model_cfg, tokens, mask, ref, update
+
+
+def _assert_same_update(got, want, keys):
+    import jax
+    import numpy as np
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 got[:2], want[:2])
+    for key in keys:
+        np.testing.assert_allclose(got[2][key], want[2][key], rtol=1e-4, atol=1e-6,
+                                   err_msg=key)
+    assert float(want[2]["grad_norm"]) > 0
+
+
+def test_update_with_shared_prompts_equals_one_row_per_completion():
+    """train_step packs each group's prompt once (whole batch, and micro-batches of
+    one group); the updated LoRA, optimizer state and metrics equal the unpacked
+    update's, as do the reference log-probs."""
+    import numpy as np
+
+    params, model_cfg, tokens, mask, ref, update = _update_batch()
+    prompt_len, g = 8, TINY.grpo.group_size
+    packed_ref = train.sequence_logprobs(params, None, tokens, mask, prompt_len=prompt_len,
+                                         model_cfg=model_cfg, chunk=16, group=g)
+    cmask = np.asarray(mask[:, prompt_len:])
+    np.testing.assert_allclose(np.asarray(packed_ref)[cmask], np.asarray(ref)[cmask],
+                               atol=2e-5)
+    keys = ("loss", "kl_mean", "grad_norm", "clip_frac", "logprob_drift")
+    _assert_same_update(update(), update(share_prompt=False), keys)
+    _assert_same_update(update(micro_batch=g), update(micro_batch=g, share_prompt=False), keys)
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean",
+                                         "seq-mean-token-sum-norm"])
+def test_micro_batches_add_up_to_the_whole_batch(aggregation):
+    """Micro-batches holding unequal token counts: the loss, update and every metric
+    equal the whole batch's (token means weighted by tokens, extremes as extremes)."""
+    *_, update = _update_batch(seed=4)
+    whole = update(aggregation=aggregation)
+    micro = update(aggregation=aggregation, micro_batch=TINY.grpo.group_size)
+    _assert_same_update(micro, whole, sorted(whole[2]))
+    assert 0 < float(whole[2]["clip_frac"]) < 1
+    assert float(whole[2]["ratio_min"]) < 1 < float(whole[2]["ratio_max"])
 
 
 def test_periodic_evaluation_goes_into_the_metrics_rows(tmp_path):
@@ -155,3 +242,21 @@ def test_the_trained_policy_is_the_sampling_temperature(tmp_path):
     assert _rows(tmp_path / "run")[0]["logprob_drift"] < 1e-4
     with pytest.raises(ValueError, match="temperature must be > 0 for training"):
         dataclasses.replace(cfg, sampler=dataclasses.replace(TINY.sampler, temperature=0.0))
+
+
+def test_train_step_benchmark_reports_and_rejects_bad_input():
+    import pathlib
+
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "train_step.py"
+    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--prompt-len", "8",
+                           "--completion-len", "8", "--repeats", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["share_prompt"] and result["update_s"] > 0 and result["reference_s"] > 0
+    assert result["memory"]["update_temp_gb"] > 0 and result["machine"]["matmul_f32_gflops"] > 0
+    for args, message in [(["--repeats", "0"], "must be positive"),
+                          (["--micro-batch", "3"], "does not divide the batch of 8")]:
+        proc = subprocess.run([sys.executable, str(script), "--model", "tiny", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -123,16 +123,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float)
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array,
-                   window: int | None) -> jax.Array:
+                   window: int | None, branches: jax.Array | None = None) -> jax.Array:
     """[B, T, S] bool: causal by position, keys must be valid, optional sliding window.
 
     Positions (not array indices) decide causality and the window, so left-padded
-    rows and (later) ring-buffer caches use the same rule.
+    rows and (later) ring-buffer caches use the same rule. branches [B, T] int
+    (queries and keys are then the same tokens) packs several sequences that share
+    a prefix into one row: branch 0 is the shared prefix, which every token may
+    see; a token of branch b > 0 sees branch 0 and its own branch only.
     """
     diff = q_positions[:, :, None] - k_positions[:, None, :]
     mask = (diff >= 0) & k_valid[:, None, :]
     if window is not None:
         mask &= diff < window
+    if branches is not None:
+        mask &= (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
     return mask
 
 
@@ -233,16 +238,19 @@ def attention_scale(cfg: ModelConfig) -> float:
 
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
-                  input_mask: jax.Array, cfg: ModelConfig, lora=None) -> jax.Array:
+                  input_mask: jax.Array, cfg: ModelConfig, lora=None,
+                  branches: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, D] for tokens [B, T].
 
     positions [B, T] int: each token's position in its own sequence (left padding
     does not count). input_mask [B, T] bool: False marks padding, which no token
     attends to. lora: optional `LoraWeights` (grpo_jax.model.lora); None is the base.
+    branches: optional [B, T] int, for rows that pack one shared prefix (0) and
+    several continuations of it (1, 2, ...); see `attention_mask`.
     """
     x = embed_tokens(params, tokens, cfg)
     for i, lp in enumerate(params["layers"]):
-        mask = attention_mask(positions, positions, input_mask, layer_window(cfg, i))
+        mask = attention_mask(positions, positions, input_mask, layer_window(cfg, i), branches)
 
         def attend(q, k, v, mask=mask):
             return attention(q, k, v, mask, scale=attention_scale(cfg)), None

@@ -1,0 +1,142 @@
+"""Time of GRPO's teacher-forced passes: the reference log-probs and the update.
+
+    python benchmarks/train_step.py --prompts 2 --group 4 --prompt-len 192 \
+        --completion-len 192 --json
+    python benchmarks/train_step.py ... --no-share-prompt   # one prompt copy per row
+
+The batch is what a training step sees: `--prompts` random prompts (BOS first),
+each repeated for its `--group` rows, and full-length random completions (every
+position real, so runs are comparable). Reports compile time and the best of
+`--repeats` runs of the reference pass (LoRA off) and of `train.train_step` (the
+loss, LoRA gradients and AdamW update), the model FLOPs of the tokens they
+process beside this machine's measured float32 matmul rate, the update's compiled
+temp memory, and the process's peak RSS. Prints JSON with --json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grpo_jax import train
+from grpo_jax.config import GRPOConfig, LoraConfig, OptimizerConfig
+from grpo_jax.model import lora as lora_lib
+from grpo_jax.sampler import model_flops_per_token
+from grpo_jax.tokenizer import BOS_ID
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sampler_throughput import (best_time, cli_main, load_params,  # noqa: E402
+                                measure_matmul_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Benchmark the reference log-prob pass and the GRPO update."""
+
+    model: str = "gemma3-270m"
+    """Preset: gemma3-270m loads the embedded weights; others use random weights."""
+    prompts: int = 2
+    """Distinct prompts (B)."""
+    group: int = 4
+    """Completions per prompt (G)."""
+    prompt_len: int = 192
+    completion_len: int = 192
+    share_prompt: bool = True
+    """Pack each prompt once per group (grpo.share_prompt)."""
+    micro_batch: int = 0
+    """Rows per gradient micro-batch (0: all)."""
+    lora_rank: int = 16
+    repeats: int = 2
+    """Timed runs after compilation; the fastest is reported."""
+    seed: int = 0
+    json: bool = False
+    """Print one JSON object instead of a readable summary."""
+
+
+def run(args: Args) -> dict:
+    if min(args.prompts, args.prompt_len, args.completion_len, args.repeats) <= 0:
+        raise ValueError("--prompts, --prompt-len, --completion-len and --repeats must be "
+                         "positive")
+    grpo_cfg = GRPOConfig(num_prompts=args.prompts, group_size=args.group,
+                          micro_batch=args.micro_batch, share_prompt=args.share_prompt)
+    opt_cfg = OptimizerConfig()
+    matmul_flops = measure_matmul_flops()
+    cfg, params = load_params(args.model)
+    lora = lora_lib.init_lora(cfg, LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)),
+                              jax.random.key(args.seed))
+    opt_state = train.make_optimizer(opt_cfg, 10).init(lora)
+    rng = np.random.default_rng(args.seed)
+    n = args.prompts * args.group
+    prompts = rng.integers(3, cfg.vocab_size, (args.prompts, args.prompt_len), dtype=np.int32)
+    prompts[:, 0] = BOS_ID
+    tokens = jnp.asarray(np.concatenate(
+        [np.repeat(prompts, args.group, axis=0),
+         rng.integers(3, cfg.vocab_size, (n, args.completion_len), dtype=np.int32)], axis=1))
+    mask = jnp.ones(tokens.shape, bool)
+    advantages = jnp.asarray(rng.standard_normal(n), jnp.float32)
+    logprob_kw = dict(prompt_len=args.prompt_len, model_cfg=cfg, chunk=grpo_cfg.logprob_chunk,
+                      group=grpo_cfg.packing_group(n))
+    step_kw = dict(prompt_len=args.prompt_len, model_cfg=cfg, grpo_cfg=grpo_cfg,
+                   opt_cfg=opt_cfg, total_updates=10)
+
+    start = time.perf_counter()
+    ref_c = train.sequence_logprobs.lower(params, None, tokens, mask, **logprob_kw).compile()
+    ref = ref_c(params, None, tokens, mask)
+    step_c = train.train_step.lower(params, lora, opt_state, tokens, mask, None, ref,
+                                    advantages, **step_kw).compile()
+    compile_s = time.perf_counter() - start
+    ref_s, _ = best_time(lambda: ref_c(params, None, tokens, mask), args.repeats)
+    # train_step donates lora and the optimizer state: hand it fresh copies each time.
+    update_s, _ = best_time(lambda: step_c(params, jax.tree.map(jnp.copy, lora),
+                                           jax.tree.map(jnp.copy, opt_state), tokens, mask,
+                                           None, ref, advantages), args.repeats)
+
+    # The work a step needs, counted one prompt copy per row (what the update computes
+    # without sharing): layers for every token, logits for completion positions only.
+    context = (args.prompt_len + args.completion_len) / 2
+    length = args.prompt_len + args.completion_len
+    layer_flops = n * length * model_flops_per_token(cfg, context, logits=False)
+    logit_flops = n * args.completion_len * 2.0 * cfg.vocab_size * cfg.embed_dim
+    forward_flops = layer_flops + logit_flops
+    # The update: the layers forward and backward (activation gradients only: the
+    # base is frozen, LoRA's own gradients are rank-sized); the logit chunks forward,
+    # again in the backward (rematerialised), and their gradient to the hidden states.
+    update_flops = 2 * layer_flops + 3 * logit_flops
+    memory = step_c.memory_analysis()
+    return {
+        "model": cfg.name, "dtype": cfg.dtype, "prompts": args.prompts, "group": args.group,
+        "prompt_len": args.prompt_len, "completion_len": args.completion_len,
+        "share_prompt": args.share_prompt, "micro_batch": args.micro_batch,
+        "lora_rank": args.lora_rank,
+        "compile_s": compile_s, "reference_s": ref_s, "update_s": update_s,
+        "update_tokens_per_s": n * length / update_s,
+        "machine": {
+            "platform": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+            "matmul_f32_gflops": matmul_flops / 1e9,
+        },
+        "model_gflops": {"reference": forward_flops / 1e9, "update": update_flops / 1e9},
+        # Shared prompts do less than this work for the same result, so their
+        # figure can pass what the machine's matmul rate allows unshared.
+        "reference_utilization_of_matmul": forward_flops / ref_s / matmul_flops,
+        "update_utilization_of_matmul": update_flops / update_s / matmul_flops,
+        "memory": {
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "update_temp_gb": memory.temp_size_in_bytes / 2 ** 30,
+        },
+    }
+
+
+def main(argv=None) -> int:
+    return cli_main(Args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
