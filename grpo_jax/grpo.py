@@ -112,8 +112,8 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
         if positions is not None:
             raise ValueError("positions cannot be given with group > 1: the packed rows "
                              "derive their own")
-        toks, pos, mask, branches = pack_shared_prompt(tokens, input_mask, prompt_len, group)
-        hidden = gemma3.hidden_states(params, toks, pos, mask, cfg, lora, branches)
+        hidden = gemma3.hidden_states(params, *pack_shared_prompt(
+            tokens, input_mask, prompt_len, group), cfg, lora, (prompt_len, group))
         # Each completion's first token is predicted by the prompt's last position,
         # every later one by its own previous token.
         hidden = hidden[:, _predicting_index(prompt_len, steps, group)]
@@ -157,12 +157,12 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
 def pack_shared_prompt(tokens: jax.Array, input_mask: jax.Array, prompt_len: int,
                        group: int):
     """Rows [N, P + T] in groups of `group` sharing their first P tokens ->
-    (tokens, positions, input_mask, branches), each [N / group, P + group * T]:
-    the prompt once (branch 0), then the group's completions (branches 1..group).
+    (tokens, positions, input_mask), each [N / group, P + group * T]: the prompt
+    once, then the group's completions, for `hidden_states(shared_prefix=(P, group))`.
 
-    A completion's positions continue its prompt's, and `branches` keeps it from
-    seeing its siblings, so every real token sees exactly what it saw unpacked.
-    Only the first row of each group supplies the prompt.
+    A completion's positions continue its prompt's, so every real token sees
+    exactly what it saw unpacked. Only the first row of each group supplies the
+    prompt.
     """
     n, length = tokens.shape
     steps, rows = length - prompt_len, n // group
@@ -170,8 +170,6 @@ def pack_shared_prompt(tokens: jax.Array, input_mask: jax.Array, prompt_len: int
     prompt_positions = gemma3.left_padded_positions(prompt_mask)
     completion_positions = (jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)[:, None]
                             + jnp.tile(jnp.arange(steps, dtype=jnp.int32), group)[None, :])
-    branches = jnp.concatenate([jnp.zeros(prompt_len, jnp.int32),
-                                jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), steps)])
 
     def packed(x, prompt_part):
         return jnp.concatenate([prompt_part, x[:, prompt_len:].reshape(rows, group * steps)],
@@ -179,8 +177,7 @@ def pack_shared_prompt(tokens: jax.Array, input_mask: jax.Array, prompt_len: int
 
     return (packed(tokens, tokens[::group, :prompt_len]),
             jnp.concatenate([prompt_positions, completion_positions], axis=1),
-            packed(input_mask, prompt_mask),
-            jnp.broadcast_to(branches, (rows, prompt_len + group * steps)))
+            packed(input_mask, prompt_mask))
 
 
 def _predicting_index(prompt_len: int, steps: int, group: int) -> np.ndarray:

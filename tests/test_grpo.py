@@ -427,17 +427,16 @@ def test_shared_prompt_packing_equals_one_row_per_completion(rng, tiny_model, te
 
 def test_pack_shared_prompt_layout():
     """Two groups of two: [pad, p, p | c c pad | c c c] with positions continuing the
-    prompt and branches 0 | 1 1 1 | 2 2 2."""
+    prompt."""
     tokens = jnp.asarray([[0, 5, 6, 7, 8, 0], [0, 5, 6, 9, 10, 11],
                           [4, 5, 6, 1, 0, 0], [4, 5, 6, 2, 3, 0]], jnp.int32)
     mask = tokens != 0
-    packed, positions, pmask, branches = grpo.pack_shared_prompt(tokens, mask, 3, 2)
+    packed, positions, pmask = grpo.pack_shared_prompt(tokens, mask, 3, 2)
     np.testing.assert_array_equal(packed, [[0, 5, 6, 7, 8, 0, 9, 10, 11],
                                            [4, 5, 6, 1, 0, 0, 2, 3, 0]])
     np.testing.assert_array_equal(positions, [[0, 0, 1, 2, 3, 4, 2, 3, 4],
                                               [0, 1, 2, 3, 4, 5, 3, 4, 5]])
     np.testing.assert_array_equal(pmask, packed != 0)
-    np.testing.assert_array_equal(branches, [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 2)
     np.testing.assert_array_equal(grpo._predicting_index(3, 3, 2), [2, 3, 4, 2, 6, 7])
 
 

@@ -123,21 +123,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float)
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array,
-                   window: int | None, branches: jax.Array | None = None) -> jax.Array:
+                   window: int | None) -> jax.Array:
     """[B, T, S] bool: causal by position, keys must be valid, optional sliding window.
 
     Positions (not array indices) decide causality and the window, so left-padded
-    rows and (later) ring-buffer caches use the same rule. branches [B, T] int
-    (queries and keys are then the same tokens) packs several sequences that share
-    a prefix into one row: branch 0 is the shared prefix, which every token may
-    see; a token of branch b > 0 sees branch 0 and its own branch only.
+    rows and (later) ring-buffer caches use the same rule.
     """
     diff = q_positions[:, :, None] - k_positions[:, None, :]
     mask = (diff >= 0) & k_valid[:, None, :]
     if window is not None:
         mask &= diff < window
-    if branches is not None:
-        mask &= (branches[:, None, :] == 0) | (branches[:, None, :] == branches[:, :, None])
     return mask
 
 
@@ -239,24 +234,66 @@ def attention_scale(cfg: ModelConfig) -> float:
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
                   input_mask: jax.Array, cfg: ModelConfig, lora=None,
-                  branches: jax.Array | None = None) -> jax.Array:
+                  shared_prefix: tuple[int, int] | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, D] for tokens [B, T].
 
     positions [B, T] int: each token's position in its own sequence (left padding
     does not count). input_mask [B, T] bool: False marks padding, which no token
     attends to. lora: optional `LoraWeights` (grpo_jax.model.lora); None is the base.
-    branches: optional [B, T] int, for rows that pack one shared prefix (0) and
-    several continuations of it (1, 2, ...); see `attention_mask`.
+    shared_prefix (P, G): each row is a prefix of P tokens then G continuations of
+    (T - P) / G tokens, each seeing the prefix and itself only (`prefix_attend`).
     """
     x = embed_tokens(params, tokens, cfg)
+    scale = attention_scale(cfg)
     for i, lp in enumerate(params["layers"]):
-        mask = attention_mask(positions, positions, input_mask, layer_window(cfg, i), branches)
+        window = layer_window(cfg, i)
+        if shared_prefix is None:
+            mask = attention_mask(positions, positions, input_mask, window)
 
-        def attend(q, k, v, mask=mask):
-            return attention(q, k, v, mask, scale=attention_scale(cfg)), None
-
+            def attend(q, k, v, mask=mask):
+                return attention(q, k, v, mask, scale=scale), None
+        else:
+            attend = prefix_attend(positions, input_mask, window, *shared_prefix, scale=scale)
         x, _ = decoder_layer(lp, x, positions, cfg, i, attend, lora)
     return rms_norm(x, params["final_norm"], cfg.rms_eps)
+
+
+def prefix_attend(positions: jax.Array, valid: jax.Array, window: int | None,
+                  prefix_len: int, group: int, *, scale: float):
+    """`attend` for rows [prefix | continuation 1 | ... | continuation G].
+
+    The prefix attends to itself; each continuation to the prefix and itself, as
+    its own row [B*G, C] over keys [prefix; continuation] with the prefix's keys
+    and values broadcast to it. Continuations never meet, so no score is spent on
+    them; the prefix's projections and MLP ran once (the caller's packing), and
+    its K/V gradients sum over the G continuations through the broadcast.
+    """
+    b, t = positions.shape
+    steps = (t - prefix_len) // group
+
+    def split(x):
+        """[B, T, ...] -> the prefix [B, P, ...] and per continuation [prefix;
+        continuation] [B*G, P + C, ...]."""
+        prefix, rest = x[:, :prefix_len], x[:, prefix_len:]
+        rest = rest.reshape(b, group, steps, *x.shape[2:])
+        shared = jnp.broadcast_to(prefix[:, None], (b, group, *prefix.shape[1:]))
+        both = jnp.concatenate([shared, rest], axis=2)
+        return prefix, both.reshape(b * group, prefix_len + steps, *x.shape[2:])
+
+    prefix_pos, branch_pos = split(positions)
+    prefix_valid, branch_valid = split(valid)
+    prefix_mask = attention_mask(prefix_pos, prefix_pos, prefix_valid, window)
+    branch_mask = attention_mask(branch_pos[:, prefix_len:], branch_pos, branch_valid, window)
+
+    def attend(q, k, v):
+        (k_prefix, k_branch), (v_prefix, v_branch) = split(k), split(v)
+        out_prefix = attention(q[:, :prefix_len], k_prefix, v_prefix, prefix_mask, scale=scale)
+        q_branch = q[:, prefix_len:].reshape(b * group, steps, *q.shape[2:])
+        out_branch = attention(q_branch, k_branch, v_branch, branch_mask, scale=scale)
+        out_branch = out_branch.reshape(b, group * steps, *out_branch.shape[2:])
+        return jnp.concatenate([out_prefix, out_branch], axis=1), None
+
+    return attend
 
 
 def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
