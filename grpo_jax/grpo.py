@@ -192,10 +192,12 @@ def _predicting_index(prompt_len: int, steps: int, group: int) -> np.ndarray:
 # Loss
 
 
-# The metrics of `policy_loss` that are means over valid tokens (the rest are
-# extremes, ratio_min / ratio_max, or means over rows).
+# How `policy_loss`'s metrics of parts of a batch combine into the whole batch's:
+# means over valid tokens weight each part by its share of the tokens; extremes
+# combine with their operation (from its identity); the rest are means over rows.
 TOKEN_MEAN_METRICS = frozenset({"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean",
                                 "kl_mean", "entropy_mean"})
+EXTREME_METRICS = {"ratio_min": (jnp.minimum, jnp.inf), "ratio_max": (jnp.maximum, -jnp.inf)}
 
 
 def _masked_mean(x, mask):

@@ -119,9 +119,10 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
     chunks = n // micro
     completion_mask = input_mask[:, prompt_len:]
 
-    # Micro-batches must add up to the whole batch's numbers: token means are
-    # weighted by each micro-batch's share of the tokens (they hold unequal counts),
-    # extremes combine as extremes, row means (equal rows per micro-batch) average.
+    # Micro-batches must add up to the whole batch's numbers. Each contributes its
+    # weight of them: token means its share of the tokens (micro-batches hold unequal
+    # counts), row means 1 / chunks (equal rows); extremes combine as extremes. The
+    # scan sums the weighted loss, gradients and metrics.
     total_tokens = jnp.maximum(jnp.sum(completion_mask), 1).astype(jnp.float32)
 
     def split(x):
@@ -139,38 +140,36 @@ def train_step(params, lora, opt_state, tokens, input_mask, old_logprobs, ref_lo
             kl_estimator=grpo_cfg.kl_estimator, aggregation=grpo_cfg.aggregation,
             ratio_level=grpo_cfg.ratio_level)
         share = jnp.sum(cmask) / total_tokens  # this micro-batch's share of the tokens
-        if grpo_cfg.aggregation == "token-mean":
-            loss = loss * share * chunks  # the batch's token mean after / chunks below
-        metrics = {k: v * share * chunks if k in grpo.TOKEN_MEAN_METRICS else v
+        loss = loss * (share if grpo_cfg.aggregation == "token-mean" else 1.0 / chunks)
+        metrics = {k: v if k in grpo.EXTREME_METRICS else
+                   v * (share if k in grpo.TOKEN_MEAN_METRICS else 1.0 / chunks)
                    for k, v in metrics.items()}
         if sampled is not None:
             diff = jnp.where(cmask, jnp.abs(jax.lax.stop_gradient(logp) - sampled), 0.0)
-            metrics = {**metrics, "logprob_drift": jnp.sum(diff) / total_tokens * chunks}
+            metrics = {**metrics, "logprob_drift": jnp.sum(diff) / total_tokens}
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    combine = {"ratio_min": jnp.minimum, "ratio_max": jnp.maximum}
+
+    def reduction(name):
+        """(operation, identity) combining metric `name` over micro-batches."""
+        return grpo.EXTREME_METRICS.get(name, (jnp.add, 0.0))
 
     def accumulate(carry, batch):
         grads, loss_sum, metric_sums = carry
         (loss, metrics), g = grad_fn(lora, batch)
         grads = jax.tree.map(jnp.add, grads, g)
-        metric_sums = {k: combine.get(k, jnp.add)(metric_sums[k], v) for k, v in metrics.items()}
+        metric_sums = {k: reduction(k)[0](metric_sums[k], v) for k, v in metrics.items()}
         return (grads, loss_sum + loss, metric_sums), None
 
     batches = (split(tokens), split(input_mask), split(completion_mask), split(old_logprobs),
                split(ref_logprobs), split(advantages), split(sample_logprobs))
     zero_metrics = jax.eval_shape(lambda: loss_fn(lora, jax.tree.map(lambda x: x[0], batches))[1])
-    start = {"ratio_min": jnp.inf, "ratio_max": -jnp.inf}
-    zero_metrics = {k: jnp.full(v.shape, start.get(k, 0.0), v.dtype)
+    zero_metrics = {k: jnp.full(v.shape, reduction(k)[1], v.dtype)
                     for k, v in zero_metrics.items()}
     zero_grads = jax.tree.map(jnp.zeros_like, lora)
     (grads, loss, metrics), _ = jax.lax.scan(
         accumulate, (zero_grads, jnp.float32(0.0), zero_metrics), batches)
-    grads = jax.tree.map(lambda g: g / chunks, grads)
-    loss = loss / chunks
-    metrics = {k: v if k in combine else v / chunks for k, v in metrics.items()}
-
     optimizer = make_optimizer(opt_cfg, total_updates)
     updates, new_opt_state = optimizer.update(grads, opt_state, lora)
     new_lora = optax.apply_updates(lora, updates)
