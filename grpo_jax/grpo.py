@@ -14,7 +14,9 @@ from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
+# Default first. k3 and k2 are loss terms; k1 is a penalty on the reward
+# (`kl_reward_penalty`) and adds nothing to the loss. See `policy_loss`.
+KL_ESTIMATORS = ("k3", "k2", "k1")
 RATIO_LEVELS = ("token", "sequence")
 
 
@@ -231,15 +233,28 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array | None,
                 kl_estimator: str = "k3", aggregation: str = "seq-mean-token-mean",
                 ratio_level: str = "token", entropy: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped GRPO surrogate plus beta * KL to the reference, and its metrics.
+    """Clipped GRPO surrogate plus a beta-weighted KL term to the reference, and its metrics.
 
     logprobs, old_logprobs, ref_logprobs, mask, entropy: [N, T]; advantages [N].
     old_logprobs None means on-policy (old = stop_gradient(logprobs): ratio 1,
     gradient -A * grad logp). ref_logprobs may be None only when beta == 0.
 
     Per token: ratio r = exp(logp - old); loss = -min(r A, clip(r, 1-eps_low,
-    1+eps_high) A) + beta * KL, with KL k3 = exp(ref - logp) - (ref - logp) - 1
-    (unbiased, >= 0) or k1 = logp - ref.
+    1+eps_high) A) + beta * k, with d = ref - logp and k by `kl_estimator`:
+
+    k3 (default, the GRPO paper's): k = exp(d) - d - 1. Its value is an unbiased,
+      >= 0 estimate of KL(pi || ref); its on-policy expected gradient,
+      E_pi[grad k] = -E_pi[(ref/pi) grad log pi], is grad KL(ref || pi), the reverse KL.
+    k2: k = d^2 / 2. Its on-policy expected gradient, E_pi[(log pi - log ref)
+      grad log pi], is grad KL(pi || ref). (Its value is a biased estimate.)
+    k1: no loss term. k = logp - ref as a loss would have on-policy expected
+      gradient E_pi[grad log pi] = 0: noise, no regularisation. k1 belongs in the
+      reward instead: subtract `kl_reward_penalty` from each completion's reward
+      before `group_advantages` (PPO-style RLHF).
+
+    The `kl_mean` metric is always the k3 value (an unbiased, >= 0 estimate of
+    KL(pi || ref)) whatever the estimator, so runs stay comparable; it is reported
+    whenever ref_logprobs is given.
 
     ratio_level="sequence" is GSPO: s_i = exp(mean over valid t of (logp - old)),
     used at every token as s_i,t = sg[s_i] * exp(logp_t - sg[logp_t]). Its value is
@@ -295,9 +310,12 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array | None,
     kl = None
     if ref_logprobs is not None:
         delta = jnp.where(mask, ref_logprobs, 0.0) - logp
-        kl = jnp.exp(delta) - delta - 1.0 if kl_estimator == "k3" else -delta
-        if use_kl:
+        kl = jnp.exp(delta) - delta - 1.0  # k3: the reported value whatever the estimator
+        if use_kl and kl_estimator == "k3":
             per_token = per_token + beta * kl
+        elif use_kl and kl_estimator == "k2":
+            per_token = per_token + beta * 0.5 * delta * delta
+        # k1: nothing here; it is a penalty on the reward (`kl_reward_penalty`).
     loss = aggregate(per_token, mask, aggregation)
 
     sg = jax.lax.stop_gradient
@@ -320,3 +338,38 @@ def policy_loss(logprobs: jax.Array, old_logprobs: jax.Array | None,
     if entropy is not None:
         metrics["entropy_mean"] = _masked_mean(sg(entropy), mask)
     return loss, metrics
+
+
+def kl_reward_penalty(sample_logprobs: jax.Array, ref_logprobs: jax.Array, mask: jax.Array,
+                      beta) -> jax.Array:
+    """k1 as a penalty on the reward: beta * sum over valid t of (logp_t - ref_t), [N].
+
+    sample_logprobs, ref_logprobs, mask: [N, T]. sample_logprobs: the log-probs of
+    the sampled tokens under the distribution they were drawn from (the sampler's
+    `sampling_logprobs`, at the temperature ref_logprobs use). Without top-k/top-p
+    they equal the trainer's log-probs to float rounding (the `logprob_drift`
+    metric); with truncation they are the truncated policy's, the one that sampled.
+    Subtract the result from each completion's total reward before
+    `group_advantages` (PPO-style RLHF "KL in the reward"), with
+    kl_estimator="k1" so `policy_loss` adds no KL term of its own.
+
+    Why it is correct there: as a reward it is multiplied by grad log pi(y) under
+    REINFORCE, and E_pi[grad log pi(y) * (-beta log(pi(y) / ref(y)))]
+    = -beta grad KL(pi || ref), so ascending the reward descends KL(pi || ref).
+    (As a loss term, E_pi[grad (log pi - log ref)] = E_pi[grad log pi] = 0.)
+    The penalty carries no gradient (stop_gradient): it enters only through the
+    advantages. Padded entries may hold garbage; they are ignored. jit-friendly
+    (beta may be traced).
+    """
+    if sample_logprobs.ndim != 2:
+        raise ValueError(f"sample_logprobs must be [N, T], got shape {sample_logprobs.shape}")
+    for name, x in (("ref_logprobs", ref_logprobs), ("mask", mask)):
+        if x.shape != sample_logprobs.shape:
+            raise ValueError(f"{name} shape {x.shape} does not match sample_logprobs "
+                             f"{sample_logprobs.shape}")
+    beta_v = _concrete_float(beta)
+    if beta_v is not None and not beta_v >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    mask = mask.astype(bool)
+    log_ratio = jnp.where(mask, sample_logprobs - ref_logprobs, 0.0)
+    return jax.lax.stop_gradient(beta * jnp.sum(log_ratio, axis=1))

@@ -52,7 +52,8 @@ def np_policy_loss(logp, old, ref, adv, mask, *, eps_low, eps_high, beta, kl_est
             r = seq_ratio if ratio_level == "sequence" else math.exp(logp[i, j] - old[i, j])
             surrogate = min(r * adv[i], min(max(r, 1 - eps_low), 1 + eps_high) * adv[i])
             d = ref[i, j] - logp[i, j]
-            kl = math.exp(d) - d - 1 if kl_estimator == "k3" else logp[i, j] - ref[i, j]
+            # k1 is a reward penalty (grpo.kl_reward_penalty): no loss term.
+            kl = {"k3": math.exp(d) - d - 1, "k2": 0.5 * d * d, "k1": 0.0}[kl_estimator]
             per_token[i, j] = -surrogate + beta * kl
     lengths = mask.sum(1)
     if aggregation == "seq-mean-token-mean":
@@ -126,6 +127,13 @@ def test_policy_loss_metrics(rng):
             "entropy_mean": ent[valid].mean()}
     for k, v in want.items():
         np.testing.assert_allclose(float(m[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # kl_mean is k3's value (unbiased, >= 0 estimate of KL(pi || ref)) whatever the
+    # estimator, so runs with different estimators log comparable KL.
+    for est in grpo.KL_ESTIMATORS:
+        _, m = grpo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref),
+                                jnp.asarray(adv), jnp.asarray(mask), kl_estimator=est)
+        np.testing.assert_allclose(float(m["kl_mean"]), want["kl_mean"], rtol=1e-5, atol=1e-6,
+                                   err_msg=est)
 
 
 @pytest.mark.parametrize("aggregation,kl_estimator,ratio_level", ALL_OPTIONS)
@@ -203,7 +211,7 @@ def test_policy_loss_bad_input():
     mask = jnp.ones((4, 5), bool)
     cases = [
         (dict(aggregation="mean"), "unknown aggregation 'mean'"),
-        (dict(kl_estimator="k2"), "unknown kl_estimator 'k2'"),
+        (dict(kl_estimator="k4"), "unknown kl_estimator 'k4'"),
         (dict(ratio_level="seq"), "unknown ratio_level 'seq'"),
         (dict(beta=-1.0), "beta must be >= 0"),
         (dict(epsilon_low=-0.1), "epsilon_low/high must be >= 0"),
@@ -221,6 +229,136 @@ def test_policy_loss_bad_input():
         grpo.policy_loss(lp[0], None, None, adv, mask[0], beta=0.0)
     with pytest.raises(ValueError, match=r"beta > 0 \(or traced\) needs ref_logprobs"):
         grpo.policy_loss(lp, lp, None, adv, mask, beta=0.04)
+
+
+# ---------------------------------------------------------------------------
+# KL estimators: exact on-policy expectations over a small categorical policy
+#
+# One "token" per sequence, K outcomes, pi = softmax(theta), a different reference.
+# Each expectation enumerates the K outcomes weighted by pi (held fixed), so it is
+# exact: no sampling noise, float64 throughout.
+
+
+def _categorical(rng):
+    """K in 5..10 outcomes, random policy logits theta, a different reference log-pmf."""
+    k = int(rng.integers(5, 11))
+    theta = rng.standard_normal(k) * 1.5
+    ref = np.asarray(jax.nn.log_softmax(rng.standard_normal(k) * 1.5))
+    msg = f"numpy seed {rng.bit_generator.seed_seq.entropy}: K={k}, theta={theta}, ref={ref}"
+    return k, theta, ref, msg
+
+
+def _kl_forward(theta, ref):
+    """KL(pi || ref) as a function of the policy's logits."""
+    logpi = jax.nn.log_softmax(theta)
+    return jnp.sum(jnp.exp(logpi) * (logpi - ref))
+
+
+def _kl_reverse(theta, ref):
+    """KL(ref || pi) as a function of the policy's logits."""
+    return jnp.sum(jnp.exp(ref) * (ref - jax.nn.log_softmax(theta)))
+
+
+def _expected_loss_gradient(theta, ref, estimator, beta=1.0, advantages=None):
+    """sum_x pi(x) grad_theta loss(x): `policy_loss` on the one-token sequence x."""
+    k = theta.shape[0]
+    adv = jnp.zeros(k) if advantages is None else jnp.asarray(advantages)
+
+    def loss_at(theta, x):
+        logp = jax.nn.log_softmax(theta)[x].reshape(1, 1)
+        return grpo.policy_loss(logp, None, jnp.asarray(ref)[x].reshape(1, 1), adv[x][None],
+                                jnp.ones((1, 1), bool), beta=beta, kl_estimator=estimator)[0]
+
+    per_outcome = jax.vmap(jax.grad(loss_at), in_axes=(None, 0))(jnp.asarray(theta),
+                                                                 jnp.arange(k))
+    assert per_outcome.dtype == jnp.float64, "run under jax.enable_x64"
+    pi = np.asarray(jax.nn.softmax(theta))  # the sampling distribution: not differentiated
+    return pi @ np.asarray(per_outcome)
+
+
+@pytest.mark.parametrize("estimator,claimed,other", [("k3", _kl_reverse, _kl_forward),
+                                                     ("k2", _kl_forward, _kl_reverse)])
+def test_kl_loss_expected_gradient_is_claimed_kl(rng, estimator, claimed, other):
+    """On-policy, E_pi[grad k3] = grad KL(ref || pi) and E_pi[grad k2] = grad KL(pi || ref),
+    exactly; and the draw tells the two KLs apart, so the test can see a swap."""
+    with jax.enable_x64(True):
+        k, theta, ref, msg = _categorical(rng)
+        # Advantages 0: the clipped surrogate contributes exactly nothing.
+        np.testing.assert_array_equal(
+            _expected_loss_gradient(theta, ref, estimator, beta=0.0), 0.0, err_msg=msg)
+        got = _expected_loss_gradient(theta, ref, estimator, beta=1.0)
+        want = np.asarray(jax.grad(claimed)(jnp.asarray(theta), jnp.asarray(ref)))
+        wrong = np.asarray(jax.grad(other)(jnp.asarray(theta), jnp.asarray(ref)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=msg)
+    assert np.max(np.abs(got - wrong)) > 1e-3, f"draw cannot tell the KLs apart: {msg}"
+    assert np.max(np.abs(want)) > 1e-3, msg
+
+
+def test_k1_as_loss_term_has_zero_expected_gradient_so_policy_loss_adds_none(rng):
+    """Why k1 is not a loss term: E_pi[grad (log pi - log ref)] = E_pi[grad log pi] = 0,
+    whatever ref. So kl_estimator="k1" adds nothing to the loss (the reward carries it)."""
+    with jax.enable_x64(True):
+        k, theta, ref, msg = _categorical(rng)
+        beta = float(rng.uniform(0.1, 2.0))
+        msg += f", beta={beta}"
+        jac = np.asarray(jax.jacobian(
+            lambda t: beta * (jax.nn.log_softmax(t) - ref))(jnp.asarray(theta)))
+        pi = np.asarray(jax.nn.softmax(theta))
+        np.testing.assert_allclose(pi @ jac, 0.0, rtol=0, atol=1e-12, err_msg=msg)
+        # Not because each outcome's gradient vanishes: only their expectation does.
+        assert np.max(np.abs(jac)) > 1e-2, msg
+        np.testing.assert_array_equal(_expected_loss_gradient(theta, ref, "k1", beta=beta),
+                                      0.0, err_msg=msg)
+
+
+def test_k1_reward_penalty_policy_gradient_is_forward_kl(rng):
+    """k1 in the reward: sum_x pi(x) grad log pi(x) * (-penalty(x)) = -beta grad KL(pi || ref),
+    and through `policy_loss` (advantages = -penalty, kl_estimator="k1") the expected loss
+    gradient is +beta grad KL(pi || ref): descending the loss descends the forward KL."""
+    with jax.enable_x64(True):
+        k, theta, ref, msg = _categorical(rng)
+        beta = float(rng.uniform(0.1, 2.0))
+        msg += f", beta={beta}"
+        logpi = jax.nn.log_softmax(jnp.asarray(theta))
+        penalty = np.asarray(grpo.kl_reward_penalty(logpi[:, None], jnp.asarray(ref)[:, None],
+                                                    jnp.ones((k, 1), bool), beta))
+        chex.assert_shape(penalty, (k,))
+        score = np.asarray(jax.jacobian(jax.nn.log_softmax)(jnp.asarray(theta)))  # [x, theta]
+        pi = np.asarray(jax.nn.softmax(theta))
+        got = (pi * -penalty) @ score
+        grad_kl = np.asarray(jax.grad(_kl_forward)(jnp.asarray(theta), jnp.asarray(ref)))
+        through_loss = _expected_loss_gradient(theta, ref, "k1", beta=beta,
+                                               advantages=-penalty)
+        grad_rev = np.asarray(jax.grad(_kl_reverse)(jnp.asarray(theta), jnp.asarray(ref)))
+    np.testing.assert_allclose(got, -beta * grad_kl, rtol=0, atol=1e-6, err_msg=msg)
+    np.testing.assert_allclose(through_loss, beta * grad_kl, rtol=0, atol=1e-6, err_msg=msg)
+    assert np.max(np.abs(grad_kl - grad_rev)) > 1e-3, f"draw cannot tell the KLs apart: {msg}"
+
+
+def test_kl_reward_penalty_sums_valid_tokens_and_jits(rng):
+    logp, _, ref, _, mask = _inputs(rng)  # NaN garbage in the padding, an empty row
+    beta = 0.07
+    want = beta * np.where(mask, logp - ref, 0.0).sum(1)
+    got = grpo.kl_reward_penalty(jnp.asarray(logp), jnp.asarray(ref), jnp.asarray(mask), beta)
+    chex.assert_shape(got, (logp.shape[0],))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    assert float(got[0]) == 0.0
+    jitted = jax.jit(grpo.kl_reward_penalty)(jnp.asarray(logp), jnp.asarray(ref),
+                                             jnp.asarray(mask), jnp.float32(beta))
+    np.testing.assert_allclose(np.asarray(jitted), want, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_reward_penalty_bad_input():
+    lp = jnp.zeros((4, 5))
+    mask = jnp.ones((4, 5), bool)
+    with pytest.raises(ValueError, match=r"sample_logprobs must be \[N, T\]"):
+        grpo.kl_reward_penalty(lp[0], lp[0], mask[0], 0.1)
+    with pytest.raises(ValueError, match=r"ref_logprobs shape \(4, 6\) does not match"):
+        grpo.kl_reward_penalty(lp, jnp.zeros((4, 6)), mask, 0.1)
+    with pytest.raises(ValueError, match=r"mask shape \(3, 5\) does not match"):
+        grpo.kl_reward_penalty(lp, lp, mask[:3], 0.1)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        grpo.kl_reward_penalty(lp, lp, mask, -0.1)
 
 
 # ---------------------------------------------------------------------------
