@@ -7,7 +7,7 @@
 The batch is what a training step sees: `--prompts` random prompts (BOS first),
 each repeated for its `--group` rows, and full-length random completions (every
 position real, so runs are comparable). Reports compile time and the best of
-`--repeats` runs of the reference pass (LoRA off) and of `train.train_step` (the
+`--repeats` runs of the reference pass (LoRA off) and of the update (`step.build_step`: the
 loss, LoRA gradients and AdamW update), the model FLOPs of the tokens they
 process beside this machine's measured float32 matmul rate, the update's compiled
 temp memory, and the process's peak RSS. Prints JSON with --json.
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import train
 from grpo_jax.config import GRPOConfig, LoraConfig, OptimizerConfig
 from grpo_jax.model import lora as lora_lib
 from grpo_jax.sampler import model_flops_per_token
+from grpo_jax.step import Batch, build_step
 from grpo_jax.tokenizer import BOS_ID
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -69,9 +69,10 @@ def run(args: Args) -> dict:
     opt_cfg = OptimizerConfig()
     matmul_flops = measure_matmul_flops()
     cfg, params = load_params(args.model)
+    fns = build_step(cfg, grpo_cfg, opt_cfg, total_updates=10)
     lora = lora_lib.init_lora(cfg, LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)),
                               jax.random.key(args.seed))
-    opt_state = train.make_optimizer(opt_cfg, 10).init(lora)
+    state = fns.init_state(lora)
     rng = np.random.default_rng(args.seed)
     n = args.prompts * args.group
     prompts = rng.integers(3, cfg.vocab_size, (args.prompts, args.prompt_len), dtype=np.int32)
@@ -79,24 +80,20 @@ def run(args: Args) -> dict:
     tokens = jnp.asarray(np.concatenate(
         [np.repeat(prompts, args.group, axis=0),
          rng.integers(3, cfg.vocab_size, (n, args.completion_len), dtype=np.int32)], axis=1))
-    mask = jnp.ones(tokens.shape, bool)
-    advantages = jnp.asarray(rng.standard_normal(n), jnp.float32)
-    logprob_kw = dict(prompt_len=args.prompt_len, model_cfg=cfg, chunk=grpo_cfg.logprob_chunk,
-                      group=grpo_cfg.packing_group(n))
-    step_kw = dict(prompt_len=args.prompt_len, model_cfg=cfg, grpo_cfg=grpo_cfg,
-                   opt_cfg=opt_cfg, total_updates=10)
+    batch = Batch(tokens=tokens, input_mask=jnp.ones(tokens.shape, bool),
+                  advantages=jnp.asarray(rng.standard_normal(n), jnp.float32),
+                  prompt_len=args.prompt_len)
 
+    inputs = (batch.tokens, batch.input_mask)
     start = time.perf_counter()
-    ref_c = train.sequence_logprobs.lower(params, None, tokens, mask, **logprob_kw).compile()
-    ref = ref_c(params, None, tokens, mask)
-    step_c = train.train_step.lower(params, lora, opt_state, tokens, mask, None, ref,
-                                    advantages, **step_kw).compile()
+    ref_c = fns.logprobs.lower(params, None, *inputs, batch.prompt_len).compile()
+    batch = batch.replace(ref_logprobs=ref_c(params, None, *inputs))
+    step_c = fns.update.lower(params, state, batch).compile()
     compile_s = time.perf_counter() - start
-    ref_s, _ = best_time(lambda: ref_c(params, None, tokens, mask), args.repeats)
-    # train_step donates lora and the optimizer state: hand it fresh copies each time.
-    update_s, _ = best_time(lambda: step_c(params, jax.tree.map(jnp.copy, lora),
-                                           jax.tree.map(jnp.copy, opt_state), tokens, mask,
-                                           None, ref, advantages), args.repeats)
+    ref_s, _ = best_time(lambda: ref_c(params, None, *inputs), args.repeats)
+    # The update donates its state: hand it a fresh copy each time.
+    update_s, _ = best_time(lambda: step_c(params, jax.tree.map(jnp.copy, state), batch),
+                            args.repeats)
 
     # The work a step needs, counted one prompt copy per row (what the update computes
     # without sharing): layers for every token, logits for completion positions only.

@@ -1,5 +1,11 @@
 """grpo_jax: GRPO with hand-rolled LoRA on Gemma 3, in JAX."""
 
+import logging
+import os
+import sys
+
+import jax
+
 __version__ = "0.1.0"
 
 
@@ -10,8 +16,6 @@ def log_to_stderr() -> None:
     WARNING-level root handler, which turns basicConfig into a no-op, and root at
     INFO would print orbax's chatter too.
     """
-    import logging
-
     log = logging.getLogger("grpo_jax")
     if not log.handlers:  # a CLI's main() may run more than once in a process (tests)
         handler = logging.StreamHandler()
@@ -30,10 +34,6 @@ def use_compilation_cache() -> str | None:
     $XDG_CACHE_HOME/grpo_jax/xla (~/.cache by default). JAX_COMPILATION_CACHE_DIR=
     (empty) turns the cache off. Returns the directory in use, or None.
     """
-    import os
-
-    import jax
-
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -46,8 +46,6 @@ def run_cli(body, *more_errors: type[BaseException]) -> int:
     """A CLI's exit status: 0 when `body()` returns; 2 with one line `error: ...` on
     stderr for bad input (ValueError and its kin: bad config, malformed data,
     mismatched checkpoints; a missing or existing file) or any of `more_errors`."""
-    import sys
-
     log_to_stderr()
     use_compilation_cache()
     try:

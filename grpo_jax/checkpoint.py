@@ -1,5 +1,6 @@
-"""Training checkpoints with orbax: the trainable state (LoRA, optimizer state, PRNG
-key) plus JSON metadata (step, data position, run fingerprint).
+"""Training checkpoints with orbax: the trainable state as named items (LoRA and
+optimizer state, each its own item, so a reader restores the LoRA alone) plus JSON
+metadata (step, data position, run fingerprint).
 
 Orbax writes each step into a temporary directory and renames it into place only
 once complete, so a run killed mid-write leaves the previous checkpoint as the
@@ -7,6 +8,10 @@ latest complete one; the leftover temporary directory is ignored and cleaned up.
 A fingerprint of what the state means (model, LoRA shape) is stored with every
 checkpoint, and resuming into a different run refuses with one line instead of
 loading mismatched adapters.
+
+Layout of a step directory: `<item>/` per state item and `meta/`. Checkpoints
+written before items were separate hold one `state/` item, a dict of the items;
+`restore` reads those too.
 """
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+META_ITEM = "meta"
+LEGACY_STATE_ITEM = "state"  # the one state item of checkpoints before items were separate
 
 
 class CheckpointMismatch(ValueError):
@@ -69,13 +78,16 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self.directory}; available steps: "
                 f"{', '.join(map(str, steps)) or 'none'}")
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        """Write `state` (a pytree of arrays) and `meta` (JSON) for `step`, atomically."""
+    def save(self, step: int, items: dict[str, Any], meta: dict) -> None:
+        """Write `items` ({name: pytree of arrays}) and `meta` (JSON) for `step`, atomically."""
         if self.read_only:
             raise RuntimeError(f"{self.directory} was opened read-only")
+        if META_ITEM in items or LEGACY_STATE_ITEM in items:
+            raise ValueError(f"item names {META_ITEM!r} and {LEGACY_STATE_ITEM!r} are reserved")
         meta = {**meta, "step": step, "fingerprint": self.fingerprint}
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            **args, **{META_ITEM: ocp.args.JsonSave(meta)}), force=True)
         self._manager.wait_until_finished()
 
     def check_compatible(self) -> None:
@@ -95,24 +107,34 @@ class Checkpointer:
 
     def _read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
-        """The newest complete checkpoint, restored into `abstract_state`'s structure
-        (a pytree of arrays or ShapeDtypeStructs), or None when there is none."""
+    def restore_latest(self, abstract_items: dict[str, Any]) -> Restored | None:
+        """The newest complete checkpoint's `abstract_items`, or None when there is none."""
         step = self.latest_step()
-        return None if step is None else self.restore(step, abstract_state)
+        return None if step is None else self.restore(step, abstract_items)
 
-    def restore(self, step: int, abstract_state: Any) -> Restored:
-        """Checkpoint `step` (which must exist and match this run's fingerprint)."""
+    def restore(self, step: int, abstract_items: dict[str, Any]) -> Restored:
+        """The items named in `abstract_items` ({name: pytree of arrays or
+        ShapeDtypeStructs}) of checkpoint `step`, which must exist and match this
+        run's fingerprint; other items are not read."""
         self.check_compatible()
         self.require_step(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            abstract_state)
+            abstract_items)
+        if (self.directory / str(step) / LEGACY_STATE_ITEM).is_dir():
+            # One `state` item holding every part: read just the parts asked for.
+            out = self._manager.restore(step, args=ocp.args.Composite(**{
+                LEGACY_STATE_ITEM: ocp.args.PyTreeRestore(
+                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=True),
+                META_ITEM: ocp.args.JsonRestore()}))
+            return Restored(step, dict(out[LEGACY_STATE_ITEM]), out[META_ITEM])
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
         out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return Restored(step, out["state"], out["meta"])
+            **args, **{META_ITEM: ocp.args.JsonRestore()}))
+        return Restored(step, {name: out[name] for name in abstract}, out[META_ITEM])
 
     def close(self) -> None:
         self._manager.close()

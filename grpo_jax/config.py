@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
+import typing
 
 import jax.numpy as jnp
 
@@ -261,7 +263,11 @@ class GRPOConfig:
     beta: float = 0.04
     """Weight of the KL penalty to the reference (base weights, LoRA off); 0 skips it."""
     kl_estimator: str = "k3"
-    """k3 (exp(r) - r - 1, unbiased, >= 0) or k1 (log ratio)."""
+    """k3 (default; loss term exp(ref-logp)-(ref-logp)-1: gradient of KL(ref||pi), the
+    GRPO paper's), k2 (loss term 1/2 (logp-ref)^2: gradient of KL(pi||ref)), or k1 (no
+    loss term: beta*(logp-ref) summed over each completion is subtracted from its reward
+    before advantages, PPO-style; gradient of KL(pi||ref) through the policy gradient).
+    The logged KL is k3's value, an unbiased estimate of KL(pi||ref), for all three."""
     aggregation: str = "seq-mean-token-mean"
     """seq-mean-token-mean (GRPO), token-mean (DAPO), seq-mean-token-sum-norm (Dr. GRPO)."""
     ratio_level: str = "token"
@@ -287,8 +293,9 @@ class GRPOConfig:
         if self.micro_batch < 0 or (self.micro_batch and batch % self.micro_batch):
             raise ValueError(f"grpo.micro_batch={self.micro_batch} does not divide the batch of "
                              f"{batch} completions ({self.num_prompts} prompts x {self.group_size})")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"grpo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.kl_estimator not in ("k3", "k2", "k1"):
+            raise ValueError(
+                f"grpo.kl_estimator must be k3, k2 or k1, got {self.kl_estimator!r}")
         if self.aggregation not in ("seq-mean-token-mean", "token-mean",
                                     "seq-mean-token-sum-norm"):
             raise ValueError(f"grpo.aggregation {self.aggregation!r} unknown")
@@ -414,10 +421,51 @@ class TrainConfig:
                              "make every group identical, so no advantage is ever non-zero")
 
     @property
+    def total_updates(self) -> int:
+        """Optimizer updates over the whole run (the learning-rate schedule's length)."""
+        return self.steps * self.grpo.num_iterations
+
+    @property
     def fingerprint(self) -> dict:
         """What a checkpoint's state means: resuming into anything else is refused."""
         return {"model": self.model, "checkpoint": self.checkpoint, "gguf": self.gguf,
                 "lora": dataclasses.asdict(self.lora)}
+
+
+# TrainConfig fields (dotted paths) that a resumed run may change: they do not change
+# what a step computes. Evaluation, logging and checkpointing settings, and the
+# memory/speed knobs whose results agree to float rounding (micro-batches add up to
+# the whole batch; shared prompts and log-prob chunks compute the same numbers).
+# Every other field is the run's identity: a resume that changes it is refused.
+RESUMABLE_FIELDS = frozenset({
+    "preset", "output_dir", "save_every", "keep_checkpoints", "log_samples",
+    "max_consecutive_skips", "eval_problems", "eval_every", "eval_max_new_tokens",
+    "eval_batch_size", "tensorboard", "data.eval_dataset", "data.num_eval", "data.eval_seed",
+    "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt",
+})
+
+
+def flat_fields(cfg) -> dict[str, object]:
+    """A (nested) config dataclass as {"dotted.path": value}, tuples as lists (the
+    form config.json holds)."""
+    out: dict[str, object] = {}
+
+    def walk(prefix, value):
+        for key, v in value.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{key}.", v)
+            else:
+                out[prefix + key] = v
+
+    walk("", json.loads(json.dumps(dataclasses.asdict(cfg))))
+    return out
+
+
+def changed_identity_fields(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """The fields outside RESUMABLE_FIELDS whose values differ, as "name (old -> new)"."""
+    a, b = flat_fields(saved), flat_fields(new)
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
 
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
@@ -453,8 +501,6 @@ def train_preset(name: str) -> TrainConfig:
 def config_from_dict(cls, values: dict):
     """Rebuild a (nested) config dataclass from `dataclasses.asdict` output read back
     from JSON: nested dicts become their dataclasses, lists become tuples."""
-    import typing
-
     hints = typing.get_type_hints(cls)
 
     def convert(value, hint):

@@ -9,14 +9,14 @@ and prints a Markdown table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import jax
+import tyro
 
-from grpo_jax import data, eval_metrics, sampler
+from grpo_jax import data, eval_metrics, run_cli, runs, sampler
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 
 
@@ -53,18 +53,19 @@ def eval_options(cfg: TrainConfig) -> dict:
 
 
 def evaluate_run(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora,
-                 out_dir: Path) -> dict:
-    """Base and trained side by side on cfg.eval_problems held-out problems -> eval.json."""
-    problems = eval_problems(cfg)
+                 out_dir: Path, *, step: int, problems: Sequence[data.Problem] | None = None
+                 ) -> dict:
+    """Base and trained (checkpoint `step`) side by side on the held-out problems
+    (default: cfg.eval_problems of them) -> eval.json, written atomically."""
+    problems = eval_problems(cfg) if problems is None else problems
     base, base_records = evaluate_model(params, None, tokenizer, problems, model_cfg,
                                         **eval_options(cfg))
     trained, trained_records = evaluate_model(params, lora, tokenizer, problems, model_cfg,
                                               **eval_options(cfg))
-    result = {"base": base, "trained": trained, "num_problems": len(problems),
+    result = {"base": base, "trained": trained, "num_problems": len(problems), "step": step,
               "dataset": cfg.data.eval_dataset or cfg.data.dataset}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(
-        {**result, "records": {"base": base_records, "trained": trained_records}}, indent=1))
+    runs.write_eval(out_dir, {**result, "records": {"base": base_records,
+                                                    "trained": trained_records}})
     print(eval_metrics.format_table({"base": base, "trained": trained}))
     return result
 
@@ -84,28 +85,22 @@ class EvaluateArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import tyro
-
     args = tyro.cli(EvaluateArgs, args=argv)
-    from grpo_jax import run_cli
-
     return run_cli(lambda: evaluate_run_dir(args))
 
 
 def evaluate_run_dir(args: EvaluateArgs) -> dict:
     """Base vs the run's latest checkpoint, with the overrides in `args` -> eval.json."""
-    from grpo_jax import runs
-    from grpo_jax.train import load_base
-
     cfg = runs.run_config(args.run_dir)
     cfg = dataclasses.replace(
         cfg, eval_problems=args.num_problems or cfg.eval_problems,
         eval_max_new_tokens=args.max_new_tokens or cfg.eval_max_new_tokens,
         data=dataclasses.replace(cfg.data, eval_dataset=args.dataset or cfg.data.eval_dataset))
     runs.checkpoint_steps(args.run_dir, cfg)  # fail before the slow base load
-    model_cfg, params, tokenizer = load_base(cfg)
-    lora, _ = runs.restore_lora(args.run_dir, cfg, model_cfg)
-    return evaluate_run(cfg, model_cfg, params, tokenizer, lora, args.run_dir)
+    base = runs.load_run_base(cfg)
+    lora, step = runs.restore_lora(args.run_dir, cfg, base.cfg)
+    return evaluate_run(cfg, base.cfg, base.params, base.tokenizer, lora, args.run_dir,
+                        step=step)
 
 
 if __name__ == "__main__":

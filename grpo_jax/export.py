@@ -3,7 +3,7 @@
     python -m grpo_jax.export --run-dir runs/tiny --out exports/tiny [--step N]
         [--dtype float32|bfloat16] [--overwrite]
 
-The run's base model is loaded as training loaded it (`train.load_base`), its
+The run's base model is loaded as training loaded it (`runs.load_run_base`), its
 LoRA is restored from the run's checkpoints (the latest, or --step), folded into
 the base weights (`lora.merge`), and the result is written as a Gemma 3 text
 checkpoint that `transformers.Gemma3ForCausalLM.from_pretrained(out)` loads:
@@ -28,10 +28,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
+from safetensors.numpy import save_file
 
-from grpo_jax import run_cli
+from grpo_jax import run_cli, runs
 from grpo_jax.config import ModelConfig
-from grpo_jax.model import gemma3
+from grpo_jax.model import gemma3, lora as lora_lib
 
 log = logging.getLogger("grpo_jax.export")
 
@@ -176,8 +178,6 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, params: gemma3.Params, cfg: 
     Everything goes into a temporary sibling first and is renamed into place at
     the end, so an interrupted export never leaves a half-written `out_dir`.
     """
-    from safetensors.numpy import save_file
-
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dir = Path(os.path.abspath(out_dir))  # "." or "x/.." get a real name and parent
@@ -248,10 +248,6 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
                   overwrite: bool = False) -> Path:
     """Merge a run's LoRA (latest checkpoint, or `checkpoint_step`) into its base weights
     and write the HF checkpoint to `out_dir`. Returns `out_dir`."""
-    from grpo_jax import runs
-    from grpo_jax.model import lora as lora_lib
-    from grpo_jax.train import load_base
-
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -260,7 +256,7 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
     runs.checkpoint_steps(run_dir, cfg, checkpoint_step)
     _check_out_dir(out_dir, overwrite, protect=run_dir)
 
-    model_cfg, params, tokenizer = load_base(cfg)
+    model_cfg, params, tokenizer = runs.load_run_base(cfg)
     lora, step = runs.restore_lora(run_dir, cfg, model_cfg, checkpoint_step)
     merged = jax.device_get(lora_lib.merge(params, lora))
     log.info("merged LoRA (rank %d, step %d) of %s into %s", cfg.lora.rank, step, run_dir,
@@ -294,8 +290,6 @@ class ExportArgs:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import tyro
-
     args = tyro.cli(ExportArgs, args=argv)
     return run_cli(lambda: export_merged(args.run_dir, out_dir=args.out,
                                          checkpoint_step=args.step, dtype=args.dtype,

@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import tyro
+
+from grpo_jax import run_cli
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.load import load_model
+from grpo_jax.sampler import sample_prompts
+from grpo_jax.tokenizer import STOP_IDS, chat_prompt
 
 
 class PromptFileError(ValueError):
@@ -77,9 +84,6 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def sampler_config(args: GenerateArgs):
-    from grpo_jax.config import SamplerConfig
-    from grpo_jax.tokenizer import STOP_IDS
-
     try:
         return SamplerConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, stop_ids=STOP_IDS)
@@ -97,12 +101,6 @@ def validate(args: GenerateArgs) -> None:
 
 
 def run(args: GenerateArgs) -> list[dict]:
-    import jax
-
-    from grpo_jax.model.load import load_model
-    from grpo_jax.sampler import sample_prompts
-    from grpo_jax.tokenizer import STOP_IDS, chat_prompt
-
     validate(args)
     sampling = sampler_config(args)
     texts = (read_prompts(args.prompts_file) if args.prompts_file else []) + list(args.prompt)
@@ -129,8 +127,6 @@ def run(args: GenerateArgs) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.cli(GenerateArgs, args=argv)
-    from grpo_jax import run_cli
-
     return run_cli(lambda: print_results(run(args), as_json=args.json))
 
 

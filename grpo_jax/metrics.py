@@ -22,11 +22,13 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
+
+from grpo_jax.fileio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -128,19 +130,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def _atomic_write_rows(path: Path, rows: Iterable[dict]) -> None:
-    # Temp file in the same directory so os.replace is an atomic rename: a kill
-    # here leaves either the old file or the new one, never half of each.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(json.dumps(row, allow_nan=False, ensure_ascii=False) + "\n"
+                                    for row in rows))
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -288,8 +279,6 @@ class Progress:
 
     def __init__(self, total: int, *, initial: int = 0, enabled: bool | None = None,
                  file: IO[str] | None = None, desc: str = "train"):
-        from tqdm import tqdm
-
         file = sys.stderr if file is None else file
         if enabled is None:
             enabled = bool(getattr(file, "isatty", lambda: False)())

@@ -29,6 +29,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2
@@ -86,8 +89,6 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load a sentencepiece `tokenizer.model` (as official Gemma checkpoints ship)."""
-        import sentencepiece as spm
-
         path = _require_file(path, "tokenizer model")
         processor = spm.SentencePieceProcessor()
         try:
@@ -99,8 +100,6 @@ class Tokenizer:
     @classmethod
     def from_model_proto(cls, proto: Any, *, source: str = "<memory>") -> "Tokenizer":
         """From a `sentencepiece_model_pb2.ModelProto` (or its serialized bytes)."""
-        import sentencepiece as spm
-
         data = proto if isinstance(proto, (bytes, bytearray)) else proto.SerializeToString()
         processor = spm.SentencePieceProcessor()
         processor.LoadFromSerializedProto(bytes(data))
@@ -126,8 +125,6 @@ class Tokenizer:
 
     def model_proto(self) -> Any:
         """The sentencepiece `ModelProto` in use (write `.SerializeToString()` to get a tokenizer.model)."""
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
         proto = pb.ModelProto()
         proto.ParseFromString(self._sp.serialized_model_proto())
         return proto
@@ -227,8 +224,6 @@ def model_proto_from_gguf(reader: Any, *, source: str = "GGUF file") -> Any:
 
     See the module docstring for how pieces are typed and scored.
     """
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     fields = getattr(reader, "fields", None)
     if fields is None:
         raise TypeError(f"expected a path or a gguf.GGUFReader, got {type(reader).__name__}")
@@ -300,6 +295,8 @@ class ByteTokenizer:
     pad_id, eos_id, bos_id = PAD_ID, EOS_ID, BOS_ID
     vocab_size = 256 + OFFSET
     source = "bytes"
+    # Ids past the bytes (the tiny model's vocabulary is larger) decode to nothing.
+    decodes_unknown_ids = True
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         if not isinstance(text, str):

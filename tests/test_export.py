@@ -145,7 +145,7 @@ def trained_run(tmp_path_factory):
 
 
 def _merged_reference(run, cfg):
-    model_cfg, params, _ = train.load_base(cfg)
+    model_cfg, params, _ = runs.load_run_base(cfg)
     lora, step = runs.restore_lora(run, cfg, model_cfg)
     return model_cfg, params, lora, step
 

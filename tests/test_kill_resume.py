@@ -48,6 +48,7 @@ from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import model_preset
 from grpo_jax.metrics import read_metrics
 from grpo_jax.model import lora as lora_lib
+from grpo_jax.step import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -135,8 +136,8 @@ def _strict_rows(path: Path) -> list[dict]:
 
 
 def _abstract_state(cfg):
-    lora = lora_lib.init_lora(model_preset(cfg.model), cfg.lora, jax.random.key(cfg.seed))
-    opt_state = train.make_optimizer(cfg.optimizer, train.num_updates(cfg)).init(lora)
+    lora = lora_lib.init_lora(model_preset(cfg.model), cfg.lora, train.run_keys(cfg.seed)[0])
+    opt_state = make_optimizer(cfg.optimizer, cfg.total_updates).init(lora)
     return {"lora": lora, "opt_state": opt_state}
 
 
@@ -331,3 +332,55 @@ def _restore_step(run_dir: Path, cfg, step: int):
         return restored.state
     finally:
         shutil.rmtree(probe)
+
+
+def _write_eval_problems(path: Path) -> None:
+    with path.open("w") as f:
+        for i in range(3):
+            a, b = 40 + i, 7 * i + 2
+            f.write(json.dumps({"question": f"What is {a} minus {b}?",
+                                "answer": f"{a} - {b} = {a - b}\n#### {a - b}"}) + "\n")
+
+
+def test_sigkill_during_the_final_evaluation_then_restart_evaluates_again(tmp_path, started):
+    """Killed while evaluating after its last step, a run restarted in the same
+    directory trains nothing more, evaluates, and writes the eval.json an
+    uninterrupted run writes."""
+    data_file, eval_file = tmp_path / "problems.jsonl", tmp_path / "held_out.jsonl"
+    _write_problems(data_file)
+    _write_eval_problems(eval_file)
+    env = _env(tmp_path / "jax-cache")
+    steps = 2
+
+    def argv(run_dir: Path) -> list[str]:
+        return ["--preset", "tiny", "--output-dir", str(run_dir), "--steps", str(steps),
+                "--save-every", "1", "--eval-problems", "3", "--no-tensorboard",
+                "--data.dataset", str(data_file), "--data.eval-dataset", str(eval_file)]
+
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    ref = Run(argv(ref_dir), env, tmp_path / "reference.log", "reference run")
+    started.append(ref)
+    assert ref.wait() == 0, ref.tail()
+
+    # The final checkpoint is written just before the evaluation starts: kill the
+    # moment it is complete.
+    run = Run(argv(run_dir), env, tmp_path / "killed.log", "killed run")
+    started.append(run)
+    while str(steps) not in _listdir(run_dir / "checkpoints"):
+        assert run.alive(), f"run exited before its last checkpoint\n{run.tail()}"
+        assert time.monotonic() - run.started < RUN_TIMEOUT_S, run.tail()
+        time.sleep(POLL_S)
+    run.kill()
+    assert not (run_dir / "eval.json").exists(), "the kill came after the evaluation"
+    assert _metric_steps(run_dir) == list(range(1, steps + 1))
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+
+    restart = Run(argv(run_dir), env, tmp_path / "restart.log", "restart")
+    started.append(restart)
+    assert restart.wait() == 0, restart.tail()
+    assert json.loads((run_dir / "eval.json").read_text()) == \
+        json.loads((ref_dir / "eval.json").read_text())
+    assert json.loads((run_dir / "eval.json").read_text())["step"] == steps
+    # Nothing was trained or saved again.
+    assert _metric_steps(run_dir) == list(range(1, steps + 1))
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == mtimes

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from grpo_jax import train
+from grpo_jax import runs, step as step_lib, train
 from grpo_jax.config import TRAIN_PRESETS, GRPOConfig
 
 TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0)
@@ -20,10 +20,28 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path):
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_before(monkeypatch, step: int):
+    """Make train.run_step raise before running `step`: a run stopped there."""
+    real = train.run_step
+
+    def run_step(cfg, fns, model_cfg, params, tokenizer, state, problems, at, key):
+        if at == step:
+            raise Interrupted(f"stopped before step {step}")
+        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, at, key)
+
+    monkeypatch.setattr(train, "run_step", run_step)
+
+
+def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    cfg = dataclasses.replace(TINY, output_dir=str(run), steps=3, save_every=2)
-    train.train(cfg)
+    cfg = dataclasses.replace(TINY, output_dir=str(run), steps=5, save_every=2)
+    _interrupt_before(monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        train.train(cfg)
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("reward/mean", "reward/match_format_exactly", "reward/check_answer",
@@ -33,19 +51,24 @@ def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path):
         assert key in rows[0], key
     # The sampler's log-probs and the trainer's agree (float32, same weights).
     assert all(r["logprob_drift"] < 1e-4 for r in rows), [r["logprob_drift"] for r in rows]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "3"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
     assert (run / "samples.jsonl").read_text().strip()
 
-    # Same directory, more steps: resumes after step 3.
-    train.train(dataclasses.replace(cfg, steps=5))
+    # Same directory, same config: resumes after the checkpoint of step 2, redoing step 3.
+    monkeypatch.undo()
+    train.train(cfg)
     assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
+def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     full = dataclasses.replace(TINY, output_dir=str(tmp_path / "full"), steps=4, save_every=2)
     train.train(full)
     half = dataclasses.replace(full, output_dir=str(tmp_path / "half"))
-    train.train(dataclasses.replace(half, steps=2))
+    _interrupt_before(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        train.train(half)
+    monkeypatch.undo()
     train.train(half)
     a, b = _rows(tmp_path / "full"), _rows(tmp_path / "half")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -71,9 +94,75 @@ def test_bad_input_one_line_each(tmp_path):
     assert code == 2 and "does not divide the batch of 8" in msg
 
 
+def _snapshot(directory):
+    """Every file under `directory` with its bytes and modification time."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-step tiny run, checkpointed at both steps, and its config."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    cfg = dataclasses.replace(TINY, output_dir=str(run), steps=2, save_every=1)
+    train.train(cfg)
+    return run, cfg
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(grpo=dataclasses.replace(TINY.grpo, num_prompts=4)), "grpo.num_prompts (2 -> 4)"),
+    (dict(grpo=dataclasses.replace(TINY.grpo, group_size=2)), "grpo.group_size (4 -> 2)"),
+    (dict(data=dataclasses.replace(TINY.data, shuffle_seed=5)), "data.shuffle_seed (0 -> 5)"),
+    (dict(data=dataclasses.replace(TINY.data, train_seed=7)), "data.train_seed (1 -> 7)"),
+    (dict(steps=4), "steps (2 -> 4)"),
+    (dict(optimizer=dataclasses.replace(TINY.optimizer, learning_rate=1e-3)),
+     "optimizer.learning_rate (0.0001 -> 0.001)"),
+    (dict(sampler=dataclasses.replace(TINY.sampler, temperature=0.7)),
+     "sampler.temperature (1.0 -> 0.7)"),
+    (dict(seed=3), "seed (0 -> 3)"),
+    (dict(lora=dataclasses.replace(TINY.lora, rank=8)), "lora.rank (4 -> 8)"),
+])
+def test_resume_refuses_a_changed_run_and_touches_nothing(finished_run, change, named):
+    run, cfg = finished_run
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match="holds a run with other settings") as err:
+        train.train(dataclasses.replace(cfg, **change))
+    assert named in str(err.value) and "\n" not in str(err.value)
+    assert _snapshot(run) == before
+
+
+def test_resume_may_change_what_a_step_does_not_compute(finished_run):
+    """Logging, evaluation, checkpointing and memory knobs may change on a resume;
+    config.json keeps the run's original values."""
+    run, cfg = finished_run
+    original = (run / "config.json").read_bytes()
+    train.train(dataclasses.replace(
+        cfg, log_samples=0, save_every=2, keep_checkpoints=5, eval_problems=2,
+        grpo=dataclasses.replace(cfg.grpo, micro_batch=4, logprob_chunk=32,
+                                 share_prompt=False)))
+    assert (run / "config.json").read_bytes() == original
+    assert json.loads((run / "eval.json").read_text())["step"] == 2
+
+
+def test_resume_checks_the_saved_data_position(tmp_path):
+    """A config.json edited to another batch size passes the config check; the
+    checkpoint's data position still refuses it."""
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(TINY, output_dir=str(run), steps=2, save_every=1)
+    train.train(cfg)
+    edited = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_prompts=1))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(edited)))
+    with pytest.raises(ValueError, match="saved at data position 4, but this config puts "
+                                         "step 2 at 2"):
+        train.train(edited)
+
+
 def test_output_dir_of_a_different_model_is_refused(tmp_path):
+    """Without config.json (a run written before it, or deleted), the checkpoints'
+    fingerprint still refuses another model or LoRA shape."""
     run = tmp_path / "run"
     train.train(dataclasses.replace(TINY, output_dir=str(run), steps=1, save_every=1))
+    (run / "config.json").unlink()
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     other = dataclasses.replace(TINY, output_dir=str(run), steps=2,
                                 lora=dataclasses.replace(TINY.lora, rank=8))
@@ -102,8 +191,14 @@ def test_rewards_are_configurable_from_the_train_config(tmp_path):
     assert row["reward/mean"] == pytest.approx(2.0 * row["reward/short_text"])
 
 
+def _fns(grpo_cfg=None, total_updates=4):
+    cfg = TINY
+    model_cfg = runs.load_run_base(cfg).cfg
+    return step_lib.build_step(model_cfg, grpo_cfg or cfg.grpo, cfg.optimizer, total_updates)
+
+
 def test_logprob_drift_metric_measures_sampler_trainer_gap():
-    """train_step's drift is the masked mean |trainer - sampler| log-prob: a known
+    """update's drift is the masked mean |trainer - sampler| log-prob: a known
     offset on real tokens reads back exactly; padding is ignored."""
     import jax
     import jax.numpy as jnp
@@ -112,34 +207,30 @@ def test_logprob_drift_metric_measures_sampler_trainer_gap():
     from grpo_jax.model import lora as lora_lib
 
     cfg = TINY
-    model_cfg, params, _ = train.load_base(cfg)
+    model_cfg, params, _ = runs.load_run_base(cfg)
+    fns = _fns()
     lora = lora_lib.init_lora(model_cfg, cfg.lora, jax.random.key(0))
-    opt_state = train.make_optimizer(cfg.optimizer, 4).init(lora)
     rng = np.random.default_rng(0)
     n, prompt_len, t = 8, 6, 5
     tokens = rng.integers(3, 200, (n, prompt_len + t))
     # GRPO's layout: the rows of a group share their prompt (the update packs it once).
     tokens[:, :prompt_len] = np.repeat(tokens[::cfg.grpo.group_size, :prompt_len],
                                        cfg.grpo.group_size, axis=0)
-    tokens = jnp.asarray(tokens, jnp.int32)
     mask = np.ones((n, prompt_len + t), bool)
     mask[:, prompt_len + 3:] = False  # 3 real completion tokens per row
-    mask = jnp.asarray(mask)
-    true = train.sequence_logprobs(params, lora, tokens, mask, prompt_len=prompt_len,
-                                   model_cfg=model_cfg, chunk=16)
-    offset = jnp.where(mask[:, prompt_len:], 0.25, 100.0)  # padding: large, must not count
-    kw = dict(prompt_len=prompt_len, model_cfg=model_cfg, grpo_cfg=cfg.grpo,
-              opt_cfg=cfg.optimizer, total_updates=4)
-    adv = jnp.zeros((n,), jnp.float32)
-    *_, m = train.train_step(params, lora, opt_state, tokens, mask, None, true, adv,
-                             true + offset, **kw)
+    batch = step_lib.Batch(tokens=jnp.asarray(tokens, jnp.int32), input_mask=jnp.asarray(mask),
+                           advantages=jnp.zeros((n,), jnp.float32), prompt_len=prompt_len)
+    true = fns.batch_logprobs(params, lora, batch)
+    offset = jnp.where(batch.completion_mask, 0.25, 100.0)  # padding: large, must not count
+    batch = batch.replace(ref_logprobs=true, sample_logprobs=true + offset)
+    _, m = fns.update(params, fns.init_state(lora), batch)
     assert float(m["logprob_drift"]) == pytest.approx(0.25, abs=1e-5)
 
 
 def _update_batch(seed=3, prompt_len=8, t=6):
     """A tiny-model batch in GRPO's layout (each group's rows share a left-padded
     prompt; completions of 1..t tokens), a perturbed LoRA, and an `update(**grpo)`
-    that runs train_step on it with old and reference log-probs given."""
+    that runs the update on it with old and reference log-probs given."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -147,7 +238,7 @@ def _update_batch(seed=3, prompt_len=8, t=6):
     from grpo_jax.model import lora as lora_lib
 
     cfg = TINY
-    model_cfg, params, _ = train.load_base(cfg)
+    model_cfg, params, _ = runs.load_run_base(cfg)
     lora = lora_lib.init_lora(model_cfg, cfg.lora, jax.random.key(1))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), lora)
     rng = np.random.default_rng(seed)
@@ -161,19 +252,18 @@ def _update_batch(seed=3, prompt_len=8, t=6):
     mask = jnp.asarray((idx >= prompt_len - p_lens[:, None])
                        & (idx < prompt_len + c_lens[:, None]))
     adv = jnp.asarray(rng.standard_normal(n), jnp.float32)
-    ref = train.sequence_logprobs(params, None, tokens, mask, prompt_len=prompt_len,
-                                  model_cfg=model_cfg, chunk=16)
+    batch = step_lib.Batch(tokens=tokens, input_mask=mask, advantages=adv, prompt_len=prompt_len)
+    ref = _fns(dataclasses.replace(cfg.grpo, share_prompt=False)).batch_logprobs(params, None, batch)
     # Old log-probs off the current policy, so ratios move and some clip.
     old = ref + jnp.asarray(0.3 * rng.standard_normal(ref.shape), jnp.float32)
+    batch = batch.replace(ref_logprobs=ref, old_logprobs=old, sample_logprobs=ref)
 
     def update(**grpo_kw):
-        grpo_cfg = dataclasses.replace(cfg.grpo, num_iterations=2, **grpo_kw)
-        opt_state = train.make_optimizer(cfg.optimizer, 4).init(lora)
-        return train.train_step(params, jax.tree.map(jnp.copy, lora), opt_state, tokens, mask,
-                                old, ref, adv, ref, prompt_len=prompt_len, model_cfg=model_cfg,
-                                grpo_cfg=grpo_cfg, opt_cfg=cfg.optimizer, total_updates=4)
+        fns = _fns(dataclasses.replace(cfg.grpo, num_iterations=2, **grpo_kw))
+        state, metrics = fns.update(params, fns.init_state(jax.tree.map(jnp.copy, lora)), batch)
+        return state.lora, state.opt_state, metrics
 
-    return params, model_cfg, tokens, mask, ref, update
+    return params, model_cfg, batch, update
 
 
 def _assert_same_update(got, want, keys):
@@ -194,13 +284,12 @@ def test_update_with_shared_prompts_equals_one_row_per_completion():
     update's, as do the reference log-probs."""
     import numpy as np
 
-    params, model_cfg, tokens, mask, ref, update = _update_batch()
-    prompt_len, g = 8, TINY.grpo.group_size
-    packed_ref = train.sequence_logprobs(params, None, tokens, mask, prompt_len=prompt_len,
-                                         model_cfg=model_cfg, chunk=16, group=g)
-    cmask = np.asarray(mask[:, prompt_len:])
-    np.testing.assert_allclose(np.asarray(packed_ref)[cmask], np.asarray(ref)[cmask],
-                               atol=2e-5)
+    params, model_cfg, batch, update = _update_batch()
+    packed_ref = _fns().batch_logprobs(params, None, batch)
+    cmask = np.asarray(batch.completion_mask)
+    np.testing.assert_allclose(np.asarray(packed_ref)[cmask],
+                               np.asarray(batch.ref_logprobs)[cmask], atol=2e-5)
+    g = TINY.grpo.group_size
     keys = ("loss", "kl_mean", "grad_norm", "clip_frac", "logprob_drift")
     _assert_same_update(update(), update(share_prompt=False), keys)
     _assert_same_update(update(micro_batch=g), update(micro_batch=g, share_prompt=False), keys)
@@ -260,3 +349,49 @@ def test_train_step_benchmark_reports_and_rejects_bad_input():
         proc = subprocess.run([sys.executable, str(script), "--model", "tiny", *args],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_lora_init_and_sampling_draw_from_separate_streams():
+    """No LoRA leaf's init key is a step's sampling key. One key for both (the
+    earlier scheme) collides: split(key, n)[i] == fold_in(key, i) in JAX's
+    threefry, so step i sampled with leaf i's init key."""
+    import jax
+    import numpy as np
+
+    def data(keys):
+        return {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in keys}
+
+    n = 200
+    lora_key, sampling_key = train.run_keys(0)
+    init_keys = data(jax.random.split(lora_key, n))
+    step_keys = data(jax.random.fold_in(sampling_key, s) for s in range(n))
+    assert len(init_keys) == len(step_keys) == n and not init_keys & step_keys
+    shared = jax.random.key(0)
+    assert data(jax.random.split(shared, n)) == data(jax.random.fold_in(shared, s)
+                                                     for s in range(n))
+
+
+def test_k1_is_a_penalty_on_the_reward(tmp_path):
+    """kl_estimator k1 puts beta * (sampler - reference log-prob), summed over each
+    completion, into the reward before advantages: logged as reward/kl_penalty."""
+    import numpy as np
+
+    from grpo_jax import grpo
+
+    cfg = dataclasses.replace(TINY, output_dir=str(tmp_path / "run"), steps=2, save_every=2,
+                              grpo=dataclasses.replace(TINY.grpo, kl_estimator="k1", beta=0.5))
+    train.train(cfg)
+    rows = _rows(tmp_path / "run")
+    assert all("reward/kl_penalty" in r for r in rows)
+    # Step 1 samples the reference itself (LoRA's B = 0): the penalty is ~0 there,
+    # and non-zero once the policy has moved.
+    assert abs(rows[0]["reward/kl_penalty"]) < 1e-4 and rows[1]["reward/kl_penalty"] != 0
+    # What completion_advantages feeds group_advantages.
+    batch = step_lib.Batch(tokens=np.zeros((8, 3), np.int32), input_mask=np.ones((8, 3), bool),
+                           prompt_len=1, sample_logprobs=np.full((8, 2), -1.0, np.float32),
+                           ref_logprobs=np.tile(np.array([[-1.0], [-3.0]], np.float32), (4, 2)))
+    total = np.arange(8, dtype=np.float64)
+    advantages, penalty = train.completion_advantages(cfg, total, batch)
+    np.testing.assert_allclose(penalty, np.tile([0.0, 2.0], 4), atol=1e-6)  # 0.5 * 2 * 2
+    np.testing.assert_allclose(advantages, grpo.group_advantages(
+        (total - penalty).astype(np.float32), 4), atol=1e-6)

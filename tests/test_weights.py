@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import chex
@@ -144,7 +146,8 @@ def to_gguf_tensors(params, cfg) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(path: Path, params, cfg, *, q8_0: tuple[str, ...] = (), skip: tuple[str, ...] = ()):
+def write_gguf(path: Path, params, cfg, *, q8_0: tuple[str, ...] = (), skip: tuple[str, ...] = (),
+               tokens: list[str] | None = None, token_types: list[int] | None = None):
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "gemma3")
@@ -161,7 +164,11 @@ def write_gguf(path: Path, params, cfg, *, q8_0: tuple[str, ...] = (), skip: tup
     writer.add_rope_freq_base(cfg.rope_base_global)
     writer.add_sliding_window(cfg.sliding_window)
     writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"<t{i}>" for i in range(cfg.vocab_size)])
+    writer.add_token_list(tokens or [f"<t{i}>" for i in range(cfg.vocab_size)])
+    if token_types is not None:
+        writer.add_token_types(token_types)
+        for name, value in dict(pad=0, eos=1, bos=2, unk=3).items():
+            getattr(writer, f"add_{name}_token_id")(value)
     for name, w in to_gguf_tensors(params, cfg).items():
         if name in skip:
             continue
@@ -514,3 +521,41 @@ def test_unknown_format(tmp_path):
             weights.detect_checkpoint_format(path)
         with pytest.raises(CheckpointError):
             weights.load_params(path, TINY)
+
+
+def _vocabulary(size: int) -> tuple[list[str], list[int]]:
+    """A GGUF vocabulary of `size` pieces (GGUF types: 1 normal, 3 control, 6 byte)."""
+    pieces = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 3)]
+    pieces += [(f"<0x{b:02X}>", 6) for b in range(256)]
+    pieces += [(f"w{i}", 1) for i in range(size - len(pieces))]
+    return [p for p, _ in pieces], [t for _, t in pieces]
+
+
+def test_tokenizer_must_cover_the_embedding(tmp_path, params):
+    """A tokenizer with fewer pieces than embedding rows (sampled ids it cannot
+    decode) or more (ids the model cannot embed) is refused at load, in one line;
+    the CLI says it in one line with exit 2."""
+    from grpo_jax.model.load import load_model
+    from grpo_jax.tokenizer import Tokenizer
+
+    tokens, types = _vocabulary(TINY.vocab_size)
+    good = write_gguf(tmp_path / "good.gguf", params, TINY, tokens=tokens, token_types=types)
+    loaded = load_model("tiny", gguf=good)
+    assert loaded.tokenizer.vocab_size == loaded.params["embed"].shape[0] == TINY.vocab_size
+    for size in (TINY.vocab_size - 100, TINY.vocab_size + 1):
+        # A GGUF's own vocabulary sets its config's rows (a mismatch there is a tensor
+        # shape error); a tokenizer given beside the weights is what can disagree.
+        tokens, types = _vocabulary(size)
+        other = write_gguf(tmp_path / f"v{size}.gguf", params, TINY, tokens=tokens,
+                           token_types=types)
+        tok_file = tmp_path / f"v{size}.model"
+        tok_file.write_bytes(Tokenizer.from_gguf(other).model_proto().SerializeToString())
+        with pytest.raises(CheckpointError, match=f"tokenizer \\({size} pieces.*does not match "
+                                                  f"the model's {TINY.vocab_size} embedding rows"):
+            load_model("tiny", gguf=good, tokenizer=tok_file)
+    proc = subprocess.run([sys.executable, "-m", "grpo_jax.generate", "--gguf", str(good),
+                           "--tokenizer", str(tok_file), "--model", "tiny", "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tokenizer (513 pieces"), lines

