@@ -86,7 +86,7 @@ def test_local_train_file_needs_an_eval_file(tmp_path):
     path = _write(tmp_path / "train.jsonl", GOOD, "jsonl")
     cfg = DataConfig(dataset=str(path))
     assert len(data.load_problems(cfg, "train")) == 4
-    with pytest.raises(data.DataError, match="--eval-dataset"):
+    with pytest.raises(data.DataError, match="--data.eval-dataset FILE"):
         data.load_problems(cfg, "eval")
     held = _write(tmp_path / "test.json", GOOD[:2], "json")
     assert len(data.load_problems(DataConfig(dataset=str(path), eval_dataset=str(held)),

@@ -72,10 +72,11 @@ def _env(cache_dir: Path) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def _write_problems(path: Path) -> None:
+def _write_problems(path: Path, count: int = 16, first: int = 3) -> None:
+    """`count` short addition problems (GSM8K rows), the first adding `first`."""
     with path.open("w") as f:
-        for i in range(16):
-            a, b = 3 + i, 2 * i + 1
+        for i in range(count):
+            a, b = first + i, 2 * i + 1
             f.write(json.dumps({"question": f"What is {a} plus {b}?",
                                 "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}) + "\n")
 
@@ -334,21 +335,13 @@ def _restore_step(run_dir: Path, cfg, step: int):
         shutil.rmtree(probe)
 
 
-def _write_eval_problems(path: Path) -> None:
-    with path.open("w") as f:
-        for i in range(3):
-            a, b = 40 + i, 7 * i + 2
-            f.write(json.dumps({"question": f"What is {a} minus {b}?",
-                                "answer": f"{a} - {b} = {a - b}\n#### {a - b}"}) + "\n")
-
-
 def test_sigkill_during_the_final_evaluation_then_restart_evaluates_again(tmp_path, started):
     """Killed while evaluating after its last step, a run restarted in the same
     directory trains nothing more, evaluates, and writes the eval.json an
     uninterrupted run writes."""
     data_file, eval_file = tmp_path / "problems.jsonl", tmp_path / "held_out.jsonl"
     _write_problems(data_file)
-    _write_eval_problems(eval_file)
+    _write_problems(eval_file, count=3, first=40)  # held out: other questions
     env = _env(tmp_path / "jax-cache")
     steps = 2
 

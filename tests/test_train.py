@@ -92,6 +92,13 @@ def test_bad_input_one_line_each(tmp_path):
     assert code == 2 and "dataset file not found" in msg and "missing.jsonl" in msg
     code, msg = _cli(["--preset", "tiny", "--grpo.micro-batch", "3"], tmp_path)
     assert code == 2 and "does not divide the batch of 8" in msg
+    # A local training file without held-out problems: refused before any step runs.
+    local = tmp_path / "train.jsonl"
+    local.write_text(json.dumps({"question": "What is 1 plus 1?", "answer": "#### 2"}) + "\n")
+    code, msg = _cli(["--preset", "tiny", "--output-dir", str(tmp_path / "r2"),
+                      "--data.dataset", str(local)], tmp_path)
+    assert code == 2 and "needs --data.eval-dataset FILE" in msg
+    assert not (tmp_path / "r2").exists()
 
 
 def _snapshot(directory):
