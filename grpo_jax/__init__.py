@@ -45,12 +45,24 @@ def use_compilation_cache() -> str | None:
 def run_cli(body, *more_errors: type[BaseException]) -> int:
     """A CLI's exit status: 0 when `body()` returns; 2 with one line `error: ...` on
     stderr for bad input (ValueError and its kin: bad config, malformed data,
-    mismatched checkpoints; a missing or existing file) or any of `more_errors`."""
+    mismatched or damaged checkpoints), a filesystem failure (any OSError: a missing
+    or existing file, a path through a file, a refused write, a full disk), or any
+    of `more_errors`."""
     log_to_stderr()
     use_compilation_cache()
     try:
         body()
-    except (ValueError, FileNotFoundError, FileExistsError, *more_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, *more_errors) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The error as one line; an OSError from the system names its path(s)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+        text = f"{e.strerror}: {paths}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())

@@ -9,6 +9,12 @@ A fingerprint of what the state means (model, LoRA shape) is stored with every
 checkpoint, and resuming into a different run refuses with one line instead of
 loading mismatched adapters.
 
+Each checkpoint's metadata holds a sha256 of every item, computed from the arrays
+at save; restore recomputes it from what it read. A checkpoint that cannot be
+read or does not verify is damaged: `restore_latest` says so in one line and
+falls back to the newest one that verifies, and the trainer moves the damaged one
+into damaged_checkpoints/ (evidence, never deleted; no longer among the kept).
+
 Layout of a step directory: `<item>/` per state item and `meta/`. Checkpoints
 written before items were separate hold one `state/` item, a dict of the items;
 `restore` reads those too.
@@ -16,20 +22,86 @@ written before items were separate hold one `state/` item, a dict of the items;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 META_ITEM = "meta"
 LEGACY_STATE_ITEM = "state"  # the one state item of checkpoints before items were separate
+DAMAGED_DIR = "damaged_checkpoints"
+
+log = logging.getLogger("grpo_jax.checkpoint")
 
 
 class CheckpointMismatch(ValueError):
     pass
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint that cannot be read, or whose arrays do not match their checksums."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint {step} is damaged: {reason}")
+        self.step, self.reason = step, reason
+
+
+def item_checksums(items: dict[str, Any]) -> dict[str, str]:
+    """{item name: sha256 over its leaves' paths, dtypes, shapes and bytes}: computed
+    from the arrays (not the files), so it says whether what a restore returns is
+    what was saved, whatever the storage format did in between."""
+    out = {}
+    for name, tree in items.items():
+        digest = hashlib.sha256()
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            array = np.ascontiguousarray(jax.device_get(leaf))
+            digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|"
+                          .encode())
+            digest.update(array.tobytes())
+        out[name] = digest.hexdigest()
+    return out
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut to `limit` characters (storage errors
+    quote whole paths and driver stacks)."""
+    text = str(e).strip()
+    line = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+class AllCheckpointsDamaged(ValueError):
+    pass
+
+
+def _drop_closed_loop_callbacks(unraisable, _default=sys.unraisablehook) -> None:
+    """A read that fails part-way leaves the storage library's other reads to finish
+    later on an event loop already closed; their "Event loop is closed" would print a
+    traceback at exit after the one-line report. Everything else goes through."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        _default(unraisable)
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks
+
+
+def _is_orphaned_read(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for the sibling reads of a
+    failed restore (reported once, as CheckpointDamaged)."""
+    message = record.getMessage()
+    return message.startswith("Task exception was never retrieved") and \
+        "async_deserialize" in message
+
+
+logging.getLogger("asyncio").addFilter(lambda record: not _is_orphaned_read(record))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +109,8 @@ class Restored:
     step: int
     state: Any
     meta: dict
+    # Newer checkpoints that were skipped as damaged, newest first.
+    skipped: tuple[CheckpointDamaged, ...] = ()
 
 
 class Checkpointer:
@@ -84,57 +158,108 @@ class Checkpointer:
             raise RuntimeError(f"{self.directory} was opened read-only")
         if META_ITEM in items or LEGACY_STATE_ITEM in items:
             raise ValueError(f"item names {META_ITEM!r} and {LEGACY_STATE_ITEM!r} are reserved")
-        meta = {**meta, "step": step, "fingerprint": self.fingerprint}
+        meta = {**meta, "step": step, "fingerprint": self.fingerprint,
+                "checksums": item_checksums(items)}
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-        self._manager.save(step, args=ocp.args.Composite(
-            **args, **{META_ITEM: ocp.args.JsonSave(meta)}), force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                **args, **{META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - a full disk or a refused write, in one line
+            # Orbax wrote into a temporary directory: the previous checkpoints are intact.
+            raise OSError(f"saving checkpoint {step} in {self.directory} failed "
+                          f"({_first_line(e)}); the earlier checkpoints are intact") from e
 
     def check_compatible(self) -> None:
-        """Refuse a directory whose checkpoints belong to a different run setup."""
-        step = self.latest_step()
-        if step is None:
+        """Refuse a directory whose checkpoints belong to a different run setup (as the
+        newest checkpoint whose metadata reads says; damaged ones are left to restore)."""
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self._read_meta(step)
+            except Exception:  # noqa: BLE001 - a damaged checkpoint; restore reports it
+                continue
+            theirs = meta.get("fingerprint")
+            if theirs != self.fingerprint:
+                diff = sorted(k for k in set(theirs or {}) | set(self.fingerprint)
+                              if (theirs or {}).get(k) != self.fingerprint.get(k))
+                raise CheckpointMismatch(
+                    f"{self.directory} holds checkpoints of a different run (differs in: "
+                    f"{', '.join(diff) or 'fingerprint'})"
+                    + ("" if self.read_only else "; use another --output-dir"))
             return
-        meta = self._read_meta(step)
-        theirs = meta.get("fingerprint")
-        if theirs != self.fingerprint:
-            diff = sorted(k for k in set(theirs or {}) | set(self.fingerprint)
-                          if (theirs or {}).get(k) != self.fingerprint.get(k))
-            raise CheckpointMismatch(
-                f"{self.directory} holds checkpoints of a different run (differs in: "
-                f"{', '.join(diff) or 'fingerprint'})"
-                + ("" if self.read_only else "; use another --output-dir"))
 
     def _read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(
             **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
     def restore_latest(self, abstract_items: dict[str, Any]) -> Restored | None:
-        """The newest complete checkpoint's `abstract_items`, or None when there is none."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, abstract_items)
+        """The newest checkpoint that restores and verifies, or None when there is
+        none at all. Damaged newer ones are logged, one line each, and listed in
+        `Restored.skipped`; when every checkpoint is damaged, AllCheckpointsDamaged."""
+        skipped: list[CheckpointDamaged] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.restore(step, abstract_items)
+            except CheckpointDamaged as e:
+                log.warning("%s in %s; skipped", e, self.directory)
+                skipped.append(e)
+                continue
+            return dataclasses.replace(restored, skipped=tuple(skipped))
+        if skipped:
+            raise AllCheckpointsDamaged(
+                f"every checkpoint in {self.directory} is damaged (none deleted): "
+                + "; ".join(f"{e.step}: {e.reason}" for e in skipped))
+        return None
 
     def restore(self, step: int, abstract_items: dict[str, Any]) -> Restored:
         """The items named in `abstract_items` ({name: pytree of arrays or
         ShapeDtypeStructs}) of checkpoint `step`, which must exist and match this
-        run's fingerprint; other items are not read."""
+        run's fingerprint; other items are not read. CheckpointDamaged when it cannot
+        be read or its arrays do not match the checksums saved with them."""
         self.check_compatible()
         self.require_step(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_items)
-        if (self.directory / str(step) / LEGACY_STATE_ITEM).is_dir():
-            # One `state` item holding every part: read just the parts asked for.
-            out = self._manager.restore(step, args=ocp.args.Composite(**{
-                LEGACY_STATE_ITEM: ocp.args.PyTreeRestore(
-                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                    partial_restore=True),
-                META_ITEM: ocp.args.JsonRestore()}))
-            return Restored(step, dict(out[LEGACY_STATE_ITEM]), out[META_ITEM])
-        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            **args, **{META_ITEM: ocp.args.JsonRestore()}))
-        return Restored(step, {name: out[name] for name in abstract}, out[META_ITEM])
+        try:
+            if (self.directory / str(step) / LEGACY_STATE_ITEM).is_dir():
+                # One `state` item holding every part: read just the parts asked for.
+                out = self._manager.restore(step, args=ocp.args.Composite(**{
+                    LEGACY_STATE_ITEM: ocp.args.PyTreeRestore(
+                        abstract, partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+                    META_ITEM: ocp.args.JsonRestore()}))
+                state, meta = dict(out[LEGACY_STATE_ITEM]), out[META_ITEM]
+            else:
+                args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+                out = self._manager.restore(step, args=ocp.args.Composite(
+                    **args, **{META_ITEM: ocp.args.JsonRestore()}))
+                state, meta = {name: out[name] for name in abstract}, out[META_ITEM]
+        except Exception as e:  # noqa: BLE001 - any failure to read is damage, said in one line
+            raise CheckpointDamaged(step, f"cannot be read ({_first_line(e)})") from None
+        expected = meta.get("checksums") or {}  # none in checkpoints older than checksums
+        actual = item_checksums({name: state[name] for name in state if name in expected})
+        bad = [name for name, digest in actual.items() if digest != expected[name]]
+        if bad:
+            raise CheckpointDamaged(step, f"item {', '.join(bad)} does not match the checksum "
+                                          "saved with it")
+        return Restored(step, state, meta)
+
+    def set_aside(self, step: int) -> Path:
+        """Move damaged checkpoint `step` out of the checkpoints kept (and out of the way
+        of the step's next save) into damaged_checkpoints/ beside them: kept as
+        evidence, never deleted here."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
+        aside = self.directory.parent / DAMAGED_DIR
+        aside.mkdir(exist_ok=True)
+        target = aside / str(step)
+        n = 1
+        while target.exists():
+            target, n = aside / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.close()

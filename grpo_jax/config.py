@@ -351,6 +351,16 @@ class MeshConfig:
             if getattr(self, field) <= 0:
                 raise ValueError(f"mesh.{field} must be positive, got {getattr(self, field)}")
 
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    def check_devices(self, devices: int) -> None:
+        if self.size != devices:
+            raise ValueError(
+                f"--mesh.data {self.data} x --mesh.fsdp {self.fsdp} x --mesh.tensor "
+                f"{self.tensor} = {self.size} devices, but this process has {devices}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import data, eval_metrics, run_cli, runs, sampler
+from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 
 
@@ -78,6 +78,8 @@ class EvaluateArgs:
     """A training run's --output-dir (its config.json and latest checkpoint are used)."""
     num_problems: int | None = None
     """Held-out problems to evaluate (default: the run's eval_problems)."""
+    step: int | None = None
+    """Checkpoint step to evaluate (default: the newest that verifies)."""
     dataset: str | None = None
     """Held-out dataset override: gsm_symbolic, gsm8k, or a local file."""
     max_new_tokens: int | None = None
@@ -90,17 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_run_dir(args: EvaluateArgs) -> dict:
-    """Base vs the run's latest checkpoint, with the overrides in `args` -> eval.json."""
+    """Base vs the run's checkpoint, with the overrides in `args` -> eval.json."""
     cfg = runs.run_config(args.run_dir)
+    if args.num_problems is not None and args.num_problems <= 0:
+        raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
+    num_problems = args.num_problems or cfg.eval_problems
+    if not num_problems:
+        raise ValueError(f"{args.run_dir} was trained with --eval-problems 0; pass "
+                         "--num-problems N")
     cfg = dataclasses.replace(
-        cfg, eval_problems=args.num_problems or cfg.eval_problems,
+        cfg, eval_problems=num_problems,
         eval_max_new_tokens=args.max_new_tokens or cfg.eval_max_new_tokens,
         data=dataclasses.replace(cfg.data, eval_dataset=args.dataset or cfg.data.eval_dataset))
-    runs.checkpoint_steps(args.run_dir, cfg)  # fail before the slow base load
+    # Every cheap check before the slow base load: checkpoints, problems, eval.json.
+    runs.checkpoint_steps(args.run_dir, cfg, args.step)
+    problems = eval_problems(cfg)
+    fileio.check_writable(args.run_dir)
     base = runs.load_run_base(cfg)
-    lora, step = runs.restore_lora(args.run_dir, cfg, base.cfg)
+    lora, step = runs.restore_lora(args.run_dir, cfg, base.cfg, args.step)
     return evaluate_run(cfg, base.cfg, base.params, base.tokenizer, lora, args.run_dir,
-                        step=step)
+                        step=step, problems=problems)
 
 
 if __name__ == "__main__":

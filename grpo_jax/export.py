@@ -31,7 +31,7 @@ import numpy as np
 import tyro
 from safetensors.numpy import save_file
 
-from grpo_jax import run_cli, runs
+from grpo_jax import fileio, run_cli, runs
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3, lora as lora_lib
 
@@ -167,6 +167,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool, protect: Path | None = None) 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"--out {out_dir} exists and is not empty; pass --overwrite to "
                           "replace it")
+    # The export is written beside out_dir and renamed into place: that must be possible.
+    fileio.check_writable(Path(os.path.abspath(out_dir)).parent)
 
 
 def write_hf_checkpoint(out_dir: str | os.PathLike, params: gemma3.Params, cfg: ModelConfig,

@@ -80,6 +80,8 @@ def read_prompts(path: Path) -> list[str]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise PromptFileError(f"{path}:{lineno}: expected an object with a \"prompt\" string")
         prompts.append(row["prompt"])
+    if not prompts:
+        raise PromptFileError(f"{path} holds no prompts (one {{\"prompt\": ...}} object per line)")
     return prompts
 
 

@@ -240,6 +240,14 @@ def reward_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def check_rewards(cfg: RewardConfig) -> None:
+    """Every reward the config names is registered (checked before a run's first step)."""
+    unknown = [name for name, _ in cfg.functions if name not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown reward {', '.join(map(repr, unknown))} in "
+                         f"--rewards.functions; registered: {', '.join(_REGISTRY)}")
+
+
 def score_completions(completions: Sequence[str], answers: Sequence[str],
                       cfg: RewardConfig = DEFAULT_REWARD_CONFIG
                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -248,9 +256,8 @@ def score_completions(completions: Sequence[str], answers: Sequence[str],
     n = len(completions)
     total = np.zeros(n, np.float64)
     per_function: dict[str, np.ndarray] = {}
+    check_rewards(cfg)
     for name, weight in cfg.functions:
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown reward {name!r}; registered: {', '.join(_REGISTRY)}")
         fn = _REGISTRY[name]
         out = fn(completions, answers, cfg=cfg) if name in _TAKES_CFG else fn(completions, answers)
         values = np.asarray(out, np.float64).reshape(-1)

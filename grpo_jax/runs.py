@@ -80,17 +80,18 @@ def checkpoint_steps(run_dir: str | os.PathLike, cfg: TrainConfig,
 
 def restore_lora(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
                  step: int | None = None):
-    """(LoraWeights, step) from the run's checkpoint `step` (default: the latest),
-    described by shapes alone: no optimizer state is read. The checkpoint's
-    fingerprint must match `cfg`'s."""
-    steps = checkpoint_steps(run_dir, cfg)
-    step = steps[-1] if step is None else step
+    """(LoraWeights, step) from the run's checkpoint `step` (default: the newest that
+    verifies; damaged newer ones are skipped with a warning), described by shapes
+    alone: no optimizer state is read. The checkpoint's fingerprint must match
+    `cfg`'s; a damaged `step` asked for is an error."""
+    checkpoint_steps(run_dir, cfg, step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         lora_lib.abstract_lora(model_cfg, cfg.lora))
     ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, read_only=True)
     try:
-        restored = ckpt.restore(step, {"lora": lora})
+        restored = (ckpt.restore_latest({"lora": lora}) if step is None
+                    else ckpt.restore(step, {"lora": lora}))
     finally:
         ckpt.close()
     return restored.state["lora"], restored.step

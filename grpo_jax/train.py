@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from grpo_jax import data, evaluate, grpo, rewards, run_cli, runs, sampler, step as step_lib
+from grpo_jax import (data, evaluate, fileio, grpo, rewards, run_cli, runs, sampler,
+                      step as step_lib)
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import (ModelConfig, TrainConfig, deferred_validation, train_preset,
                              validate)
@@ -175,10 +176,14 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) GRPO as configured, then evaluate; -> the last step's metrics."""
     out_dir = Path(cfg.output_dir)
-    # Every check that can refuse comes before anything in the run directory changes.
+    # Everything the run will need is resolved before its first step, and every check
+    # that can refuse comes before anything in the run directory changes.
     runs.check_resume_config(out_dir, cfg)
+    cfg.mesh.check_devices(jax.device_count())
+    rewards.check_rewards(cfg.rewards)
     problems = data.load_problems(cfg.data, "train")
     held_out = evaluate.eval_problems(cfg) if cfg.eval_problems else []
+    fileio.check_writable(out_dir)
     ckpt = Checkpointer(out_dir, fingerprint=cfg.fingerprint, keep=cfg.keep_checkpoints)
     try:
         ckpt.check_compatible()  # before any heavy loading: a foreign directory fails fast
@@ -195,11 +200,15 @@ def train(cfg: TrainConfig) -> dict:
 
 def _restore(cfg: TrainConfig, ckpt: Checkpointer, state: step_lib.TrainState
              ) -> tuple[step_lib.TrainState, int]:
-    """The newest checkpoint's state and step (the fresh `state` and 0 without one);
-    its recorded data position must be the one this config computes."""
+    """The newest good checkpoint's state and step (the fresh `state` and 0 without
+    one; damaged newer ones are set aside); its recorded data position must be the
+    one this config computes."""
     restored = ckpt.restore_latest({"lora": state.lora, "opt_state": state.opt_state})
     if restored is None:
         return state, 0
+    for damaged in restored.skipped:  # out of the kept ones, and of their steps' next saves
+        log.warning("moved damaged checkpoint %d to %s", damaged.step,
+                    ckpt.set_aside(damaged.step))
     position = restored.meta.get("data_position")
     expected = restored.step * cfg.grpo.num_prompts
     if position is not None and position != expected:
