@@ -96,6 +96,12 @@ def test_sigkill_during_writes_leaves_a_complete_latest(tmp_path):
         first = proc.stdout.readline()  # at least one save finished in this process
         assert first.strip(), "writer produced no checkpoint"
         time.sleep(random.uniform(0.0, 1.0))
+        # Then the moment a write is under way (orbax's temporary directory exists):
+        # between writes the writer computes the checksums, where a kill proves less.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not any(
+                "tmp" in p.name for p in (tmp_path / "run" / "checkpoints").iterdir()):
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         mid_write |= any("tmp" in p.name for p in (tmp_path / "run" / "checkpoints").iterdir())

@@ -205,8 +205,8 @@ def test_output_dir_that_refuses_writes(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
 
 
-def test_evaluate_checks_it_can_write_before_evaluating(three_steps, tmp_path, monkeypatch):
-    from grpo_jax import evaluate, fileio
+def test_evaluate_and_export_check_they_can_write_first(three_steps, tmp_path, monkeypatch):
+    from grpo_jax import evaluate, export, fileio
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -218,6 +218,8 @@ def test_evaluate_checks_it_can_write_before_evaluating(three_steps, tmp_path, m
     monkeypatch.setattr(runs, "load_run_base", no_model)
     with pytest.raises(OSError, match="cannot write to .*: Permission denied"):
         evaluate.evaluate_run_dir(evaluate.EvaluateArgs(run_dir=three_steps, num_problems=2))
+    with pytest.raises(OSError, match=f"cannot write to {tmp_path}: Permission denied"):
+        export.export_merged(three_steps, out_dir=tmp_path / "export")
 
 
 def test_a_failing_save_is_one_line_and_loses_nothing(uninterrupted, tmp_path):
