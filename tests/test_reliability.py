@@ -113,13 +113,22 @@ def _final_lora(run_dir):
 
 @pytest.mark.parametrize("damage", [truncate, flip_bytes])
 def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_uninterrupted(
-        damage, three_steps, uninterrupted, tmp_path, caplog):
+        damage, three_steps, uninterrupted, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(three_steps, run)
     damage(run / "checkpoints" / "3")
-    with caplog.at_level(logging.WARNING, logger="grpo_jax"):
+    # A handler on the package logger itself: a CLI run in this process (log_to_stderr)
+    # stops it propagating to pytest's root handler.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("grpo_jax")
+    logger.addHandler(handler)
+    try:
         train.train(dataclasses.replace(TINY, output_dir=str(run)))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    finally:
+        logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records]
     assert any(m.startswith("checkpoint 3 is damaged") and "skipped" in m for m in warnings), \
         warnings
     assert all("\n" not in m for m in warnings)
