@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -37,6 +37,19 @@ class Problem(NamedTuple):
     question: str
     answer: str
     index: int
+    # The worked solution before GSM8K's '#### N' line (the SFT target's reasoning),
+    # when the row has one.
+    solution: str | None = None
+    # gsm_symbolic: the generator (template) the problem was drawn from.
+    template: int | None = None
+
+
+# gsm_symbolic templates (reasoning-gym generator indices) kept out of training, SFT
+# and GRPO alike, for evaluation on templates never seen: every fifth of the 85
+# generators reasoning-gym 0.1.19 offers (tasks_ok), 17 in all. Fixed here, not
+# derived, so the evaluation set is the same on every machine.
+HELD_OUT_TEMPLATES = frozenset({0, 5, 10, 15, 20, 25, 30, 38, 43, 48, 53, 58, 66, 71, 80,
+                                85, 93})
 
 
 def format_prompt(question: str) -> str:
@@ -80,9 +93,11 @@ def problems_from_rows(rows: Iterable[Any], source: str, on_malformed: str = "sk
                 raise DataError("missing or empty 'question'")
             if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
                 raise DataError("missing 'answer'")
-            value = gsm8k_answer(answer) if isinstance(answer, str) and "####" in answer \
-                else _plain_number(answer)
-            problems.append(Problem(question, value, index))
+            worked = isinstance(answer, str) and "####" in answer
+            value = gsm8k_answer(answer) if worked else _plain_number(answer)
+            solution = answer.rsplit("####", 1)[0].strip() if worked else ""
+            problems.append(Problem(question, value, index, solution or None,
+                                    row.get("template")))
         except DataError as e:
             if on_malformed == "error":
                 raise DataError(f"{source}: row {index}: {e}") from None
@@ -134,14 +149,41 @@ def read_local_rows(path: str | Path) -> list[Any]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {LOCAL_SUFFIXES}")
 
 
-def gsm_symbolic(size: int, seed: int) -> list[Problem]:
-    """`size` problems from reasoning-gym's gsm_symbolic generator (offline)."""
+def gsm_symbolic(size: int, seed: int, templates: Callable[[int], bool] = lambda t: True
+                 ) -> list[Problem]:
+    """The first `size` problems of reasoning-gym's gsm_symbolic stream `seed` (offline)
+    whose template passes `templates`, with their worked solutions.
+
+    Problem i of a stream depends only on (seed, i), and its template is the i-th draw
+    of Random(seed): a longer stream extends a shorter one, so filtering by template
+    keeps every machine's problems the same. `index` is the position in the stream.
+    """
     import reasoning_gym  # here: ~0.7 s to import, and only this source needs it
 
-    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
-    return problems_from_rows(
-        ({"question": x["question"], "answer": str(x["answer"])} for x in dataset),
-        f"gsm_symbolic(seed={seed})", "error")
+    length = size
+    while True:
+        dataset = reasoning_gym.create_dataset("gsm_symbolic", size=length, seed=seed)
+        chosen = [i for i, t in enumerate(dataset.task_indices) if templates(t)][:size]
+        if len(chosen) == size:
+            break
+        length *= 2
+    rows = []
+    for i in chosen:
+        x = dataset[i]
+        solution = x["metadata"]["answer_cot"].rsplit("####", 1)[0].strip()
+        rows.append({"question": x["question"], "answer": f"{solution}\n#### {x['answer']}",
+                     "template": dataset.task_indices[i]})
+    problems = problems_from_rows(rows, f"gsm_symbolic(seed={seed})", "error")
+    return [p._replace(index=i) for p, i in zip(problems, chosen)]
+
+
+def sft_target(problem: Problem) -> str:
+    """The completion SFT teaches for `problem`: its worked solution and answer in the
+    format the rewards ask for (the stop token is the caller's to add)."""
+    if not problem.solution:
+        raise DataError(f"problem {problem.index} has no worked solution (text before its "
+                        "'#### N' line) to train on")
+    return f"<reasoning>{problem.solution}</reasoning>\n<answer>{problem.answer}</answer>"
 
 
 def gsm8k_hub(split: str, on_malformed: str) -> list[Problem]:
@@ -165,10 +207,20 @@ def _check_dataset_name(name: str) -> None:
                         f"{'/'.join(LOCAL_SUFFIXES)} file")
 
 
+SPLITS = ("train", "eval", "eval_same_template")
+
+
 def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
-    """The training ('train') or held-out ('eval') problems the config names."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    """The training ('train') or held-out ('eval') problems the config names.
+
+    gsm_symbolic: training draws only templates outside HELD_OUT_TEMPLATES, 'eval'
+    only those (unseen templates: the headline figure), and 'eval_same_template'
+    new problems of the training templates (new numbers and names), none of whose
+    questions is a training question. Other datasets have no templates: both
+    evaluation splits are their held-out problems.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     name = cfg.dataset if split == "train" else (cfg.eval_dataset or cfg.dataset)
     _check_dataset_name(name)
     if _is_local(name):
@@ -177,12 +229,16 @@ def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
         return problems_from_rows(read_local_rows(name), str(name), cfg.on_malformed)
     if name == "gsm8k":
         return gsm8k_hub("train" if split == "train" else "test", cfg.on_malformed)
+    def seen(t):
+        return t not in HELD_OUT_TEMPLATES
+
     if split == "train":
-        return gsm_symbolic(cfg.num_train, cfg.train_seed)
+        return gsm_symbolic(cfg.num_train, cfg.train_seed, seen)
+    if split == "eval":
+        return gsm_symbolic(cfg.num_eval, cfg.eval_seed, HELD_OUT_TEMPLATES.__contains__)
     # Different seeds make different problems; drop any that coincide with training anyway.
-    train = {p.question for p in gsm_symbolic(cfg.num_train, cfg.train_seed)}
-    held_out = [p for p in gsm_symbolic(cfg.num_eval, cfg.eval_seed) if p.question not in train]
-    return held_out
+    train = {p.question for p in gsm_symbolic(cfg.num_train, cfg.train_seed, seen)}
+    return [p for p in gsm_symbolic(cfg.num_eval, cfg.eval_seed, seen) if p.question not in train]
 
 
 def order_at(num_problems: int, seed: int, position: int, count: int) -> np.ndarray:

@@ -35,7 +35,8 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
         completions += sampler.decode_completions(tokenizer, out)
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
-    records = [{"index": p.index, "question": p.question, "answer": p.answer, "completion": c,
+    records = [{"index": p.index, "template": p.template, "question": p.question,
+                "answer": p.answer, "completion": c,
                 **{k: bool(v[i]) for k, v in scores.items()}}
                for i, (p, c) in enumerate(zip(problems, completions))]
     return eval_metrics.summarize(scores), records

@@ -1,5 +1,5 @@
-"""Data: GSM8K rows from local files the tests write, malformed rows, gsm_symbolic
-train/eval separation, the prompt template, and the resumable training order."""
+"""Data: GSM8K rows from local files the tests write, malformed rows, gsm_symbolic's
+split by template, SFT targets, the prompt template, and the resumable training order."""
 from __future__ import annotations
 
 import json
@@ -93,16 +93,54 @@ def test_local_train_file_needs_an_eval_file(tmp_path):
                                   "eval")) == 2
 
 
-def test_gsm_symbolic_train_and_eval_are_disjoint():
-    cfg = DataConfig(num_train=60, num_eval=30)
+def test_gsm_symbolic_splits_by_template():
+    """Training never sees a held-out template; 'eval' is only those; the same-template
+    split shares training's templates but none of its questions; all deterministic."""
+    from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import tasks_ok
+
+    # The documented set: every fifth of reasoning-gym's generators.
+    assert data.HELD_OUT_TEMPLATES == set(sorted(tasks_ok)[::5])
+    cfg = DataConfig(num_train=120, num_eval=40)
     train = data.load_problems(cfg, "train")
     held = data.load_problems(cfg, "eval")
-    assert len(train) == 60 and 0 < len(held) <= 30
-    assert not {p.question for p in train} & {p.question for p in held}
-    for p in train + held:
+    same = data.load_problems(cfg, "eval_same_template")
+    assert len(train) == 120 and len(held) == 40 and 0 < len(same) <= 40
+    train_templates = {p.template for p in train}
+    assert not train_templates & data.HELD_OUT_TEMPLATES
+    assert {p.template for p in held} <= data.HELD_OUT_TEMPLATES
+    assert {p.template for p in same} <= set(tasks_ok) - data.HELD_OUT_TEMPLATES
+    assert len({p.template for p in held}) > 5 and len(train_templates) > 30
+    assert not {p.question for p in train} & ({p.question for p in held} | {p.question for p in same})
+    for p in train + held + same:
         float(p.answer)  # every reference is a number
-    # Deterministic per seed.
-    assert data.load_problems(cfg, "train") == train
+    # Deterministic, and a longer stream extends a shorter one (so every machine and
+    # every size agrees on the first problems).
+    assert data.load_problems(cfg, "eval") == held
+    longer = data.load_problems(DataConfig(num_train=120, num_eval=80), "eval")
+    assert longer[:40] == held
+
+
+def test_sft_targets_are_what_the_rewards_ask_for(tmp_path):
+    """gsm_symbolic's worked solutions and GSM8K rows become
+    <reasoning>solution</reasoning><answer>N</answer>, which the format reward scores as
+    exactly formatted and the answer reward as correct; a row without a worked
+    solution cannot be an SFT target."""
+    from grpo_jax import rewards
+
+    symbolic = data.load_problems(DataConfig(num_train=12, num_eval=4), "train")
+    local = data.problems_from_rows(GOOD, "good")
+    with_solution = symbolic + [p for p in local if p.solution]
+    assert len(with_solution) == 14 and local[0].solution == "3 + 4 = 7"
+    targets = [data.sft_target(p) for p in with_solution]
+    answers = [p.answer for p in with_solution]
+    best = rewards.RewardConfig()
+    assert all(s == best.format_exact for s in rewards.match_format_exactly(targets, answers))
+    assert all(s == best.answer_exact for s in rewards.check_answer(targets, answers))
+    assert not any("####" in t for t in targets)
+    for p in local[2:]:  # "#### -3", "#### 2.5": no worked solution
+        assert p.solution is None
+        with pytest.raises(data.DataError, match=f"problem {p.index} has no worked solution"):
+            data.sft_target(p)
 
 
 def test_config_refuses_equal_seeds_and_bad_modes():
