@@ -198,7 +198,7 @@ def _predicting_index(prompt_len: int, steps: int, group: int) -> np.ndarray:
 # means over valid tokens weight each part by its share of the tokens; extremes
 # combine with their operation (from its identity); the rest are means over rows.
 TOKEN_MEAN_METRICS = frozenset({"clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean",
-                                "kl_mean", "entropy_mean"})
+                                "kl_mean", "entropy_mean", "nll"})
 EXTREME_METRICS = {"ratio_min": (jnp.minimum, jnp.inf), "ratio_max": (jnp.maximum, -jnp.inf)}
 
 
@@ -373,3 +373,19 @@ def kl_reward_penalty(sample_logprobs: jax.Array, ref_logprobs: jax.Array, mask:
     mask = mask.astype(bool)
     log_ratio = jnp.where(mask, sample_logprobs - ref_logprobs, 0.0)
     return jax.lax.stop_gradient(beta * jnp.sum(log_ratio, axis=1))
+
+
+def masked_nll(logprobs: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Supervised loss on completion tokens only: the mean over the valid tokens of
+    -log p(token) (prompt and padding are masked out by `mask`), and its metrics.
+
+    logprobs, mask: [N, T]. A token mean (not a mean of row means), so every target
+    token counts the same whatever the length of its row; micro-batches add up to
+    the whole batch when weighted by their share of the tokens.
+    """
+    if logprobs.ndim != 2 or mask.shape != logprobs.shape:
+        raise ValueError(f"logprobs {logprobs.shape} and mask {mask.shape} must be the same "
+                         "[N, T] shape")
+    mask = mask.astype(bool)
+    nll = jnp.sum(jnp.where(mask, -logprobs, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    return nll, {"nll": jax.lax.stop_gradient(nll)}

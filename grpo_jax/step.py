@@ -110,18 +110,31 @@ class StepFunctions:
         return TrainState(lora=lora, opt_state=self.optimizer.init(lora))
 
 
+OBJECTIVES = ("grpo", "sft")
+
+
 @functools.lru_cache(maxsize=32)
 def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig,
-               total_updates: int, temperature: float = 1.0) -> StepFunctions:
+               total_updates: int, temperature: float = 1.0,
+               objective: str = "grpo") -> StepFunctions:
     """The jitted log-prob pass and update for one static configuration (cached, so
-    equal configurations share compiled programs)."""
+    equal configurations share compiled programs).
+
+    objective "grpo": the clipped policy loss of grpo_cfg on the batch's advantages
+    and log-probs. "sft": the masked NLL of the completion tokens (`grpo.masked_nll`;
+    from grpo_cfg only micro_batch, logprob_chunk and share_prompt apply).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     optimizer = make_optimizer(opt_cfg, total_updates)
 
     def token_logprobs(params, lora, tokens, input_mask, prompt_len):
         return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
                                        chunk_size=grpo_cfg.logprob_chunk,
                                        temperature=temperature,
-                                       group=grpo_cfg.packing_group(tokens.shape[0]))
+                                       # SFT rows are different problems: no shared prompt.
+                                       group=(grpo_cfg.packing_group(tokens.shape[0])
+                                              if objective == "grpo" else 1))
 
     # On the arrays alone (not the Batch), so filling in a batch's log-probs or
     # advantages never makes a second program.
@@ -151,13 +164,17 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
         def loss_fn(lora, part: Batch):
             cmask = part.completion_mask
             logp = token_logprobs(params, lora, part.tokens, part.input_mask, part.prompt_len)
-            loss, metrics = grpo.policy_loss(
-                logp, part.old_logprobs, part.ref_logprobs, part.advantages, cmask,
-                epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high,
-                beta=grpo_cfg.beta, kl_estimator=grpo_cfg.kl_estimator,
-                aggregation=grpo_cfg.aggregation, ratio_level=grpo_cfg.ratio_level)
+            if objective == "sft":
+                loss, metrics = grpo.masked_nll(logp, cmask)
+            else:
+                loss, metrics = grpo.policy_loss(
+                    logp, part.old_logprobs, part.ref_logprobs, part.advantages, cmask,
+                    epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high,
+                    beta=grpo_cfg.beta, kl_estimator=grpo_cfg.kl_estimator,
+                    aggregation=grpo_cfg.aggregation, ratio_level=grpo_cfg.ratio_level)
             share = jnp.sum(cmask) / total_tokens
-            loss = loss * (share if grpo_cfg.aggregation == "token-mean" else 1.0 / chunks)
+            token_mean = objective == "sft" or grpo_cfg.aggregation == "token-mean"
+            loss = loss * (share if token_mean else 1.0 / chunks)
             metrics = {k: v if k in grpo.EXTREME_METRICS else
                        v * (share if k in grpo.TOKEN_MEAN_METRICS else 1.0 / chunks)
                        for k, v in metrics.items()}
