@@ -206,6 +206,7 @@ def model_preset(name: str) -> ModelConfig:
 
 
 DATASETS = ("gsm_symbolic", "gsm8k")
+PROMPT_STYLES = ("chat", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +233,21 @@ class DataConfig:
     on_malformed: str = "skip"
     """A row without a question or a numeric answer: 'skip' it (reported with its
     index) or 'error' (refuse the file)."""
+    prompt_style: str = "chat"
+    """chat: the instruction and problem as a Gemma user turn (instruction-tuned
+    models); plain: the instruction, 'Problem: ...' and 'Solution:' as plain text
+    (base models, which do not follow the chat template)."""
+    prefill: str = ""
+    """Text that opens the model's answer, written into the prompt (e.g. '<reasoning>'
+    for a base model); the rewards and the evaluation score prefill + completion."""
 
     @_validated
     def __post_init__(self):
         if self.on_malformed not in ("skip", "error"):
             raise ValueError(f"on_malformed must be 'skip' or 'error', got {self.on_malformed!r}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"data.prompt_style must be one of {', '.join(PROMPT_STYLES)}, "
+                             f"got {self.prompt_style!r}")
         if self.num_train <= 0 or self.num_eval <= 0:
             raise ValueError("num_train and num_eval must be positive")
         if self.train_seed == self.eval_seed:

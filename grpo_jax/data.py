@@ -52,15 +52,23 @@ HELD_OUT_TEMPLATES = frozenset({0, 5, 10, 15, 20, 25, 30, 38, 43, 48, 53, 58, 66
                                 85, 93})
 
 
-def format_prompt(question: str) -> str:
-    """The instruction and the question as one Gemma user turn (Gemma has no system
-    role), ending where the model's turn begins."""
-    return chat_prompt(f"{SYSTEM_PROMPT}\n\n{question.strip()}")
+def format_prompt(question: str, style: str = "chat", prefill: str = "") -> str:
+    """The instruction and the question, ending where the model's answer begins, with
+    `prefill` already written there. chat: one Gemma user turn (Gemma has no system
+    role); plain: plain text, for base models."""
+    if style == "chat":
+        text = chat_prompt(f"{SYSTEM_PROMPT}\n\n{question.strip()}")
+    elif style == "plain":
+        text = f"{SYSTEM_PROMPT}\n\nProblem: {question.strip()}\n\nSolution:\n"
+    else:
+        raise ValueError(f"unknown prompt style {style!r}")
+    return text + prefill
 
 
-def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
+def encode_prompts(tokenizer, problems: Sequence[Problem], style: str = "chat",
+                   prefill: str = "") -> list[list[int]]:
     """BOS + ids of each problem's formatted prompt."""
-    return [tokenizer.encode(format_prompt(p.question)) for p in problems]
+    return [tokenizer.encode(format_prompt(p.question, style, prefill)) for p in problems]
 
 
 _NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?$")
@@ -177,13 +185,17 @@ def gsm_symbolic(size: int, seed: int, templates: Callable[[int], bool] = lambda
     return [p._replace(index=i) for p, i in zip(problems, chosen)]
 
 
-def sft_target(problem: Problem) -> str:
+def sft_target(problem: Problem, prefill: str = "") -> str:
     """The completion SFT teaches for `problem`: its worked solution and answer in the
-    format the rewards ask for (the stop token is the caller's to add)."""
+    format the rewards ask for, less the `prefill` the prompt already holds (the
+    stop token is the caller's to add)."""
     if not problem.solution:
         raise DataError(f"problem {problem.index} has no worked solution (text before its "
                         "'#### N' line) to train on")
-    return f"<reasoning>{problem.solution}</reasoning>\n<answer>{problem.answer}</answer>"
+    text = f"<reasoning>{problem.solution}</reasoning>\n<answer>{problem.answer}</answer>"
+    if not text.startswith(prefill):
+        raise DataError(f"the prefill {prefill!r} is not how the target begins ({text[:20]!r})")
+    return text[len(prefill):]
 
 
 def gsm8k_hub(split: str, on_malformed: str) -> list[Problem]:

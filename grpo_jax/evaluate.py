@@ -22,17 +22,20 @@ from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 
 def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
                    model_cfg: ModelConfig, *, max_new_tokens: int, stop_ids: tuple[int, ...],
-                   batch_size: int = 16, prompt_bucket: int = 32) -> tuple[dict, list[dict]]:
-    """Greedy completions for `problems` -> (summary figures, per-problem records)."""
+                   batch_size: int = 16, prompt_bucket: int = 32, prompt_style: str = "chat",
+                   prefill: str = "") -> tuple[dict, list[dict]]:
+    """Greedy completions for `problems` -> (summary figures, per-problem records);
+    a completion is scored and recorded with the `prefill` its prompt ends with."""
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                              prompt_bucket=prompt_bucket)
     completions = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        out = sampler.sample_prompts(params, data.encode_prompts(tokenizer, chunk),
+        out = sampler.sample_prompts(params, data.encode_prompts(tokenizer, chunk,
+                                                                 prompt_style, prefill),
                                      jax.random.key(0), cfg=model_cfg, sampling=sampling,
                                      lora=lora)
-        completions += sampler.decode_completions(tokenizer, out)
+        completions += [prefill + c for c in sampler.decode_completions(tokenizer, out)]
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
     records = [{"index": p.index, "template": p.template, "question": p.question,
@@ -50,7 +53,8 @@ def eval_problems(cfg: TrainConfig) -> list[data.Problem]:
 def eval_options(cfg: TrainConfig) -> dict:
     """evaluate_model's keyword arguments as the run config sets them."""
     return dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
-                prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size)
+                prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size,
+                prompt_style=cfg.data.prompt_style, prefill=cfg.data.prefill)
 
 
 def evaluate_run(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora,

@@ -65,8 +65,9 @@ def step_problems(cfg: TrainConfig, tokenizer, problems, step: int):
     """The problems of `step` (1-based) and their prompts, left-padded to a bucket."""
     batch = data.batch_at(problems, cfg.data.shuffle_seed, (step - 1) * cfg.grpo.num_prompts,
                           cfg.grpo.num_prompts)
-    tokens, mask = sampler.left_pad(data.encode_prompts(tokenizer, batch),
-                                    multiple=cfg.sampler.prompt_bucket)
+    tokens, mask = sampler.left_pad(
+        data.encode_prompts(tokenizer, batch, cfg.data.prompt_style, cfg.data.prefill),
+        multiple=cfg.sampler.prompt_bucket)
     return batch, tokens, mask
 
 
@@ -106,7 +107,8 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
     rollout = jax.device_get(rollout)
     sample_s = lap()
 
-    texts = sampler.decode_completions(tokenizer, rollout)
+    # The rewards read the answer as the model wrote it: the prefill, then its completion.
+    texts = [cfg.data.prefill + t for t in sampler.decode_completions(tokenizer, rollout)]
     answers = [p.answer for p in chosen for _ in range(g.group_size)]
     total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
     batch = step_lib.teacher_forced_batch(prompt_tokens, prompt_mask, rollout.tokens,

@@ -169,3 +169,20 @@ def test_training_order_is_a_pure_function_of_the_position():
     assert not np.array_equal(data.order_at(n, seed + 1, 0, n), stream[:n])
     problems = [data.Problem(f"q{i}", str(i), i) for i in range(n)]
     assert [p.index for p in data.batch_at(problems, seed, 5, 4)] == stream[5:9].tolist()
+
+
+def test_plain_prompt_with_prefill_for_base_models():
+    plain = data.format_prompt("  What is 2+2?\n", "plain", "<reasoning>")
+    assert plain == (f"{data.SYSTEM_PROMPT}\n\nProblem: What is 2+2?\n\nSolution:\n"
+                     "<reasoning>")
+    assert "<start_of_turn>" not in plain
+    chat = data.format_prompt("What is 2+2?", "chat", "<reasoning>")
+    assert chat == data.format_prompt("What is 2+2?") + "<reasoning>"
+    with pytest.raises(ValueError, match="prompt_style must be one of chat, plain"):
+        DataConfig(prompt_style="fancy")
+    # The SFT target continues the prefill: prefill + target is the whole tagged answer.
+    problem = data.Problem("Q", "7", 0, solution="3 + 4 = 7")
+    full = data.sft_target(problem)
+    assert "<reasoning>" + data.sft_target(problem, "<reasoning>") == full
+    with pytest.raises(data.DataError, match="prefill"):
+        data.sft_target(problem, "<answer>")

@@ -402,3 +402,28 @@ def test_k1_is_a_penalty_on_the_reward(tmp_path):
     np.testing.assert_allclose(penalty, np.tile([0.0, 2.0], 4), atol=1e-6)  # 0.5 * 2 * 2
     np.testing.assert_allclose(advantages, grpo.group_advantages(
         (total - penalty).astype(np.float32), 4), atol=1e-6)
+
+
+def test_rewards_and_evaluation_see_the_prefill(tmp_path):
+    """With a prefill the prompt ends with it, and what the rewards and the evaluation
+    score is prefill + completion."""
+    from grpo_jax import rewards
+    from grpo_jax.rewards import RewardConfig
+
+    seen: list[str] = []
+
+    def opens_with_prefill(completions, answers):
+        seen.extend(completions)
+        return [float(c.startswith("<reasoning>")) for c in completions]
+
+    rewards.register_reward("opens_with_prefill", opens_with_prefill)
+    run = tmp_path / "run"
+    cfg = dataclasses.replace(
+        TINY, output_dir=str(run), steps=1, eval_problems=2,
+        data=dataclasses.replace(TINY.data, prompt_style="plain", prefill="<reasoning>"),
+        rewards=RewardConfig(functions=(("opens_with_prefill", 1.0),)))
+    train.train(cfg)
+    assert len(seen) == cfg.grpo.batch_size
+    assert _rows(run)[0]["reward/opens_with_prefill"] == 1.0
+    records = json.loads((run / "eval.json").read_text())["records"]
+    assert all(r["completion"].startswith("<reasoning>") for r in records["trained"])
