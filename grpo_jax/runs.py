@@ -84,16 +84,18 @@ def restore_lora(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
     verifies; damaged newer ones are skipped with a warning), described by shapes
     alone: no optimizer state is read. The checkpoint's fingerprint must match
     `cfg`'s; a damaged `step` asked for is an error."""
-    checkpoint_steps(run_dir, cfg, step)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         lora_lib.abstract_lora(model_cfg, cfg.lora))
     ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, read_only=True)
     try:
+        # restore checks that `step` exists; restore_latest says None when none does.
         restored = (ckpt.restore_latest({"lora": lora}) if step is None
                     else ckpt.restore(step, {"lora": lora}))
     finally:
         ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoints in {run_dir} (no complete step)")
     return restored.state["lora"], restored.step
 
 
