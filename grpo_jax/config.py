@@ -155,6 +155,9 @@ class SamplerConfig:
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
     stop_ids: tuple[int, ...] = (1, 106)
     """Token ids that end a completion (EOS and <end_of_turn>); kept in the output."""
+    stop_strings: tuple[str, ...] = ()
+    """Text that ends a completion once written (e.g. '</answer>'), even mid-token; kept
+    in the completion, which ends with the token that completes it."""
     prompt_bucket: int = 32
     """Prompt lengths are padded up to a multiple of this, to bound recompiles."""
 
@@ -170,6 +173,8 @@ class SamplerConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.prompt_bucket <= 0:
             raise ValueError(f"prompt_bucket must be positive, got {self.prompt_bucket}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop strings must be non-empty, got {list(self.stop_strings)}")
 
     @property
     def greedy(self) -> bool:

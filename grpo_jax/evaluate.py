@@ -17,25 +17,29 @@ import jax
 import tyro
 
 from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler
+from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 
 
 def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
                    model_cfg: ModelConfig, *, max_new_tokens: int, stop_ids: tuple[int, ...],
                    batch_size: int = 16, prompt_bucket: int = 32, prompt_style: str = "chat",
-                   prefill: str = "") -> tuple[dict, list[dict]]:
+                   prefill: str = "", stop_strings: tuple[str, ...] = ()
+                   ) -> tuple[dict, list[dict]]:
     """Greedy completions for `problems` -> (summary figures, per-problem records);
     a completion is scored and recorded with the `prefill` its prompt ends with."""
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
-                             prompt_bucket=prompt_bucket)
+                             prompt_bucket=prompt_bucket, stop_strings=stop_strings)
+    stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
     completions = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         out = sampler.sample_prompts(params, data.encode_prompts(tokenizer, chunk,
                                                                  prompt_style, prefill),
                                      jax.random.key(0), cfg=model_cfg, sampling=sampling,
-                                     lora=lora)
-        completions += [prefill + c for c in sampler.decode_completions(tokenizer, out)]
+                                     lora=lora, stop_table=stop_table)
+        completions += [prefill + c for c in
+                        sampler.decode_completions(tokenizer, out, stop_strings)]
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
     records = [{"index": p.index, "template": p.template, "question": p.question,
@@ -54,7 +58,8 @@ def eval_options(cfg: TrainConfig) -> dict:
     """evaluate_model's keyword arguments as the run config sets them."""
     return dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
                 prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size,
-                prompt_style=cfg.data.prompt_style, prefill=cfg.data.prefill)
+                prompt_style=cfg.data.prompt_style, prefill=cfg.data.prefill,
+                stop_strings=cfg.sampler.stop_strings)
 
 
 def evaluate_run(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora,

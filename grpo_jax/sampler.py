@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.tokenizer import PAD_ID
@@ -38,7 +39,7 @@ class SampleOutput(NamedTuple):
     sampling_logprobs: jax.Array  # [B, N] log-prob under the distribution sampled from
                                   # (temperature, top-k, top-p applied); 0 when greedy
     lengths: jax.Array            # [B] int32 completion length, stop token included
-    stopped: jax.Array            # [B] bool: ended on a stop token (False: hit the budget)
+    stopped: jax.Array            # [B] bool: ended on a stop token or string (False: hit the budget)
     steps: jax.Array              # [] int32 decode steps run (the loop exits once all rows stop)
 
 
@@ -210,26 +211,35 @@ class _Record(NamedTuple):
     sampling_logprobs: jax.Array
     lengths: jax.Array
     done: jax.Array
+    stop_state: jax.Array  # [B] int32: each row's stop-string automaton state
 
 
 def _empty_record(batch: int, steps: int) -> _Record:
     return _Record(jnp.full((batch, steps), PAD_ID, jnp.int32),
                    jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch, steps), jnp.float32),
-                   jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+                   jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool),
+                   jnp.zeros((batch,), jnp.int32))
 
 
 def _record_step(rec: _Record, step: jax.Array, logits: jax.Array, keys: jax.Array,
-                 sampling: SamplerConfig) -> tuple[_Record, jax.Array]:
-    """Choose each row's token at `step`, write it down; rows already done get PAD."""
+                 sampling: SamplerConfig, stop_table: jax.Array | None
+                 ) -> tuple[_Record, jax.Array]:
+    """Choose each row's token at `step`, write it down; rows already done get PAD.
+    A row is done after a stop token, or a token that completes a stop string."""
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
     token, lp, slp = choose_tokens(logits, step_keys, sampling)
     token = jnp.where(rec.done, PAD_ID, token)
+    stops = jnp.isin(token, jnp.asarray(sampling.stop_ids, jnp.int32))
+    stop_state = rec.stop_state
+    if stop_table is not None:
+        stop_state, matched = stop_strings_lib.advance(stop_table, stop_state, token)
+        stops = stops | matched
     rec = _Record(
         rec.tokens.at[:, step].set(token),
         rec.logprobs.at[:, step].set(jnp.where(rec.done, 0.0, lp)),
         rec.sampling_logprobs.at[:, step].set(jnp.where(rec.done, 0.0, slp)),
         rec.lengths + (~rec.done).astype(jnp.int32),
-        rec.done | jnp.isin(token, jnp.asarray(sampling.stop_ids, jnp.int32)))
+        rec.done | stops, stop_state)
     return rec, token
 
 
@@ -259,16 +269,18 @@ def prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask: 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
 def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Array,
-           key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig,
-           ) -> tuple[SampleOutput, kv_cache.KVCache]:
+           key: jax.Array, stop_table: jax.Array | None = None, *, cfg: ModelConfig,
+           sampling: SamplerConfig) -> tuple[SampleOutput, kv_cache.KVCache]:
     """Decode from prefilled `cache` and first-token `logits` until all rows stop.
 
     The cache is donated and returned (the loop writes into the same buffers).
+    `stop_table`: `stop_strings.stop_table` of the stop strings (None: none).
     """
     batch = logits.shape[1]
     steps = sampling.max_new_tokens
     keys = row_keys(key, batch)
-    rec, token = _record_step(_empty_record(batch, steps), jnp.int32(0), logits, keys, sampling)
+    rec, token = _record_step(_empty_record(batch, steps), jnp.int32(0), logits, keys, sampling,
+                              stop_table)
 
     def cond(state):
         step, _, _, rec = state
@@ -278,7 +290,7 @@ def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Arr
         step, token, cache, rec = state
         hidden, cache = kv_cache.decode_step(params, cache, token, cfg, lora)
         rec, token = _record_step(rec, step, vocab_major_logits(params, hidden, cfg), keys,
-                                  sampling)
+                                  sampling, stop_table)
         return step + 1, token, cache, rec
 
     steps, _, cache, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, rec))
@@ -287,9 +299,15 @@ def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Arr
 
 def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
            key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig, group: int = 1,
-           lora=None, max_cache_len: int | None = None) -> SampleOutput:
+           lora=None, max_cache_len: int | None = None,
+           stop_table: jax.Array | None = None) -> SampleOutput:
     """Sample `group` completions for each left-padded prompt row [P, L] -> [P*group] rows
-    (prompt-major: rows g*... of prompt p are p*group .. p*group+group-1)."""
+    (prompt-major: rows g*... of prompt p are p*group .. p*group+group-1).
+    `sampling.stop_strings` need `stop_table` (`stop_strings.stop_table`): the sampler
+    sees token ids only."""
+    if sampling.stop_strings and stop_table is None:
+        raise ValueError("sampling.stop_strings are set but no stop_table was given "
+                         "(stop_strings.stop_table(tokenizer, strings, vocab_size))")
     check_group(prompt_tokens.shape[0] * group, group)
     cache_len = prompt_tokens.shape[1] + sampling.max_new_tokens
     if max_cache_len is not None and cache_len > max_cache_len:
@@ -298,13 +316,14 @@ def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Arr
             f"exceeds the cache length {max_cache_len}")
     logits, cache = prefill(params, lora, prompt_tokens, prompt_mask, cfg=cfg,
                             cache_len=cache_len, group=group)
-    out, _ = decode(params, lora, cache, logits, key, cfg=cfg, sampling=sampling)
+    out, _ = decode(params, lora, cache, logits, key, stop_table, cfg=cfg, sampling=sampling)
     return out
 
 
 def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
                    cfg: ModelConfig, sampling: SamplerConfig, group: int = 1, lora=None,
-                   max_cache_len: int | None = None) -> SampleOutput:
+                   max_cache_len: int | None = None,
+                   stop_table: jax.Array | None = None) -> SampleOutput:
     """Token lists in, NumPy arrays out, with prompt length and count bucketed.
 
     Filler rows (copies of the last prompt) come after the real ones, so the real
@@ -314,16 +333,22 @@ def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key:
     padded = list(prompts) + [prompts[-1]] * (bucket_batch(n) - n) if prompts else []
     tokens, mask = left_pad(padded, multiple=sampling.prompt_bucket)
     out = sample(params, jnp.asarray(tokens), jnp.asarray(mask), key, cfg=cfg,
-                 sampling=sampling, group=group, lora=lora, max_cache_len=max_cache_len)
+                 sampling=sampling, group=group, lora=lora, max_cache_len=max_cache_len,
+                 stop_table=stop_table)
     return SampleOutput(*(np.asarray(x)[:n * group] if np.ndim(x) else np.asarray(x)
                           for x in out))
 
 
-def decode_completions(tokenizer, out: SampleOutput) -> list[str]:
+def decode_completions(tokenizer, out: SampleOutput, stop_strings: Sequence[str] = ()
+                       ) -> list[str]:
     """Text of each row's completion (its first `lengths[i]` tokens; the tokenizer
-    drops the stop token as a special token)."""
+    drops the stop token as a special token), cut after the first stop string: the
+    token that completes one may carry text past it ('>.' of '</answer>.')."""
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    return [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(lengths))]
+    texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(lengths))]
+    if stop_strings:
+        texts = [t[:stop_strings_lib.first_match_end(t, stop_strings) or len(t)] for t in texts]
+    return texts
 
 
 # ---------------------------------------------------------------------------
@@ -333,7 +358,7 @@ def decode_completions(tokenizer, out: SampleOutput) -> list[str]:
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"))
 def sample_uncached(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                     key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig,
-                    lora=None) -> SampleOutput:
+                    lora=None, stop_table: jax.Array | None = None) -> SampleOutput:
     """The same sampling, recomputing the whole padded sequence at every step.
 
     Same token choice and per-row keys as `sample`, so the two agree token for token.
@@ -356,7 +381,7 @@ def sample_uncached(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask
         last = jax.lax.dynamic_index_in_dim(hidden, prompt_len + step - 1, axis=1, keepdims=False)
         logits = vocab_major_logits(params, last, cfg)
         was_done = rec.done
-        rec, token = _record_step(rec, step, logits, keys, sampling)
+        rec, token = _record_step(rec, step, logits, keys, sampling, stop_table)
         tokens = tokens.at[:, prompt_len + step].set(token)
         valid = valid.at[:, prompt_len + step].set(~was_done)
         return step + 1, tokens, valid, rec

@@ -83,6 +83,7 @@ class Tokenizer:
         self.eos_id = _id_or(processor.eos_id(), EOS_ID)
         self.bos_id = _id_or(processor.bos_id(), BOS_ID)
         self.unk_id = processor.unk_id()
+        self._token_bytes: list[bytes] | None = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -189,6 +190,18 @@ class Tokenizer:
         if run:
             out.append(self._sp.decode(run))
         return "".join(out)
+
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each id adds to decoded text (b"" for special ids; a
+        byte-fallback piece is its one byte): what stop strings are matched on."""
+        if self._token_bytes is None:
+            sp = self._sp
+            self._token_bytes = [
+                b"" if i in self._special_ids
+                else bytes([int(sp.id_to_piece(i)[3:-1], 16)]) if sp.is_byte(i)
+                else sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")
+                for i in range(self.vocab_size)]
+        return self._token_bytes
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
@@ -307,6 +320,9 @@ class ByteTokenizer:
         data = bytes(int(i) - self.OFFSET for i in ids if int(i) >= self.OFFSET
                      and int(i) < self.vocab_size)
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> list[bytes]:
+        return [b""] * self.OFFSET + [bytes([b]) for b in range(256)]
 
     def __repr__(self) -> str:
         return "ByteTokenizer()"

@@ -28,7 +28,7 @@ import numpy as np
 import tyro
 
 from grpo_jax import (data, evaluate, fileio, grpo, rewards, run_cli, runs, sampler,
-                      step as step_lib)
+                      step as step_lib, stop_strings)
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import (ModelConfig, TrainConfig, deferred_validation, train_preset,
                              validate)
@@ -103,12 +103,15 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
     chosen, prompt_tokens, prompt_mask = step_problems(cfg, tokenizer, problems, step)
     rollout = sampler.sample(params, prompt_tokens, prompt_mask,
                              jax.random.fold_in(sampling_key, step), cfg=model_cfg,
-                             sampling=cfg.sampler, group=g.group_size, lora=state.lora)
+                             sampling=cfg.sampler, group=g.group_size, lora=state.lora,
+                             stop_table=stop_strings.stop_table(
+                                 tokenizer, cfg.sampler.stop_strings, model_cfg.vocab_size))
     rollout = jax.device_get(rollout)
     sample_s = lap()
 
     # The rewards read the answer as the model wrote it: the prefill, then its completion.
-    texts = [cfg.data.prefill + t for t in sampler.decode_completions(tokenizer, rollout)]
+    texts = [cfg.data.prefill + t for t in
+             sampler.decode_completions(tokenizer, rollout, cfg.sampler.stop_strings)]
     answers = [p.answer for p in chosen for _ in range(g.group_size)]
     total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
     batch = step_lib.teacher_forced_batch(prompt_tokens, prompt_mask, rollout.tokens,
