@@ -9,6 +9,19 @@ import jax
 __version__ = "0.1.0"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not the stream it was at
+    setup (a captured stream in tests may be closed by then)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def log_to_stderr() -> None:
     """Print the package's INFO lines (resuming, skipped rows, exports) on stderr.
 
@@ -18,7 +31,7 @@ def log_to_stderr() -> None:
     """
     log = logging.getLogger("grpo_jax")
     if not log.handlers:  # a CLI's main() may run more than once in a process (tests)
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -192,14 +192,18 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(
             **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
-    def restore_latest(self, abstract_items: dict[str, Any]) -> Restored | None:
+    def restore_latest(self, abstract_items: dict[str, Any] | Callable[[int], dict[str, Any]]
+                       ) -> Restored | None:
         """The newest checkpoint that restores and verifies, or None when there is
         none at all. Damaged newer ones are logged, one line each, and listed in
-        `Restored.skipped`; when every checkpoint is damaged, AllCheckpointsDamaged."""
+        `Restored.skipped`; when every checkpoint is damaged, AllCheckpointsDamaged.
+        `abstract_items` may be a function of the step (runs whose phases save
+        different items)."""
         skipped: list[CheckpointDamaged] = []
         for step in reversed(self.all_steps()):
             try:
-                restored = self.restore(step, abstract_items)
+                restored = self.restore(step, abstract_items(step) if callable(abstract_items)
+                                        else abstract_items)
             except CheckpointDamaged as e:
                 log.warning("%s in %s; skipped", e, self.directory)
                 skipped.append(e)

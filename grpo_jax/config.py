@@ -353,6 +353,43 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised warm-up before GRPO: LoRA on the NLL of worked solutions in the
+    answer format (data.sft_target), prompt and padding masked. Its adapters are then
+    merged into the base weights, which become GRPO's starting point and its KL
+    reference; GRPO trains a fresh LoRA on top."""
+
+    steps: int = 0
+    """SFT steps before the GRPO steps (0: GRPO from the base model, no warm-up)."""
+    batch_size: int = 8
+    """Problems per SFT step."""
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    """Global-norm gradient clipping of the SFT updates (0: off)."""
+    max_tokens: int = 256
+    """Target tokens kept per problem (longer targets are cut; counted in sft/truncated)."""
+
+    @_validated
+    def __post_init__(self):
+        for field in ("batch_size", "max_tokens"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"sft.{field} must be positive, got {getattr(self, field)}")
+        if self.steps < 0:
+            raise ValueError(f"sft.steps must be >= 0, got {self.steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"sft.learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1 or self.max_grad_norm < 0:
+            raise ValueError("sft.warmup_ratio must be in [0, 1) and sft.max_grad_norm >= 0")
+
+    def optimizer(self, base: OptimizerConfig) -> OptimizerConfig:
+        """The GRPO optimizer's settings with SFT's learning rate, warmup and clipping."""
+        return dataclasses.replace(base, learning_rate=self.learning_rate,
+                                   warmup_ratio=self.warmup_ratio,
+                                   max_grad_norm=self.max_grad_norm)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes (data x fsdp x tensor); their product must equal the
     device count. 1 x 1 x 1 is a single device."""
@@ -399,7 +436,8 @@ class TrainConfig:
     """Checkpoints, metrics.jsonl, samples.jsonl, TensorBoard events and eval.json go here;
     re-running with the same directory resumes from its latest complete checkpoint."""
     steps: int = 20
-    """GRPO steps (each: sample B x G completions, score, update)."""
+    """GRPO steps (each: sample B x G completions, score, update), after sft.steps
+    SFT steps; checkpoints and metrics number both phases in one sequence."""
     seed: int = 0
     """Seeds LoRA init and every step's sampling key (fold_in(seed, step))."""
     save_every: int = 5
@@ -428,6 +466,7 @@ class TrainConfig:
     grpo: GRPOConfig = GRPOConfig(num_prompts=2)
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
     mesh: MeshConfig = MeshConfig()
     rewards: RewardConfig = RewardConfig()
 
@@ -448,8 +487,22 @@ class TrainConfig:
 
     @property
     def total_updates(self) -> int:
-        """Optimizer updates over the whole run (the learning-rate schedule's length)."""
+        """GRPO optimizer updates (the GRPO learning-rate schedule's length)."""
         return self.steps * self.grpo.num_iterations
+
+    @property
+    def total_steps(self) -> int:
+        """SFT then GRPO steps: the run's step numbers are 1 .. total_steps."""
+        return self.sft.steps + self.steps
+
+    def is_sft_step(self, step: int) -> bool:
+        return step <= self.sft.steps
+
+    def data_position(self, step: int) -> int:
+        """Training problems used up after `step`: SFT takes sft.batch_size a step,
+        GRPO then continues the same stream with num_prompts a step."""
+        sft = min(step, self.sft.steps)
+        return sft * self.sft.batch_size + (step - sft) * self.grpo.num_prompts
 
     @property
     def fingerprint(self) -> dict:

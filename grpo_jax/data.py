@@ -84,12 +84,13 @@ def gsm8k_answer(text: str) -> str:
     return value
 
 
-def problems_from_rows(rows: Iterable[Any], source: str, on_malformed: str = "skip"
-                       ) -> list[Problem]:
+def problems_from_rows(rows: Iterable[Any], source: str, on_malformed: str = "skip",
+                       need_solution: bool = False) -> list[Problem]:
     """GSM8K-style rows ({"question": str, "answer": "... #### N"}) -> problems.
 
     A malformed row is reported with its index and skipped, or (on_malformed="error")
-    refused; it is never used.
+    refused; it is never used. With `need_solution` (SFT trains on it) a row whose
+    answer has no worked solution before '#### N' is malformed too.
     """
     problems, skipped = [], []
     for index, row in enumerate(rows):
@@ -104,6 +105,8 @@ def problems_from_rows(rows: Iterable[Any], source: str, on_malformed: str = "sk
             worked = isinstance(answer, str) and "####" in answer
             value = gsm8k_answer(answer) if worked else _plain_number(answer)
             solution = answer.rsplit("####", 1)[0].strip() if worked else ""
+            if need_solution and not solution:
+                raise DataError("no worked solution before '#### N' (SFT needs one)")
             problems.append(Problem(question, value, index, solution or None,
                                     row.get("template")))
         except DataError as e:
@@ -198,7 +201,7 @@ def sft_target(problem: Problem, prefill: str = "") -> str:
     return text[len(prefill):]
 
 
-def gsm8k_hub(split: str, on_malformed: str) -> list[Problem]:
+def gsm8k_hub(split: str, on_malformed: str, need_solution: bool = False) -> list[Problem]:
     import datasets  # here: ~0.7 s to import, and only this source needs it
 
     try:
@@ -206,7 +209,7 @@ def gsm8k_hub(split: str, on_malformed: str) -> list[Problem]:
     except Exception as e:  # offline, or the hub refuses: say so in one line
         raise DataError(f"could not load openai/gsm8k ({split}) through datasets: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return problems_from_rows(rows, f"openai/gsm8k[{split}]", on_malformed)
+    return problems_from_rows(rows, f"openai/gsm8k[{split}]", on_malformed, need_solution)
 
 
 def _is_local(name: str) -> bool:
@@ -222,8 +225,9 @@ def _check_dataset_name(name: str) -> None:
 SPLITS = ("train", "eval", "eval_same_template")
 
 
-def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
-    """The training ('train') or held-out ('eval') problems the config names.
+def load_problems(cfg: DataConfig, split: str, need_solution: bool = False) -> list[Problem]:
+    """The training ('train') or held-out ('eval') problems the config names
+    (`need_solution`: rows without a worked solution are malformed, for SFT).
 
     gsm_symbolic: training draws only templates outside HELD_OUT_TEMPLATES, 'eval'
     only those (unseen templates: the headline figure), and 'eval_same_template'
@@ -238,9 +242,11 @@ def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
     if _is_local(name):
         if split == "eval" and cfg.eval_dataset is None:
             raise DataError("a local training file needs --data.eval-dataset FILE for held-out problems")
-        return problems_from_rows(read_local_rows(name), str(name), cfg.on_malformed)
+        return problems_from_rows(read_local_rows(name), str(name), cfg.on_malformed,
+                                  need_solution)
     if name == "gsm8k":
-        return gsm8k_hub("train" if split == "train" else "test", cfg.on_malformed)
+        return gsm8k_hub("train" if split == "train" else "test", cfg.on_malformed,
+                         need_solution)
     def seen(t):
         return t not in HELD_OUT_TEMPLATES
 

@@ -67,15 +67,30 @@ def summarize(scores: Mapping[str, Sequence[bool]]) -> dict[str, float]:
                          f"{ {f: len(scores[f]) for f in FIGURES} }")
     if n == 0:
         raise ValueError("no completions to summarize")
-    out: dict[str, float] = {f"{f}_accuracy": sum(map(bool, scores[f])) / n for f in FIGURES}
+    out: dict = {f"{f}_accuracy": sum(map(bool, scores[f])) / n for f in FIGURES}
+    out.update({f"{f}_ci95": list(wilson_interval(sum(map(bool, scores[f])), n))
+                for f in FIGURES})
     out["num_problems"] = n
     return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for the default z):
+    unlike the normal approximation it stays inside [0, 1] and is sensible at 0/n."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes}/{n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """{model label: summarize(...)} -> Markdown table, a column per model, a row per figure.
 
-    Accuracies as percentages with one decimal; a figure a model lacks shows as "-".
+    Accuracies as percentages with one decimal, with their 95% Wilson interval in
+    brackets when the results carry it; a figure a model lacks shows as "-".
     """
     if not results:
         raise ValueError("format_table needs at least one model's results")
@@ -86,7 +101,11 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
         cells = []
         for label in labels:
             v = results[label].get(key)
-            cells.append("-" if v is None else f"{100 * float(v):.1f}%")
+            ci = results[label].get(key.replace("_accuracy", "_ci95"))
+            cell = "-" if v is None else f"{100 * float(v):.1f}%"
+            if v is not None and ci is not None:
+                cell += f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if any("num_problems" in r for r in results.values()):
         cells = [str(int(r["num_problems"])) if "num_problems" in r else "-"

@@ -3,12 +3,15 @@
 Greedy answers to held-out problems, scored four ways (see `eval_metrics`):
 format accuracy, exact accuracy (first number in <answer>), partial accuracy
 (within 10%), and a lenient accuracy that ignores the format (last number
-anywhere), for the base model and the trained one side by side. Writes eval.json
-and prints a Markdown table.
+anywhere), each with its 95% Wilson interval, for the base model, the SFT-only
+model (runs with an SFT warm-up) and the trained policy side by side. Writes
+eval.json (held-out templates) or eval_same_template.json and prints a Markdown
+table.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +22,7 @@ import tyro
 from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
+from grpo_jax.model import load
 
 
 def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
@@ -49,9 +53,11 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     return eval_metrics.summarize(scores), records
 
 
-def eval_problems(cfg: TrainConfig) -> list[data.Problem]:
+def eval_problems(cfg: TrainConfig, split: str = "eval") -> list[data.Problem]:
     """The run's held-out problems (disjoint from its training questions)."""
-    return data.load_problems(cfg.data, "eval")[:cfg.eval_problems]
+    if split not in data.SPLITS[1:]:
+        raise ValueError(f"evaluation split must be one of {data.SPLITS[1:]}, got {split!r}")
+    return data.load_problems(cfg.data, split)[:cfg.eval_problems]
 
 
 def eval_options(cfg: TrainConfig) -> dict:
@@ -62,22 +68,80 @@ def eval_options(cfg: TrainConfig) -> dict:
                 stop_strings=cfg.sampler.stop_strings)
 
 
-def evaluate_run(cfg: TrainConfig, model_cfg: ModelConfig, params, tokenizer, lora,
-                 out_dir: Path, *, step: int, problems: Sequence[data.Problem] | None = None
-                 ) -> dict:
-    """Base and trained (checkpoint `step`) side by side on the held-out problems
-    (default: cfg.eval_problems of them) -> eval.json, written atomically."""
-    problems = eval_problems(cfg) if problems is None else problems
-    base, base_records = evaluate_model(params, None, tokenizer, problems, model_cfg,
-                                        **eval_options(cfg))
-    trained, trained_records = evaluate_model(params, lora, tokenizer, problems, model_cfg,
-                                              **eval_options(cfg))
-    result = {"base": base, "trained": trained, "num_problems": len(problems), "step": step,
-              "dataset": cfg.data.eval_dataset or cfg.data.dataset}
-    runs.write_eval(out_dir, {**result, "records": {"base": base_records,
-                                                    "trained": trained_records}})
-    print(eval_metrics.format_table({"base": base, "trained": trained}))
-    return result
+# eval.json's columns, in the order a run produces them, and their table labels.
+COLUMNS = ("base", "sft", "trained")
+
+
+def column_labels(cfg: TrainConfig) -> dict[str, str]:
+    return {"base": "base", "sft": "SFT",
+            "trained": "SFT+GRPO" if cfg.sft.steps else "GRPO"}
+
+
+class EvalFile:
+    """A run's eval.json, filled one column at a time as the run reaches it: the
+    base model (before any step), SFT-only (at the SFT -> GRPO boundary), the
+    trained policy (at the end). A column records its checkpoint step; columns of
+    another evaluation setup (problems, budget, prompt) are dropped, not mixed.
+
+    Layout: {"base"|"sft"|"trained": figures, "steps": {column: step}, "step": the
+    trained column's step, "num_problems", "dataset", "split", "setup", "records"}.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
+                 split: str = "eval"):
+        self.cfg, self.run_dir, self.problems = cfg, Path(run_dir), list(problems)
+        self.setup = {"dataset": cfg.data.eval_dataset or cfg.data.dataset, "split": split,
+                      "num_problems": len(self.problems),
+                      "indices": [p.index for p in self.problems],
+                      **{k: v for k, v in eval_options(cfg).items() if k != "batch_size"}}
+        self.setup = json.loads(json.dumps(self.setup))  # tuples as lists, as read back
+        self.path = self.run_dir / runs.eval_file(split)
+        saved = runs.read_eval(self.run_dir, split)
+        self.result = saved if saved.get("setup") == self.setup else {}
+
+    def is_current(self, column: str, step: int) -> bool:
+        return self.result.get("steps", {}).get(column) == step
+
+    def add(self, column: str, step: int, params, lora, tokenizer, model_cfg: ModelConfig
+            ) -> dict:
+        """Evaluate (params, lora) greedily as `column` at checkpoint `step`; write."""
+        if column not in COLUMNS:
+            raise ValueError(f"column must be one of {COLUMNS}, got {column!r}")
+        figures, records = evaluate_model(params, lora, tokenizer, self.problems, model_cfg,
+                                          **eval_options(self.cfg))
+        r = self.result or {"setup": self.setup, "num_problems": len(self.problems),
+                            "dataset": self.setup["dataset"], "split": self.setup["split"]}
+        r[column] = figures
+        r.setdefault("steps", {})[column] = step
+        r.setdefault("records", {})[column] = records
+        if column == "trained":
+            r["step"] = step
+        self.result = r
+        runs.write_eval(self.run_dir, r, self.setup["split"])
+        return figures
+
+    def table(self) -> str:
+        labels = column_labels(self.cfg)
+        return eval_metrics.format_table({labels[c]: self.result[c] for c in COLUMNS
+                                          if c in self.result})
+
+
+def evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
+                        base: load.LoadedModel, adapters: runs.Adapters,
+                        split: str = "eval") -> dict:
+    """Every column of eval.json that checkpoint `adapters` can fill (base; SFT-only
+    when the run has SFT; the trained policy when it reached GRPO)."""
+    evals = EvalFile(cfg, run_dir, problems, split)
+    model_cfg, params, tokenizer = base
+    evals.add("base", 0, params, None, tokenizer, model_cfg)
+    if adapters.sft is not None:
+        sft_step = adapters.step if adapters.grpo is None else cfg.sft.steps
+        evals.add("sft", sft_step, params, adapters.sft, tokenizer, model_cfg)
+    if adapters.grpo is not None:
+        params, lora = adapters.policy(params)
+        evals.add("trained", adapters.step, params, lora, tokenizer, model_cfg)
+    print(evals.table())
+    return evals.result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +158,10 @@ class EvaluateArgs:
     """Held-out dataset override: gsm_symbolic, gsm8k, or a local file."""
     max_new_tokens: int | None = None
     """Answer budget override."""
+    split: str = "eval"
+    """eval: templates held out of training (the headline; writes eval.json);
+    eval_same_template: new problems of the training templates (eval_same_template.json).
+    Datasets without templates (gsm8k, files) evaluate their test problems for both."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_run_dir(args: EvaluateArgs) -> dict:
-    """Base vs the run's checkpoint, with the overrides in `args` -> eval.json."""
+    """Base, SFT-only and the run's checkpoint, with the overrides in `args` ->
+    eval.json (or eval_same_template.json)."""
     cfg = runs.run_config(args.run_dir)
     if args.num_problems is not None and args.num_problems <= 0:
         raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
@@ -116,12 +185,11 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
         data=dataclasses.replace(cfg.data, eval_dataset=args.dataset or cfg.data.eval_dataset))
     # Every cheap check before the slow base load: checkpoints, problems, eval.json.
     runs.checkpoint_steps(args.run_dir, cfg, args.step)
-    problems = eval_problems(cfg)
+    problems = eval_problems(cfg, args.split)
     fileio.check_writable(args.run_dir)
     base = runs.load_run_base(cfg)
-    lora, step = runs.restore_lora(args.run_dir, cfg, base.cfg, args.step)
-    return evaluate_run(cfg, base.cfg, base.params, base.tokenizer, lora, args.run_dir,
-                        step=step, problems=problems)
+    adapters = runs.restore_adapters(args.run_dir, cfg, base.cfg, args.step)
+    return evaluate_checkpoint(cfg, args.run_dir, problems, base, adapters, args.split)
 
 
 if __name__ == "__main__":

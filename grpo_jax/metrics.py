@@ -266,12 +266,14 @@ class MetricsLogger:
 # Progress bar
 
 # (metrics key, postfix label, format)
-_POSTFIX = (("reward/mean", "reward", "{:.3f}"), ("format_rate", "format", "{:.0%}"),
+_POSTFIX = (("sft/loss", "sft loss", "{:.3f}"),
+            ("reward/mean", "reward", "{:.3f}"), ("format_rate", "format", "{:.0%}"),
             ("kl", "kl", "{:.4f}"), ("tokens_per_s", "tok/s", "{:.0f}"))
 
 
 class Progress:
-    """tqdm over training steps; postfix: reward, format rate, KL, tokens/s (ETA from tqdm).
+    """tqdm over training steps; postfix: SFT loss (SFT steps), reward, format rate, KL,
+    tokens/s (ETA from tqdm).
 
     enabled=None shows the bar only when `file` (default stderr) is a terminal, so
     logs of batch jobs are not filled with carriage returns; True forces it on.

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
@@ -78,37 +79,85 @@ def checkpoint_steps(run_dir: str | os.PathLike, cfg: TrainConfig,
     return steps
 
 
-def restore_lora(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
-                 step: int | None = None):
-    """(LoraWeights, step) from the run's checkpoint `step` (default: the newest that
-    verifies; damaged newer ones are skipped with a warning), described by shapes
-    alone: no optimizer state is read. The checkpoint's fingerprint must match
-    `cfg`'s; a damaged `step` asked for is an error."""
+def checkpoint_items(cfg: TrainConfig, step: int) -> tuple[str, ...]:
+    """Item names of checkpoint `step`. In the SFT phase 'lora' is the SFT adapters
+    (with 'opt_state', their optimizer); in the GRPO phase 'lora' is the GRPO
+    adapters, and 'sft_lora' the SFT ones merged under them (when the run has SFT)."""
+    if cfg.sft.steps and not cfg.is_sft_step(step):
+        return ("sft_lora", "lora", "opt_state")
+    return ("lora", "opt_state")
+
+
+class Adapters(NamedTuple):
+    """A checkpoint's adapters: `sft` (None without SFT) and `grpo` (None before the
+    GRPO phase)."""
+
+    step: int
+    sft: lora_lib.LoraWeights | None
+    grpo: lora_lib.LoraWeights | None
+
+    def policy(self, base_params):
+        """(params, lora) of the policy this checkpoint holds: the SFT adapters are
+        merged into the base (GRPO's reference) and the GRPO ones stay on top."""
+        if self.grpo is None:
+            return base_params, self.sft
+        if self.sft is None:
+            return base_params, self.grpo
+        return lora_lib.merge(base_params, self.sft), self.grpo
+
+
+def restore_adapters(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
+                     step: int | None = None) -> Adapters:
+    """The adapters of the run's checkpoint `step` (default: the newest that verifies;
+    damaged newer ones are skipped with a warning), described by shapes alone: no
+    optimizer state is read. The checkpoint's fingerprint must match `cfg`'s; a
+    damaged `step` asked for is an error."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         lora_lib.abstract_lora(model_cfg, cfg.lora))
+
+    def abstract(at: int) -> dict:
+        return {name: lora for name in checkpoint_items(cfg, at) if name != "opt_state"}
+
     ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, read_only=True)
     try:
         # restore checks that `step` exists; restore_latest says None when none does.
-        restored = (ckpt.restore_latest({"lora": lora}) if step is None
-                    else ckpt.restore(step, {"lora": lora}))
+        restored = (ckpt.restore_latest(abstract) if step is None
+                    else ckpt.restore(step, abstract(step)))
     finally:
         ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoints in {run_dir} (no complete step)")
-    return restored.state["lora"], restored.step
+    items, at = restored.state, restored.step
+    if cfg.sft.steps and cfg.is_sft_step(at):
+        return Adapters(at, items["lora"], None)
+    return Adapters(at, items.get("sft_lora"), items["lora"])
 
 
-def write_eval(run_dir: str | os.PathLike, result: dict) -> None:
-    """eval.json, atomically: a kill leaves the previous file or the new one."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(run_dir) / EVAL_FILE, json.dumps(result, indent=1))
+def restore_lora(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
+                 step: int | None = None):
+    """(LoraWeights, step) of a run without SFT (see restore_adapters for one with)."""
+    adapters = restore_adapters(run_dir, cfg, model_cfg, step)
+    if adapters.sft is not None:
+        raise ValueError(f"{run_dir} trained SFT adapters too: use restore_adapters")
+    return adapters.grpo, adapters.step
 
 
-def eval_is_current(run_dir: str | os.PathLike, step: int) -> bool:
-    """Whether eval.json exists and evaluates checkpoint `step`."""
-    path = Path(run_dir) / EVAL_FILE
+def eval_file(split: str = "eval") -> str:
+    """eval.json for the held-out templates (the headline), eval_<split>.json otherwise."""
+    return EVAL_FILE if split == "eval" else f"eval_{split}.json"
+
+
+def read_eval(run_dir: str | os.PathLike, split: str = "eval") -> dict:
+    """The run's evaluation file ({} when absent or unreadable)."""
     try:
-        return json.loads(path.read_text()).get("step") == step
-    except (OSError, ValueError, AttributeError):
-        return False
+        result = json.loads((Path(run_dir) / eval_file(split)).read_text())
+    except (OSError, ValueError):
+        return {}
+    return result if isinstance(result, dict) else {}
+
+
+def write_eval(run_dir: str | os.PathLike, result: dict, split: str = "eval") -> None:
+    """The evaluation file, atomically: a kill leaves the previous file or the new one."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(run_dir) / eval_file(split), json.dumps(result, indent=1))

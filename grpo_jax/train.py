@@ -34,6 +34,7 @@ from grpo_jax.config import (ModelConfig, TrainConfig, deferred_validation, trai
                              validate)
 from grpo_jax.metrics import MetricsLogger, Progress
 from grpo_jax.model import load, lora as lora_lib
+from grpo_jax.tokenizer import END_OF_TURN_ID
 
 log = logging.getLogger("grpo_jax.train")
 
@@ -61,9 +62,62 @@ def step_functions(cfg: TrainConfig, model_cfg: ModelConfig) -> step_lib.StepFun
                                cfg.sampler.temperature)
 
 
+def sft_step_functions(cfg: TrainConfig, model_cfg: ModelConfig) -> step_lib.StepFunctions:
+    """The SFT phase's update: masked NLL, its own optimizer schedule over sft.steps."""
+    return step_lib.build_step(model_cfg, cfg.grpo, cfg.sft.optimizer(cfg.optimizer),
+                               cfg.sft.steps, 1.0, objective="sft")
+
+
+def target_stop_id(cfg: TrainConfig) -> int | None:
+    """The stop token an SFT target ends with: <end_of_turn> for chat prompts (when it
+    stops the sampler), else the first stop id (EOS by default); None without any."""
+    ids = cfg.sampler.stop_ids
+    if cfg.data.prompt_style == "chat" and END_OF_TURN_ID in ids:
+        return END_OF_TURN_ID
+    return ids[0] if ids else None
+
+
+def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int
+              ) -> tuple[step_lib.Batch, float]:
+    """SFT step `step`'s problems as a teacher-forced batch: prompt (with the
+    prefill), then the gold target and its stop token, at most sft.max_tokens of
+    them. -> batch, fraction of targets cut short."""
+    chosen = data.batch_at(problems, cfg.data.shuffle_seed, cfg.data_position(step - 1),
+                           cfg.sft.batch_size)
+    prompt_tokens, prompt_mask = sampler.left_pad(
+        data.encode_prompts(tokenizer, chosen, cfg.data.prompt_style, cfg.data.prefill),
+        multiple=cfg.sampler.prompt_bucket)
+    stop = target_stop_id(cfg)
+    targets = [tokenizer.encode(data.sft_target(p, cfg.data.prefill), add_bos=False)
+               + ([] if stop is None else [stop]) for p in chosen]
+    cut = [t[:cfg.sft.max_tokens] for t in targets]
+    width = min(sampler.bucket_length(max(map(len, cut)), 32), cfg.sft.max_tokens)
+    tokens = np.zeros((len(cut), width), np.int32)
+    for row, t in enumerate(cut):
+        tokens[row, :len(t)] = t
+    lengths = np.asarray([len(t) for t in cut])
+    truncated = float(np.mean([len(t) > cfg.sft.max_tokens for t in targets]))
+    return step_lib.teacher_forced_batch(prompt_tokens, prompt_mask, tokens, lengths, 1), truncated
+
+
+def run_sft_step(cfg: TrainConfig, fns: step_lib.StepFunctions, params, tokenizer,
+                 state: step_lib.TrainState, problems, step: int):
+    """One SFT update on gold solutions. -> state, metrics dict."""
+    start = time.perf_counter()
+    batch, truncated = sft_batch(cfg, tokenizer, problems, step)
+    state, m = fns.update(params, state, batch)
+    m = jax.device_get(m)
+    elapsed = time.perf_counter() - start
+    tokens = int(np.asarray(batch.completion_mask).sum())
+    return state, {"sft/loss": float(m["loss"]), "sft/target_tokens": tokens,
+                   "sft/truncated_frac": truncated, "grad_norm": float(m["grad_norm"]),
+                   "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                   "skipped": int(not bool(m["finite"]))}
+
+
 def step_problems(cfg: TrainConfig, tokenizer, problems, step: int):
     """The problems of `step` (1-based) and their prompts, left-padded to a bucket."""
-    batch = data.batch_at(problems, cfg.data.shuffle_seed, (step - 1) * cfg.grpo.num_prompts,
+    batch = data.batch_at(problems, cfg.data.shuffle_seed, cfg.data_position(step - 1),
                           cfg.grpo.num_prompts)
     tokens, mask = sampler.left_pad(
         data.encode_prompts(tokenizer, batch, cfg.data.prompt_style, cfg.data.prefill),
@@ -179,14 +233,15 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) GRPO as configured, then evaluate; -> the last step's metrics."""
+    """Run (or resume) SFT then GRPO as configured, evaluating base, SFT-only and the
+    trained policy on held-out problems; -> the last step's metrics."""
     out_dir = Path(cfg.output_dir)
     # Everything the run will need is resolved before its first step, and every check
     # that can refuse comes before anything in the run directory changes.
     runs.check_resume_config(out_dir, cfg)
     cfg.mesh.check_devices(jax.device_count())
     rewards.check_rewards(cfg.rewards)
-    problems = data.load_problems(cfg.data, "train")
+    problems = data.load_problems(cfg.data, "train", need_solution=cfg.sft.steps > 0)
     held_out = evaluate.eval_problems(cfg) if cfg.eval_problems else []
     fileio.check_writable(out_dir)
     ckpt = Checkpointer(out_dir, fingerprint=cfg.fingerprint, keep=cfg.keep_checkpoints)
@@ -194,57 +249,75 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.check_compatible()  # before any heavy loading: a foreign directory fails fast
         base = runs.load_run_base(cfg)
         runs.write_config_once(out_dir, cfg)
-        state, metrics = _train_loop(cfg, ckpt, base, problems, held_out)
+        evals = evaluate.EvalFile(cfg, out_dir, held_out) if held_out else None
+        metrics = _train_loop(cfg, ckpt, base, problems, evals)
     finally:
         ckpt.close()
-    if held_out and not runs.eval_is_current(out_dir, cfg.steps):
-        evaluate.evaluate_run(cfg, base.cfg, base.params, base.tokenizer, state.lora, out_dir,
-                              problems=held_out, step=cfg.steps)
+    if evals is not None:
+        print(evals.table())
     return metrics
 
 
-def _restore(cfg: TrainConfig, ckpt: Checkpointer, state: step_lib.TrainState
-             ) -> tuple[step_lib.TrainState, int]:
-    """The newest good checkpoint's state and step (the fresh `state` and 0 without
-    one; damaged newer ones are set aside); its recorded data position must be the
-    one this config computes."""
-    restored = ckpt.restore_latest({"lora": state.lora, "opt_state": state.opt_state})
+def _restore(cfg: TrainConfig, ckpt: Checkpointer, sft_state: step_lib.TrainState | None,
+             grpo_state: step_lib.TrainState) -> tuple[int, dict]:
+    """The newest good checkpoint's step and items (0 and {} without one; damaged
+    newer ones are set aside); its recorded data position must be the one this
+    config computes."""
+    def template(step: int) -> dict:
+        state = sft_state if cfg.sft.steps and cfg.is_sft_step(step) else grpo_state
+        items = {"lora": state.lora, "opt_state": state.opt_state}
+        return {"sft_lora": sft_state.lora, **items} if "sft_lora" in runs.checkpoint_items(
+            cfg, step) else items
+
+    restored = ckpt.restore_latest(template)
     if restored is None:
-        return state, 0
+        return 0, {}
     for damaged in restored.skipped:  # out of the kept ones, and of their steps' next saves
         log.warning("moved damaged checkpoint %d to %s", damaged.step,
                     ckpt.set_aside(damaged.step))
     position = restored.meta.get("data_position")
-    expected = restored.step * cfg.grpo.num_prompts
+    expected = cfg.data_position(restored.step)
     if position is not None and position != expected:
         raise runs.ResumeMismatch(
             f"checkpoint {restored.step} in {ckpt.directory} was saved at data position "
             f"{position}, but this config puts step {restored.step} at {expected} "
-            f"(grpo.num_prompts={cfg.grpo.num_prompts}); use the run's own config.json")
+            f"(sft.batch_size={cfg.sft.batch_size}, grpo.num_prompts={cfg.grpo.num_prompts}); "
+            "use the run's own config.json")
     log.info("resuming from step %d in %s", restored.step, cfg.output_dir)
-    return step_lib.TrainState(**restored.state), restored.step
+    return restored.step, restored.state
 
 
 def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, problems,
-                held_out) -> tuple[step_lib.TrainState, dict]:
-    out_dir = Path(cfg.output_dir)
-    model_cfg, params, tokenizer = base.cfg, base.params, base.tokenizer
-    fns = step_functions(cfg, model_cfg)
+                evals: evaluate.EvalFile | None) -> dict:
+    """SFT steps 1..sft.steps, then GRPO steps to total_steps, from the newest checkpoint.
+
+    At the boundary the SFT adapters are merged into the base weights: the merged
+    weights are GRPO's starting point and its KL reference (LoRA off), and GRPO trains
+    a fresh LoRA on them. GRPO-phase checkpoints keep the SFT adapters ('sft_lora'),
+    so a resume rebuilds the same merged weights.
+    """
+    out_dir, sft_steps = Path(cfg.output_dir), cfg.sft.steps
+    model_cfg, params, tokenizer = base
+    del base  # after the merge the base weights are not held twice
     lora_key, sampling_key = run_keys(cfg.seed)
-    state, start = _restore(cfg, ckpt, fns.init_state(lora_lib.init_lora(model_cfg, cfg.lora,
-                                                                         lora_key)))
+    fns = step_functions(cfg, model_cfg)
+    grpo_state = fns.init_state(lora_lib.init_lora(model_cfg, cfg.lora, lora_key))
+    sft_fns = sft_step_functions(cfg, model_cfg) if sft_steps else None
+    sft_state = sft_fns.init_state(lora_lib.init_lora(
+        model_cfg, cfg.lora, jax.random.fold_in(lora_key, 1))) if sft_steps else None
+    start, restored = _restore(cfg, ckpt, sft_state, grpo_state)
+
+    def evaluate_column(column: str, step: int, lora) -> None:
+        if evals is not None and not evals.is_current(column, step):
+            evals.add(column, step, params, lora, tokenizer, model_cfg)
+
     metrics: dict[str, Any] = {}
     skips_in_a_row = 0
     with MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start) as logger, \
-            Progress(total=cfg.steps, initial=start) as progress:
-        for step in range(start + 1, cfg.steps + 1):
-            state, metrics, samples = run_step(cfg, fns, model_cfg, params, tokenizer, state,
-                                               problems, step, sampling_key)
-            if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                figures, _ = evaluate.evaluate_model(params, state.lora, tokenizer, held_out,
-                                                     model_cfg, **evaluate.eval_options(cfg))
-                metrics.update({f"eval/{k}": v for k, v in figures.items()
-                                if k.endswith("_accuracy")})
+            Progress(total=cfg.total_steps, initial=start) as progress:
+
+        def finish_step(step: int, metrics: dict, samples=(), items=None) -> None:
+            nonlocal skips_in_a_row
             logger.log(step, metrics)
             logger.log_samples(step, samples)
             progress.update(metrics)
@@ -252,10 +325,45 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             if cfg.max_consecutive_skips and skips_in_a_row >= cfg.max_consecutive_skips:
                 raise TrainingError(f"{skips_in_a_row} steps in a row had a non-finite loss or "
                                     f"gradient (last at step {step}); stopping")
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                ckpt.save(step, {"lora": state.lora, "opt_state": state.opt_state},
-                          {"data_position": step * cfg.grpo.num_prompts})
-    return state, metrics
+            # The SFT -> GRPO boundary is always saved: GRPO starts from it.
+            if step % cfg.save_every == 0 or step in (sft_steps, cfg.total_steps):
+                ckpt.save(step, items, {"data_position": cfg.data_position(step),
+                                        "phase": "sft" if cfg.is_sft_step(step) else "grpo"})
+
+        evaluate_column("base", 0, None)
+        sft_lora = None
+        if sft_steps:
+            if start < sft_steps:
+                if start:
+                    sft_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
+                for step in range(start + 1, sft_steps + 1):
+                    sft_state, metrics = run_sft_step(cfg, sft_fns, params, tokenizer, sft_state,
+                                                      problems, step)
+                    finish_step(step, metrics, items={"lora": sft_state.lora,
+                                                      "opt_state": sft_state.opt_state})
+                sft_lora = sft_state.lora
+            else:
+                sft_lora = restored["lora" if start == sft_steps else "sft_lora"]
+            evaluate_column("sft", sft_steps, sft_lora)
+            params = lora_lib.merge(params, sft_lora)
+        if start > sft_steps:
+            grpo_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
+        state = grpo_state
+        for step in range(max(start, sft_steps) + 1, cfg.total_steps + 1):
+            state, metrics, samples = run_step(cfg, fns, model_cfg, params, tokenizer, state,
+                                               problems, step, sampling_key)
+            if evals is not None and cfg.eval_every and step % cfg.eval_every == 0 \
+                    and step < cfg.total_steps:
+                figures, _ = evaluate.evaluate_model(params, state.lora, tokenizer,
+                                                     evals.problems, model_cfg,
+                                                     **evaluate.eval_options(cfg))
+                metrics.update({f"eval/{k}": v for k, v in figures.items()
+                                if k.endswith("_accuracy")})
+            items = {"lora": state.lora, "opt_state": state.opt_state}
+            finish_step(step, metrics, samples,
+                        {"sft_lora": sft_lora, **items} if sft_lora is not None else items)
+    evaluate_column("trained", cfg.total_steps, state.lora)
+    return metrics
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Evaluation figures: format / exact / partial / lenient per completion, summary, table."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from grpo_jax.eval_metrics import eval_scores, format_table, summarize
+from grpo_jax.eval_metrics import eval_scores, format_table, summarize, wilson_interval
 
 
 def fmt(reasoning: str, answer: str) -> str:
@@ -69,9 +70,12 @@ def test_eval_scores_bad_input():
 
 def test_summarize():
     scores = eval_scores([fmt("x", "42"), fmt("x", "41"), "so 42", ""], ["42"] * 4)
-    assert summarize(scores) == {"format_accuracy": 0.5, "exact_accuracy": 0.25,
-                                 "partial_accuracy": 0.5, "lenient_accuracy": 0.5,
-                                 "num_problems": 4}
+    got = summarize(scores)
+    assert {k: v for k, v in got.items() if not k.endswith("_ci95")} == {
+        "format_accuracy": 0.5, "exact_accuracy": 0.25, "partial_accuracy": 0.5,
+        "lenient_accuracy": 0.5, "num_problems": 4}
+    np.testing.assert_allclose(got["exact_ci95"], wilson_interval(1, 4))
+    np.testing.assert_allclose(got["format_ci95"], wilson_interval(2, 4))
     with pytest.raises(ValueError, match="no completions"):
         summarize(eval_scores([], []))
     with pytest.raises(ValueError, match="length"):
@@ -100,3 +104,18 @@ def test_format_table():
     assert len(partial) == 6  # no problems row when no model reports it
     with pytest.raises(ValueError):
         format_table({})
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (1, 4), (5, 10), (10, 10), (46, 500), (0, 1)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy.stats import binomtest  # a jax dependency: always installed
+
+    want = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    np.testing.assert_allclose(wilson_interval(k, n), (want.low, want.high), atol=1e-7)
+    with pytest.raises(ValueError):
+        wilson_interval(n + 1, n)
+
+
+def test_table_shows_intervals():
+    table = format_table({"m": {"exact_accuracy": 0.25, "exact_ci95": [0.0456, 0.6994]}})
+    assert "25.0% (4.6-69.9)" in table
