@@ -357,7 +357,9 @@ class SFTConfig:
     """Supervised warm-up before GRPO: LoRA on the NLL of worked solutions in the
     answer format (data.sft_target), prompt and padding masked. Its adapters are then
     merged into the base weights, which become GRPO's starting point and its KL
-    reference; GRPO trains a fresh LoRA on top."""
+    reference (LoRA off = the SFT policy); GRPO trains a fresh LoRA on top. Why: a KL
+    to the raw base would pull GRPO back toward a model that never writes the format,
+    and merging keeps one copy of the weights in memory (no second reference model)."""
 
     steps: int = 0
     """SFT steps before the GRPO steps (0: GRPO from the base model, no warm-up)."""
@@ -420,8 +422,9 @@ class TrainConfig:
     """GRPO with LoRA on Gemma 3. Every field has a preset default; flags override it."""
 
     preset: str = "cpu-270m"
-    """Named starting point: cpu-270m (default: embedded Gemma 3 270M on gsm_symbolic,
-    2 CPU cores), tiny (random tiny Gemma, byte tokenizer, for tests),
+    """Named starting point: cpu-270m (default: embedded Gemma 3 270M base on
+    gsm_symbolic, SFT warm-up then GRPO, ~30 min on 2 CPU cores), cpu-270m-long (the
+    same recipe, ~2 hours), tiny (random tiny Gemma, byte tokenizer, for tests),
     v5e-8-gemma3-1b (Gemma 3 1B-IT from --checkpoint, TPU v5e-8)."""
     model: str = "gemma3-270m"
     """Model preset (architecture); its weights are embedded (gemma3-270m), random (tiny),
@@ -461,12 +464,13 @@ class TrainConfig:
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     lora: LoraConfig = LoraConfig()
-    # The cpu-270m budget: B=2 prompts x G=4 samples x 192 new tokens per step.
     sampler: SamplerConfig = SamplerConfig(max_new_tokens=192)
     grpo: GRPOConfig = GRPOConfig(num_prompts=2)
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
+    """The SFT warm-up before GRPO; its adapters are merged into the base, which is
+    then GRPO's start and KL reference (the SFT policy, not the raw base)."""
     mesh: MeshConfig = MeshConfig()
     rewards: RewardConfig = RewardConfig()
 
@@ -547,8 +551,22 @@ def changed_identity_fields(saved: TrainConfig, new: TrainConfig) -> list[str]:
             if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
 
 
+# The CPU recipe for the embedded Gemma 3 270M *base* model: a plain-text prompt whose
+# answer opens with '<reasoning>', an SFT warm-up on gold solutions (which teaches the
+# format), then GRPO from the SFT model, sampling until '</answer>'. Budgets: about 30
+# minutes (cpu-270m) and 2 hours (cpu-270m-long) on 2 CPU cores; docs/cpu_recipe.md.
+_CPU_RECIPE = TrainConfig(
+    steps=8, eval_problems=50, eval_max_new_tokens=256,
+    sampler=SamplerConfig(max_new_tokens=192, stop_strings=("</answer>",)),
+    sft=SFTConfig(steps=30, batch_size=8, learning_rate=3e-4),
+    data=DataConfig(prompt_style="plain", prefill="<reasoning>"))
+
 TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "cpu-270m": TrainConfig(),
+    "cpu-270m": _CPU_RECIPE,
+    "cpu-270m-long": dataclasses.replace(
+        _CPU_RECIPE, preset="cpu-270m-long", output_dir="runs/cpu-270m-long", steps=60,
+        save_every=10, eval_problems=100, sft=SFTConfig(steps=60, batch_size=8,
+                                                        learning_rate=3e-4)),
     "tiny": TrainConfig(
         preset="tiny", model="tiny", output_dir="runs/tiny", steps=4, save_every=2,
         eval_problems=4, eval_max_new_tokens=16, log_samples=1,
