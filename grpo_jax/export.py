@@ -259,10 +259,13 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
     _check_out_dir(out_dir, overwrite, protect=run_dir)
 
     model_cfg, params, tokenizer = runs.load_run_base(cfg)
-    lora, step = runs.restore_lora(run_dir, cfg, model_cfg, checkpoint_step)
-    merged = jax.device_get(lora_lib.merge(params, lora))
-    log.info("merged LoRA (rank %d, step %d) of %s into %s", cfg.lora.rank, step, run_dir,
-             model_cfg.name)
+    adapters = runs.restore_adapters(run_dir, cfg, model_cfg, checkpoint_step)
+    step = adapters.step
+    # SFT adapters first (GRPO trained on top of that merge), then GRPO's.
+    merged = jax.device_get(lora_lib.merge(*adapters.policy(params)))
+    log.info("merged LoRA (rank %d, step %d%s) of %s into %s", cfg.lora.rank, step,
+             ", SFT + GRPO adapters" if adapters.sft is not None and adapters.grpo is not None
+             else "", run_dir, model_cfg.name)
     write_hf_checkpoint(out_dir, merged, model_cfg, tokenizer=tokenizer, dtype=dtype,
                         overwrite=overwrite, stop_ids=cfg.sampler.stop_ids,
                         metadata={"grpo_jax_run": str(run_dir), "grpo_jax_step": str(step)})

@@ -22,6 +22,7 @@ from grpo_jax import run_cli
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.load import load_model
 from grpo_jax.sampler import sample_prompts
+from grpo_jax.stop_strings import first_match_end, stop_table
 from grpo_jax.tokenizer import STOP_IDS, chat_prompt
 
 
@@ -56,6 +57,9 @@ class GenerateArgs:
     """Sample among the k most likely tokens only (0: no limit)."""
     top_p: float = 1.0
     """Nucleus sampling threshold in (0, 1]."""
+    stop_strings: tuple[str, ...] = ()
+    """Text that ends a completion once written (e.g. '</answer>'), even mid-token;
+    the completion is cut after it."""
     seed: int = 0
     """PRNG seed for temperature > 0."""
     batch_size: int = 8
@@ -88,7 +92,8 @@ def read_prompts(path: Path) -> list[str]:
 def sampler_config(args: GenerateArgs):
     try:
         return SamplerConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, stop_ids=STOP_IDS)
+                             top_k=args.top_k, top_p=args.top_p, stop_ids=STOP_IDS,
+                             stop_strings=args.stop_strings)
     except ValueError as e:  # name the flag, not the field
         field = str(e).split()[0]
         raise ValueError(f"--{field.replace('_', '-')}{str(e)[len(field):]}") from None
@@ -111,18 +116,21 @@ def run(args: GenerateArgs) -> list[dict]:
     tok = loaded.tokenizer
     encoded = [tok.encode(chat_prompt(t) if args.chat else t, add_bos=True) for t in texts]
     key = jax.random.key(args.seed)
+    table = stop_table(tok, sampling.stop_strings, loaded.cfg.vocab_size)
     results = []
     for start in range(0, len(encoded), args.batch_size):
         batch = encoded[start:start + args.batch_size]
         out = sample_prompts(loaded.params, batch, jax.random.fold_in(key, start),
-                             cfg=loaded.cfg, sampling=sampling)
+                             cfg=loaded.cfg, sampling=sampling, stop_table=table)
         out_tokens, out_lp, lengths = out.tokens, out.logprobs, out.lengths
         for row, prompt_ids in enumerate(batch):
             n = int(lengths[row])
             ids = out_tokens[row, :n].tolist()
             text_ids = ids[:-1] if ids and ids[-1] in STOP_IDS else ids
+            text = tok.decode(text_ids)
+            end = first_match_end(text, sampling.stop_strings)
             results.append({"prompt_ids": list(prompt_ids), "completion_ids": ids,
-                            "completion": tok.decode(text_ids),
+                            "completion": text if end is None else text[:end],
                             "logprobs": [float(x) for x in out_lp[row, :n]]})
     return results
 

@@ -192,7 +192,7 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
     update_s = lap()
 
     metrics = step_metrics(total, per_function, texts, answers, rollout, updates,
-                           kl_penalty, elapsed=clock[-1] - clock[0])
+                           kl_penalty, elapsed=clock[-1] - clock[0], group=g.group_size)
     metrics.update({"time/sample_s": sample_s, "time/score_s": score_s,
                     "time/logprobs_s": logprobs_s, "time/update_s": update_s})
     every = max(1, len(texts) // max(cfg.log_samples, 1))
@@ -203,7 +203,7 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
 
 
 def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penalty, *,
-                 elapsed: float) -> dict[str, Any]:
+                 elapsed: float, group: int) -> dict[str, Any]:
     """One metrics row from a step's rewards, rollout and update metrics (the last
     update's, except the sampler/trainer drift, which only the first sees)."""
     last, lengths = updates[-1], np.asarray(rollout.lengths)
@@ -217,6 +217,8 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
         "clip_frac": float(last["clip_frac"]),
         "grad_norm": float(last["grad_norm"]),
         "completion_len/mean": float(lengths.mean()),
+        # Groups whose G rewards are all equal: zero advantage, no learning signal.
+        "zero_variance_groups": float(np.mean(np.ptp(total.reshape(-1, group), axis=1) == 0)),
         "stopped_frac": float(np.mean(np.asarray(rollout.stopped))),
         "logprob_drift": float(updates[0]["logprob_drift"]),
         "tokens_per_s": int(lengths.sum()) / elapsed,

@@ -1,9 +1,12 @@
-"""Plot a run's reward, format rate and KL against the training step.
+"""Plot a run's curves against the training step.
 
     python scripts/plot_metrics.py RUN_DIR [--out FILE.png]
 
 Reads RUN_DIR/metrics.jsonl (written by grpo_jax.metrics.MetricsLogger) and writes a
-PNG with three stacked panels (default RUN_DIR/metrics.png). Needs matplotlib.
+PNG of stacked panels (default RUN_DIR/metrics.png): the SFT loss, the reward per
+function, format and exact rates, KL, completion length and the fraction of groups
+with zero reward variance (no learning signal). Panels no row has are left out.
+Needs matplotlib.
 """
 from __future__ import annotations
 
@@ -15,13 +18,23 @@ from typing import Sequence
 
 import tyro
 
-# (metrics key, panel title)
-PANELS = (("reward/mean", "reward (mean)"), ("format_rate", "format rate"), ("kl", "KL to reference"))
+# (panel title, metrics keys drawn in it)
+PANELS = (
+    ("SFT loss (NLL per target token)", ("sft/loss",)),
+    ("reward per function (mean)", ("reward/mean", "reward/match_format_exactly",
+                                    "reward/match_format_approximately", "reward/check_answer",
+                                    "reward/check_numbers", "reward/kl_penalty")),
+    ("format and exact rate of the samples", ("format_rate", "accuracy")),
+    ("KL to reference", ("kl",)),
+    ("completion length (tokens)", ("completion_len/mean",)),
+    ("groups with zero reward variance", ("zero_variance_groups",)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    """Plot reward/mean, format_rate and kl from RUN_DIR/metrics.jsonl."""
+    """Plot the SFT loss, rewards, format/exact rates, KL, completion length and
+    zero-variance groups from RUN_DIR/metrics.jsonl."""
 
     run_dir: tyro.conf.Positional[Path]
     """Training output directory holding metrics.jsonl."""
@@ -36,7 +49,7 @@ def _value(row: dict, key: str) -> float:
 
 
 def plot(metrics_rows: Sequence[dict], out_path: str | Path) -> Path:
-    """Draw the three panels of `metrics_rows` (dicts with "step") to `out_path` (PNG)."""
+    """Draw the panels of `metrics_rows` (dicts with "step") to `out_path` (PNG)."""
     if not metrics_rows:
         raise ValueError("no metrics rows to plot")
     import matplotlib
@@ -46,10 +59,20 @@ def plot(metrics_rows: Sequence[dict], out_path: str | Path) -> Path:
 
     rows = sorted(metrics_rows, key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(len(PANELS), 1, sharex=True, figsize=(7, 2.4 * len(PANELS)))
+    panels = [(title, [k for k in keys if any(k in r for r in rows)]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        raise ValueError("the metrics rows hold none of the plotted keys")
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 2.2 * len(panels)),
+                             squeeze=False)
+    axes = axes[:, 0]
     try:
-        for ax, (key, title) in zip(axes, PANELS):
-            ax.plot(steps, [_value(r, key) for r in rows], marker="." if len(rows) < 50 else None)
+        for ax, (title, keys) in zip(axes, panels):
+            for key in keys:
+                ax.plot(steps, [_value(r, key) for r in rows], label=key.split("/")[-1],
+                        marker="." if len(rows) < 50 else None)
+            if len(keys) > 1:
+                ax.legend(fontsize=7, loc="best")
             ax.set_title(title, fontsize=10)
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("step")

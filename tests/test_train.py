@@ -7,7 +7,9 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 
 from grpo_jax import runs, step as step_lib, train
@@ -209,7 +211,6 @@ def test_logprob_drift_metric_measures_sampler_trainer_gap():
     offset on real tokens reads back exactly; padding is ignored."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from grpo_jax.model import lora as lora_lib
 
@@ -240,7 +241,6 @@ def _update_batch(seed=3, prompt_len=8, t=6):
     that runs the update on it with old and reference log-probs given."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from grpo_jax.model import lora as lora_lib
 
@@ -275,7 +275,6 @@ def _update_batch(seed=3, prompt_len=8, t=6):
 
 def _assert_same_update(got, want, keys):
     import jax
-    import numpy as np
 
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  got[:2], want[:2])
@@ -289,7 +288,6 @@ def test_update_with_shared_prompts_equals_one_row_per_completion():
     """train_step packs each group's prompt once (whole batch, and micro-batches of
     one group); the updated LoRA, optimizer state and metrics equal the unpacked
     update's, as do the reference log-probs."""
-    import numpy as np
 
     params, model_cfg, batch, update = _update_batch()
     packed_ref = _fns().batch_logprobs(params, None, batch)
@@ -363,7 +361,6 @@ def test_lora_init_and_sampling_draw_from_separate_streams():
     earlier scheme) collides: split(key, n)[i] == fold_in(key, i) in JAX's
     threefry, so step i sampled with leaf i's init key."""
     import jax
-    import numpy as np
 
     def data(keys):
         return {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in keys}
@@ -381,7 +378,6 @@ def test_lora_init_and_sampling_draw_from_separate_streams():
 def test_k1_is_a_penalty_on_the_reward(tmp_path):
     """kl_estimator k1 puts beta * (sampler - reference log-prob), summed over each
     completion, into the reward before advantages: logged as reward/kl_penalty."""
-    import numpy as np
 
     from grpo_jax import grpo
 
@@ -427,3 +423,18 @@ def test_rewards_and_evaluation_see_the_prefill(tmp_path):
     assert _rows(run)[0]["reward/opens_with_prefill"] == 1.0
     records = json.loads((run / "eval.json").read_text())["records"]
     assert all(r["completion"].startswith("<reasoning>") for r in records["trained"])
+
+
+def test_zero_variance_groups_metric():
+    """The fraction of groups whose G rewards are all equal (no advantage, no signal)."""
+    total = np.asarray([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, -2.0, -2.0, -2.0, -2.0])
+    rollout = types.SimpleNamespace(lengths=np.full(12, 5), stopped=np.ones(12, bool))
+    update = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "logprob_drift": 0.0,
+              "finite": True}
+    texts, answers = [""] * 12, ["1"] * 12
+    m = train.step_metrics(total, {}, texts, answers, rollout, [update], None, elapsed=1.0,
+                           group=4)
+    assert m["zero_variance_groups"] == pytest.approx(2 / 3)
+    m = train.step_metrics(total, {}, texts, answers, rollout, [update], None, elapsed=1.0,
+                           group=2)
+    assert m["zero_variance_groups"] == pytest.approx(5 / 6)
