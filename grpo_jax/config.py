@@ -370,7 +370,9 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     """Global-norm gradient clipping of the SFT updates (0: off)."""
     max_tokens: int = 256
-    """Target tokens kept per problem (longer targets are cut; counted in sft/truncated)."""
+    """Longest SFT target in tokens (stop token included): problems with longer targets
+    are left out of SFT, since a cut target never shows the closing tags. Targets are
+    padded to the longest kept one (one program for the whole phase)."""
 
     @_validated
     def __post_init__(self):
@@ -552,21 +554,23 @@ def changed_identity_fields(saved: TrainConfig, new: TrainConfig) -> list[str]:
 
 
 # The CPU recipe for the embedded Gemma 3 270M *base* model: a plain-text prompt whose
-# answer opens with '<reasoning>', an SFT warm-up on gold solutions (which teaches the
-# format), then GRPO from the SFT model, sampling until '</answer>'. Budgets: about 30
-# minutes (cpu-270m) and 2 hours (cpu-270m-long) on 2 CPU cores; docs/cpu_recipe.md.
+# answer opens with '<reasoning>', an SFT warm-up on gold solutions of at most 128
+# tokens (which teaches the format), then GRPO from the SFT model, sampling until
+# '</answer>'. Budgets, on the slowest 2-core machine measured (AVX2, ~90 GFLOP/s
+# f32; an SFT step ~46 s, a GRPO step ~90 s): 30 minutes (cpu-270m) and 2 hours
+# (cpu-270m-long); docs/cpu_recipe.md has the figures.
 _CPU_RECIPE = TrainConfig(
-    steps=8, eval_problems=50, eval_max_new_tokens=256,
-    sampler=SamplerConfig(max_new_tokens=192, stop_strings=("</answer>",)),
-    sft=SFTConfig(steps=30, batch_size=8, learning_rate=3e-4),
+    steps=4, eval_problems=32, eval_max_new_tokens=200,
+    sampler=SamplerConfig(max_new_tokens=160, stop_strings=("</answer>",)),
+    sft=SFTConfig(steps=16, batch_size=8, learning_rate=3e-4, max_tokens=128),
     data=DataConfig(prompt_style="plain", prefill="<reasoning>"))
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cpu-270m": _CPU_RECIPE,
     "cpu-270m-long": dataclasses.replace(
-        _CPU_RECIPE, preset="cpu-270m-long", output_dir="runs/cpu-270m-long", steps=60,
-        save_every=10, eval_problems=100, sft=SFTConfig(steps=60, batch_size=8,
-                                                        learning_rate=3e-4)),
+        _CPU_RECIPE, preset="cpu-270m-long", output_dir="runs/cpu-270m-long", steps=40,
+        save_every=10, eval_problems=100,
+        sft=dataclasses.replace(_CPU_RECIPE.sft, steps=40)),
     "tiny": TrainConfig(
         preset="tiny", model="tiny", output_dir="runs/tiny", steps=4, save_every=2,
         eval_problems=4, eval_max_new_tokens=16, log_samples=1,

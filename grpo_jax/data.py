@@ -8,6 +8,7 @@ can point back at the source. The training order is a pure function of
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -257,6 +258,25 @@ def load_problems(cfg: DataConfig, split: str, need_solution: bool = False) -> l
     # Different seeds make different problems; drop any that coincide with training anyway.
     train = {p.question for p in gsm_symbolic(cfg.num_train, cfg.train_seed, seen)}
     return [p for p in gsm_symbolic(cfg.num_eval, cfg.eval_seed, seen) if p.question not in train]
+
+
+def held_out_problems(cfg: DataConfig, split: str, count: int) -> list[Problem]:
+    """The first `count` problems of held-out `split`. A generated set (gsm_symbolic)
+    is drawn as long as `count` needs, past `num_eval` if so: problem i depends only
+    on (seed, i), so the first n are the same at any length. A fixed set (gsm8k, a
+    file) gives what it has; a shortfall is logged."""
+    if split not in SPLITS[1:]:
+        raise ValueError(f"held-out split must be one of {SPLITS[1:]}, got {split!r}")
+    name = cfg.eval_dataset or cfg.dataset
+    size = max(cfg.num_eval, count)
+    problems = load_problems(dataclasses.replace(cfg, num_eval=size), split)
+    if name == "gsm_symbolic":
+        while len(problems) < count:  # eval_same_template drops training questions
+            size += count - len(problems) + 16
+            problems = load_problems(dataclasses.replace(cfg, num_eval=size), split)
+    elif len(problems) < count:
+        log.warning("%d held-out problems asked for, %s has %d", count, name, len(problems))
+    return problems[:count]
 
 
 def order_at(num_problems: int, seed: int, position: int, count: int) -> np.ndarray:

@@ -5,13 +5,15 @@ format accuracy, exact accuracy (first number in <answer>), partial accuracy
 (within 10%), and a lenient accuracy that ignores the format (last number
 anywhere), each with its 95% Wilson interval, for the base model, the SFT-only
 model (runs with an SFT warm-up) and the trained policy side by side. Writes
-eval.json (held-out templates) or eval_same_template.json and prints a Markdown
-table.
+eval.json (held-out templates) or eval_same_template.json, or with --num-problems
+other than the run's own count eval[_same_template]_n<N>.json, and prints a
+Markdown table.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +25,8 @@ from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 from grpo_jax.model import load
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
@@ -55,9 +59,7 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
 
 def eval_problems(cfg: TrainConfig, split: str = "eval") -> list[data.Problem]:
     """The run's held-out problems (disjoint from its training questions)."""
-    if split not in data.SPLITS[1:]:
-        raise ValueError(f"evaluation split must be one of {data.SPLITS[1:]}, got {split!r}")
-    return data.load_problems(cfg.data, split)[:cfg.eval_problems]
+    return data.held_out_problems(cfg.data, split, cfg.eval_problems)
 
 
 def eval_options(cfg: TrainConfig) -> dict:
@@ -88,15 +90,16 @@ class EvalFile:
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
-                 split: str = "eval"):
+                 split: str = "eval", name: str | None = None):
         self.cfg, self.run_dir, self.problems = cfg, Path(run_dir), list(problems)
+        self.name = name or runs.eval_file(split)
         self.setup = {"dataset": cfg.data.eval_dataset or cfg.data.dataset, "split": split,
                       "num_problems": len(self.problems),
                       "indices": [p.index for p in self.problems],
                       **{k: v for k, v in eval_options(cfg).items() if k != "batch_size"}}
         self.setup = json.loads(json.dumps(self.setup))  # tuples as lists, as read back
-        self.path = self.run_dir / runs.eval_file(split)
-        saved = runs.read_eval(self.run_dir, split)
+        self.path = self.run_dir / self.name
+        saved = runs.read_eval(self.run_dir, self.name)
         self.result = saved if saved.get("setup") == self.setup else {}
 
     def is_current(self, column: str, step: int) -> bool:
@@ -117,7 +120,7 @@ class EvalFile:
         if column == "trained":
             r["step"] = step
         self.result = r
-        runs.write_eval(self.run_dir, r, self.setup["split"])
+        runs.write_eval(self.run_dir, r, self.name)
         return figures
 
     def table(self) -> str:
@@ -128,18 +131,26 @@ class EvalFile:
 
 def evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
                         base: load.LoadedModel, adapters: runs.Adapters,
-                        split: str = "eval") -> dict:
-    """Every column of eval.json that checkpoint `adapters` can fill (base; SFT-only
-    when the run has SFT; the trained policy when it reached GRPO)."""
-    evals = EvalFile(cfg, run_dir, problems, split)
+                        split: str = "eval", name: str | None = None) -> dict:
+    """Every column of the evaluation file that checkpoint `adapters` can fill (base;
+    SFT-only when the run has SFT; the trained policy when it reached GRPO). A column
+    the file already holds for the same setup and step is kept, not recomputed (greedy
+    decoding repeats it), so an evaluation that was stopped goes on where it was."""
+    evals = EvalFile(cfg, run_dir, problems, split, name)
     model_cfg, params, tokenizer = base
-    evals.add("base", 0, params, None, tokenizer, model_cfg)
+
+    def add(column, step, params, lora):
+        if evals.is_current(column, step):
+            log.info("%s column (step %d) already in %s", column, step, evals.path)
+        else:
+            evals.add(column, step, params, lora, tokenizer, model_cfg)
+
+    add("base", 0, params, None)
     if adapters.sft is not None:
-        sft_step = adapters.step if adapters.grpo is None else cfg.sft.steps
-        evals.add("sft", sft_step, params, adapters.sft, tokenizer, model_cfg)
+        add("sft", adapters.step if adapters.grpo is None else cfg.sft.steps, params,
+            adapters.sft)
     if adapters.grpo is not None:
-        params, lora = adapters.policy(params)
-        evals.add("trained", adapters.step, params, lora, tokenizer, model_cfg)
+        add("trained", adapters.step, *adapters.policy(params))
     print(evals.table())
     return evals.result
 
@@ -176,6 +187,10 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
     if args.num_problems is not None and args.num_problems <= 0:
         raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
     num_problems = args.num_problems or cfg.eval_problems
+    # Another count than the run's own goes to its own file: the run's eval.json
+    # stays what its training wrote (and a restarted run does not redo it).
+    name = runs.eval_file(args.split, None if num_problems == cfg.eval_problems
+                          else num_problems)
     if not num_problems:
         raise ValueError(f"{args.run_dir} was trained with --eval-problems 0; pass "
                          "--num-problems N")
@@ -189,7 +204,7 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
     fileio.check_writable(args.run_dir)
     base = runs.load_run_base(cfg)
     adapters = runs.restore_adapters(args.run_dir, cfg, base.cfg, args.step)
-    return evaluate_checkpoint(cfg, args.run_dir, problems, base, adapters, args.split)
+    return evaluate_checkpoint(cfg, args.run_dir, problems, base, adapters, args.split, name)
 
 
 if __name__ == "__main__":

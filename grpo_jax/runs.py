@@ -143,21 +143,26 @@ def restore_lora(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
     return adapters.grpo, adapters.step
 
 
-def eval_file(split: str = "eval") -> str:
-    """eval.json for the held-out templates (the headline), eval_<split>.json otherwise."""
-    return EVAL_FILE if split == "eval" else f"eval_{split}.json"
+def eval_file(split: str = "eval", num_problems: int | None = None) -> str:
+    """eval.json for the held-out templates (the headline), eval_<split>.json otherwise;
+    an evaluation on another number of problems than the run's own (`num_problems`
+    given) is eval[_<split>]_n<N>.json, so it never replaces the run's own file."""
+    stem = "eval" if split == "eval" else f"eval_{split}"
+    stem += "" if num_problems is None else f"_n{num_problems}"
+    return EVAL_FILE if stem == "eval" else f"{stem}.json"
 
 
-def read_eval(run_dir: str | os.PathLike, split: str = "eval") -> dict:
-    """The run's evaluation file ({} when absent or unreadable)."""
+def read_eval(run_dir: str | os.PathLike, name: str = EVAL_FILE) -> dict:
+    """The run's evaluation file `name` ({} when absent or unreadable)."""
     try:
-        result = json.loads((Path(run_dir) / eval_file(split)).read_text())
+        result = json.loads((Path(run_dir) / name).read_text())
     except (OSError, ValueError):
         return {}
     return result if isinstance(result, dict) else {}
 
 
-def write_eval(run_dir: str | os.PathLike, result: dict, split: str = "eval") -> None:
-    """The evaluation file, atomically: a kill leaves the previous file or the new one."""
+def write_eval(run_dir: str | os.PathLike, result: dict, name: str = EVAL_FILE) -> None:
+    """The evaluation file `name`, atomically: a kill leaves the previous file or the new
+    one."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(run_dir) / eval_file(split), json.dumps(result, indent=1))
+    atomic_write_text(Path(run_dir) / name, json.dumps(result, indent=1))

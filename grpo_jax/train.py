@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,51 +77,82 @@ def target_stop_id(cfg: TrainConfig) -> int | None:
     return ids[0] if ids else None
 
 
-def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int
-              ) -> tuple[step_lib.Batch, float]:
-    """SFT step `step`'s problems as a teacher-forced batch: prompt (with the
-    prefill), then the gold target and its stop token, at most sft.max_tokens of
-    them. -> batch, fraction of targets cut short."""
+class RunShapes(NamedTuple):
+    """The padded widths every step of a run uses, fixed from its training problems at
+    the start, so each phase compiles its programs once: with widths bucketed per
+    batch, a 30-step SFT phase met 10 (prompt, target) shapes and compiled its update
+    10 times (~40 s each on 2 cores, as long as the step itself)."""
+
+    prompt_len: int      # prompts (with the prefill) left-padded to this, in both phases
+    sft_target_len: int  # SFT targets (with their stop token) right-padded to this
+
+
+def sft_target_ids(cfg: TrainConfig, tokenizer, problem: data.Problem) -> list[int]:
+    """The gold target's tokens: the solution in the answer format, then the stop token."""
+    stop = target_stop_id(cfg)
+    return (tokenizer.encode(data.sft_target(problem, cfg.data.prefill), add_bos=False)
+            + ([] if stop is None else [stop]))
+
+
+def run_shapes(cfg: TrainConfig, tokenizer, problems) -> tuple[RunShapes, list]:
+    """The run's fixed widths, and the problems SFT trains on: those whose target fits
+    in sft.max_tokens (a cut target would never show the closing tags). Both come
+    from the whole training set, so they are the same on a resume."""
+    prompts = data.encode_prompts(tokenizer, problems, cfg.data.prompt_style, cfg.data.prefill)
+    prompt_len = sampler.bucket_length(max(map(len, prompts)), cfg.sampler.prompt_bucket)
+    if not cfg.sft.steps:
+        return RunShapes(prompt_len, 0), []
+    lengths = [len(sft_target_ids(cfg, tokenizer, p)) for p in problems]
+    fits = [p for p, n in zip(problems, lengths) if n <= cfg.sft.max_tokens]
+    if not fits:
+        raise data.DataError(f"no training problem's SFT target fits in sft.max_tokens="
+                             f"{cfg.sft.max_tokens} (the shortest has {min(lengths)} tokens)")
+    longest = max(n for n in lengths if n <= cfg.sft.max_tokens)
+    log.info("SFT trains on the %d of %d problems whose target fits in %d tokens; widths: "
+             "prompt %d, target %d", len(fits), len(problems), cfg.sft.max_tokens, prompt_len,
+             min(sampler.bucket_length(longest, 32), cfg.sft.max_tokens))
+    return RunShapes(prompt_len, min(sampler.bucket_length(longest, 32), cfg.sft.max_tokens)), fits
+
+
+def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int, shapes: RunShapes
+              ) -> step_lib.Batch:
+    """SFT step `step`'s problems (of those `run_shapes` chose) as a teacher-forced
+    batch: prompt (with the prefill), then the gold target and its stop token."""
     chosen = data.batch_at(problems, cfg.data.shuffle_seed, cfg.data_position(step - 1),
                            cfg.sft.batch_size)
     prompt_tokens, prompt_mask = sampler.left_pad(
         data.encode_prompts(tokenizer, chosen, cfg.data.prompt_style, cfg.data.prefill),
-        multiple=cfg.sampler.prompt_bucket)
-    stop = target_stop_id(cfg)
-    targets = [tokenizer.encode(data.sft_target(p, cfg.data.prefill), add_bos=False)
-               + ([] if stop is None else [stop]) for p in chosen]
-    cut = [t[:cfg.sft.max_tokens] for t in targets]
-    width = min(sampler.bucket_length(max(map(len, cut)), 32), cfg.sft.max_tokens)
-    tokens = np.zeros((len(cut), width), np.int32)
-    for row, t in enumerate(cut):
+        shapes.prompt_len)
+    targets = [sft_target_ids(cfg, tokenizer, p) for p in chosen]
+    tokens = np.zeros((len(targets), shapes.sft_target_len), np.int32)
+    for row, t in enumerate(targets):
         tokens[row, :len(t)] = t
-    lengths = np.asarray([len(t) for t in cut])
-    truncated = float(np.mean([len(t) > cfg.sft.max_tokens for t in targets]))
-    return step_lib.teacher_forced_batch(prompt_tokens, prompt_mask, tokens, lengths, 1), truncated
+    lengths = np.asarray([len(t) for t in targets])
+    return step_lib.teacher_forced_batch(prompt_tokens, prompt_mask, tokens, lengths, 1)
 
 
 def run_sft_step(cfg: TrainConfig, fns: step_lib.StepFunctions, params, tokenizer,
-                 state: step_lib.TrainState, problems, step: int):
+                 state: step_lib.TrainState, problems, step: int, shapes: RunShapes):
     """One SFT update on gold solutions. -> state, metrics dict."""
     start = time.perf_counter()
-    batch, truncated = sft_batch(cfg, tokenizer, problems, step)
+    batch = sft_batch(cfg, tokenizer, problems, step, shapes)
     state, m = fns.update(params, state, batch)
     m = jax.device_get(m)
     elapsed = time.perf_counter() - start
     tokens = int(np.asarray(batch.completion_mask).sum())
     return state, {"sft/loss": float(m["loss"]), "sft/target_tokens": tokens,
-                   "sft/truncated_frac": truncated, "grad_norm": float(m["grad_norm"]),
+                   "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                    "skipped": int(not bool(m["finite"]))}
 
 
-def step_problems(cfg: TrainConfig, tokenizer, problems, step: int):
-    """The problems of `step` (1-based) and their prompts, left-padded to a bucket."""
+def step_problems(cfg: TrainConfig, tokenizer, problems, step: int, shapes: RunShapes):
+    """The problems of `step` (1-based) and their prompts, left-padded to the run's width."""
     batch = data.batch_at(problems, cfg.data.shuffle_seed, cfg.data_position(step - 1),
                           cfg.grpo.num_prompts)
     tokens, mask = sampler.left_pad(
         data.encode_prompts(tokenizer, batch, cfg.data.prompt_style, cfg.data.prefill),
-        multiple=cfg.sampler.prompt_bucket)
+        shapes.prompt_len)
     return batch, tokens, mask
 
 
@@ -145,7 +176,7 @@ def completion_advantages(cfg: TrainConfig, total_rewards: np.ndarray,
 
 def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConfig, params,
              tokenizer, state: step_lib.TrainState, problems, step: int,
-             sampling_key: jax.Array):
+             sampling_key: jax.Array, shapes: RunShapes):
     """Sample, score, update. -> state, metrics dict, sample rows."""
     g = cfg.grpo
     clock = [time.perf_counter()]
@@ -154,7 +185,7 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
         clock.append(time.perf_counter())
         return clock[-1] - clock[-2]
 
-    chosen, prompt_tokens, prompt_mask = step_problems(cfg, tokenizer, problems, step)
+    chosen, prompt_tokens, prompt_mask = step_problems(cfg, tokenizer, problems, step, shapes)
     rollout = sampler.sample(params, prompt_tokens, prompt_mask,
                              jax.random.fold_in(sampling_key, step), cfg=model_cfg,
                              sampling=cfg.sampler, group=g.group_size, lora=state.lora,
@@ -308,6 +339,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
     sft_state = sft_fns.init_state(lora_lib.init_lora(
         model_cfg, cfg.lora, jax.random.fold_in(lora_key, 1))) if sft_steps else None
     start, restored = _restore(cfg, ckpt, sft_state, grpo_state)
+    shapes, sft_problems = run_shapes(cfg, tokenizer, problems)
 
     def evaluate_column(column: str, step: int, lora) -> None:
         if evals is not None and not evals.is_current(column, step):
@@ -340,7 +372,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                     sft_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
                 for step in range(start + 1, sft_steps + 1):
                     sft_state, metrics = run_sft_step(cfg, sft_fns, params, tokenizer, sft_state,
-                                                      problems, step)
+                                                      sft_problems, step, shapes)
                     finish_step(step, metrics, items={"lora": sft_state.lora,
                                                       "opt_state": sft_state.opt_state})
                 sft_lora = sft_state.lora
@@ -353,7 +385,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
         state = grpo_state
         for step in range(max(start, sft_steps) + 1, cfg.total_steps + 1):
             state, metrics, samples = run_step(cfg, fns, model_cfg, params, tokenizer, state,
-                                               problems, step, sampling_key)
+                                               problems, step, sampling_key, shapes)
             if evals is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step < cfg.total_steps:
                 figures, _ = evaluate.evaluate_model(params, state.lora, tokenizer,

@@ -2,6 +2,7 @@
 split by template, SFT targets, the prompt template, and the resumable training order."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -186,3 +187,31 @@ def test_plain_prompt_with_prefill_for_base_models():
     assert "<reasoning>" + data.sft_target(problem, "<reasoning>") == full
     with pytest.raises(data.DataError, match="prefill"):
         data.sft_target(problem, "<answer>")
+
+
+def test_held_out_problems_come_in_the_number_asked_for(tmp_path, caplog, monkeypatch):
+    """An evaluation of more problems than data.num_eval gets them all (the generated
+    set is drawn longer; its first problems are the same), the same-template split
+    too, though it drops training questions; a fixed file gives what it has and says
+    so."""
+    cfg = DataConfig(num_train=120, num_eval=10)
+    held = data.held_out_problems(cfg, "eval", 30)
+    assert len(held) == 30 and held[:10] == data.load_problems(cfg, "eval")
+    assert data.held_out_problems(cfg, "eval", 4) == held[:4]
+    # Enough training questions that the same-template split must drop some.
+    many = DataConfig(num_train=3000, num_eval=10)
+    same = data.held_out_problems(many, "eval_same_template", 200)
+    dropped = 200 - len(data.load_problems(dataclasses.replace(many, num_eval=200),
+                                           "eval_same_template"))
+    assert len(same) == 200 and dropped > 0
+    assert not {p.question for p in same} & {p.question for p in data.load_problems(many, "train")}
+    path = _write(tmp_path / "held.jsonl", GOOD, "jsonl")
+    # An in-process CLI earlier in the session may have stopped the package logger
+    # propagating to pytest's handler.
+    monkeypatch.setattr(logging.getLogger("grpo_jax"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="grpo_jax.data"):
+        got = data.held_out_problems(DataConfig(dataset=str(path), eval_dataset=str(path)),
+                                     "eval", 10)
+    assert len(got) == len(GOOD) and "10 held-out problems asked for" in caplog.text
+    with pytest.raises(ValueError, match="held-out split"):
+        data.held_out_problems(cfg, "train", 3)

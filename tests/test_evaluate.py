@@ -39,8 +39,41 @@ def test_train_then_evaluate_run_dir(tmp_path):
                           env=env)
     assert proc.returncode == 0, proc.stderr
     assert "| format" in proc.stdout
-    assert json.loads((run / "eval.json").read_text())["num_problems"] == 2
+    # Another count than the run's own goes to its own file; the run's stays as trained.
+    assert json.loads((run / "eval.json").read_text()) == result
+    other = json.loads((run / "eval_n2.json").read_text())
+    assert other["num_problems"] == 2
+    assert other["records"]["trained"] == result["records"]["trained"][:2]
     assert any((tmp_path / "cache" / "grpo_jax" / "xla").iterdir())
+
+
+def test_evaluate_keeps_columns_it_already_has(tmp_path, monkeypatch):
+    """A second evaluation of the same checkpoint and setup recomputes nothing (greedy
+    repeats it: a stopped evaluation goes on where it was); a column whose file entry
+    was removed, or is for another step, is computed again."""
+    from grpo_jax import evaluate
+
+    run = tmp_path / "run"
+    train.train(dataclasses.replace(TRAIN_PRESETS["tiny"], output_dir=str(run), steps=2,
+                                    save_every=1, eval_problems=2, tensorboard=False))
+    args = evaluate.EvaluateArgs(run_dir=run, num_problems=3)
+    first = evaluate.evaluate_run_dir(args)
+    computed = []
+    real_add = evaluate.EvalFile.add
+
+    def counting_add(self, column, step, *a, **k):
+        computed.append((column, step))
+        return real_add(self, column, step, *a, **k)
+
+    monkeypatch.setattr(evaluate.EvalFile, "add", counting_add)
+    assert evaluate.evaluate_run_dir(args) == first and computed == []
+    saved = json.loads((run / "eval_n3.json").read_text())
+    del saved["base"], saved["steps"]["base"]
+    (run / "eval_n3.json").write_text(json.dumps(saved))
+    assert evaluate.evaluate_run_dir(args) == first and computed == [("base", 0)]
+    computed.clear()
+    evaluate.evaluate_run_dir(dataclasses.replace(args, step=1))
+    assert computed == [("trained", 1)]
 
 
 def test_evaluate_missing_run_dir(tmp_path):

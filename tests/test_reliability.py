@@ -95,10 +95,10 @@ def three_steps(tmp_path_factory):
     run = tmp_path_factory.mktemp("three") / "run"
     real = train.run_step
 
-    def stop_before_step_4(cfg, fns, model_cfg, params, tokenizer, state, problems, step, key):
+    def stop_before_step_4(cfg, fns, model_cfg, params, tokenizer, state, problems, step, *rest):
         if step == 4:
             raise KeyboardInterrupt
-        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, step, key)
+        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, step, *rest)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(train, "run_step", stop_before_step_4)

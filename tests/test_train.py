@@ -30,10 +30,10 @@ def _interrupt_before(monkeypatch, step: int):
     """Make train.run_step raise before running `step`: a run stopped there."""
     real = train.run_step
 
-    def run_step(cfg, fns, model_cfg, params, tokenizer, state, problems, at, key):
+    def run_step(cfg, fns, model_cfg, params, tokenizer, state, problems, at, *rest):
         if at == step:
             raise Interrupted(f"stopped before step {step}")
-        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, at, key)
+        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, at, *rest)
 
     monkeypatch.setattr(train, "run_step", run_step)
 
