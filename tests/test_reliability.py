@@ -168,7 +168,8 @@ def test_evaluate_and_export_use_the_newest_good_checkpoint(three_steps, tmp_pat
     code, lines = _cli("evaluate", ["--run-dir", run, "--num-problems", 2], tmp_path)
     assert code == 0, lines
     assert any("checkpoint 3 is damaged" in line for line in lines), lines
-    assert json.loads((run / "eval.json").read_text())["step"] == 2
+    # Two problems, not the run's own four: eval_n2.json, the run's eval.json untouched.
+    assert json.loads((run / "eval_n2.json").read_text())["step"] == 2
     code, lines = _cli("evaluate", ["--run-dir", run, "--num-problems", 2, "--step", 3],
                        tmp_path)
     _one_error_line(code, lines, "checkpoint 3 is damaged")
