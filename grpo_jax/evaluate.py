@@ -187,13 +187,13 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
     if args.num_problems is not None and args.num_problems <= 0:
         raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
     num_problems = args.num_problems or cfg.eval_problems
+    if not num_problems:
+        raise ValueError(f"{args.run_dir} was trained with --eval-problems 0; pass "
+                         "--num-problems N")
     # Another count than the run's own goes to its own file: the run's eval.json
     # stays what its training wrote (and a restarted run does not redo it).
     name = runs.eval_file(args.split, None if num_problems == cfg.eval_problems
                           else num_problems)
-    if not num_problems:
-        raise ValueError(f"{args.run_dir} was trained with --eval-problems 0; pass "
-                         "--num-problems N")
     cfg = dataclasses.replace(
         cfg, eval_problems=num_problems,
         eval_max_new_tokens=args.max_new_tokens or cfg.eval_max_new_tokens,

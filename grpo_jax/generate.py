@@ -22,7 +22,7 @@ from grpo_jax import run_cli
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.load import load_model
 from grpo_jax.sampler import sample_prompts
-from grpo_jax.stop_strings import first_match_end, stop_table
+from grpo_jax.stop_strings import cut_after_stop, stop_table
 from grpo_jax.tokenizer import STOP_IDS, chat_prompt
 
 
@@ -127,10 +127,9 @@ def run(args: GenerateArgs) -> list[dict]:
             n = int(lengths[row])
             ids = out_tokens[row, :n].tolist()
             text_ids = ids[:-1] if ids and ids[-1] in STOP_IDS else ids
-            text = tok.decode(text_ids)
-            end = first_match_end(text, sampling.stop_strings)
             results.append({"prompt_ids": list(prompt_ids), "completion_ids": ids,
-                            "completion": text if end is None else text[:end],
+                            "completion": cut_after_stop(tok.decode(text_ids),
+                                                         sampling.stop_strings),
                             "logprobs": [float(x) for x in out_lp[row, :n]]})
     return results
 

@@ -347,7 +347,7 @@ def decode_completions(tokenizer, out: SampleOutput, stop_strings: Sequence[str]
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist()) for i in range(len(lengths))]
     if stop_strings:
-        texts = [t[:stop_strings_lib.first_match_end(t, stop_strings) or len(t)] for t in texts]
+        texts = [stop_strings_lib.cut_after_stop(t, stop_strings) for t in texts]
     return texts
 
 

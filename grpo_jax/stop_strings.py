@@ -113,3 +113,10 @@ def first_match_end(text: str, strings: Sequence[str]) -> int | None:
     """End offset of the earliest-ending stop string in `text` (None: none)."""
     ends = [i + len(s) for s in strings if (i := text.find(s)) >= 0]
     return min(ends) if ends else None
+
+
+def cut_after_stop(text: str, strings: Sequence[str]) -> str:
+    """`text` up to the end of its earliest-ending stop string (all of it if none): the
+    token that completes a stop string may carry text past it ('>.' of '</answer>.')."""
+    end = first_match_end(text, strings)
+    return text if end is None else text[:end]

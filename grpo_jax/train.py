@@ -108,10 +108,11 @@ def run_shapes(cfg: TrainConfig, tokenizer, problems) -> tuple[RunShapes, list]:
         raise data.DataError(f"no training problem's SFT target fits in sft.max_tokens="
                              f"{cfg.sft.max_tokens} (the shortest has {min(lengths)} tokens)")
     longest = max(n for n in lengths if n <= cfg.sft.max_tokens)
+    shapes = RunShapes(prompt_len, min(sampler.bucket_length(longest, 32), cfg.sft.max_tokens))
     log.info("SFT trains on the %d of %d problems whose target fits in %d tokens; widths: "
-             "prompt %d, target %d", len(fits), len(problems), cfg.sft.max_tokens, prompt_len,
-             min(sampler.bucket_length(longest, 32), cfg.sft.max_tokens))
-    return RunShapes(prompt_len, min(sampler.bucket_length(longest, 32), cfg.sft.max_tokens)), fits
+             "prompt %d, target %d", len(fits), len(problems), cfg.sft.max_tokens,
+             *shapes)
+    return shapes, fits
 
 
 def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int, shapes: RunShapes
