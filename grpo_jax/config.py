@@ -462,7 +462,8 @@ class TrainConfig:
     eval_max_new_tokens: int = 192
     """Token budget of each evaluation answer."""
     eval_batch_size: int = 64
-    """Evaluation prompts decoded together (larger batches use the CPU's matmul units better)."""
+    """Evaluation rows decoded together; a row that stops takes the next problem at once
+    (continuous batching). Larger batches use the CPU's matmul units better."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
     lora: LoraConfig = LoraConfig()

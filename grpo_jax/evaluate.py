@@ -21,7 +21,7 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler
+from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler, stream
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 from grpo_jax.model import load
@@ -39,15 +39,13 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                              prompt_bucket=prompt_bucket, stop_strings=stop_strings)
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
-    completions = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        out = sampler.sample_prompts(params, data.encode_prompts(tokenizer, chunk,
-                                                                 prompt_style, prefill),
-                                     jax.random.key(0), cfg=model_cfg, sampling=sampling,
-                                     lora=lora, stop_table=stop_table)
-        completions += [prefill + c for c in
-                        sampler.decode_completions(tokenizer, out, stop_strings)]
+    # Continuous batching: `batch_size` rows decode together and a row that stops takes
+    # the next problem at once (greedy, so the answers equal batch-at-a-time decoding's).
+    out = stream.sample_stream(params, data.encode_prompts(tokenizer, problems, prompt_style,
+                                                           prefill),
+                               jax.random.key(0), cfg=model_cfg, sampling=sampling,
+                               slots=batch_size, lora=lora, stop_table=stop_table)
+    completions = [prefill + c for c in sampler.decode_completions(tokenizer, out, stop_strings)]
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
     records = [{"index": p.index, "template": p.template, "question": p.question,
