@@ -63,3 +63,16 @@ def hf_embedded_tokenizer(embedded_gguf_path):
 
     return AutoTokenizer.from_pretrained(
         embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name)
+
+
+# Fixtures that hold the embedded 270M model (and its transformers twin): ~9 GB a process.
+_EMBEDDED_FIXTURES = frozenset({"embedded_gguf_path", "embedded_gguf_reader", "embedded_params",
+                                "embedded_tokenizer", "hf_embedded_model", "hf_embedded_tokenizer"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's --dist loadgroup, every test of the embedded model runs in one
+    worker, so the model is loaded (and held in memory) once, not once per worker."""
+    for item in items:
+        if _EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("embedded-270m"))
