@@ -563,7 +563,7 @@ def changed_identity_fields(saved: TrainConfig, new: TrainConfig) -> list[str]:
 _CPU_RECIPE = TrainConfig(
     steps=4, eval_problems=32, eval_max_new_tokens=200,
     sampler=SamplerConfig(max_new_tokens=160, stop_strings=("</answer>",)),
-    sft=SFTConfig(steps=16, batch_size=8, learning_rate=3e-4, max_tokens=128),
+    sft=SFTConfig(steps=16, batch_size=8, learning_rate=1e-3, max_tokens=128),
     data=DataConfig(prompt_style="plain", prefill="<reasoning>"))
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
