@@ -175,10 +175,9 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
         cache, rows, ran = _decode_until(params, lora, cache, rows, jnp.asarray(active),
                                          jnp.int32(need), stop_table, cfg=cfg, sampling=sampling)
         decode_steps += int(ran)
-        done = np.asarray(rows.done)
-        finished = np.flatnonzero(active & done)
+        host = jax.device_get(rows)  # one transfer a segment: `need` >= 1 row has finished
+        finished = np.flatnonzero(active & host.done)
         if finished.size:
-            host = jax.device_get(rows)
             ids = owner[finished]
             out_tokens[ids] = host.tokens[finished]
             out_lp[ids] = host.logprobs[finished]
