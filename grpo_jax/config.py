@@ -426,7 +426,7 @@ class TrainConfig:
     preset: str = "cpu-270m"
     """Named starting point: cpu-270m (default: embedded Gemma 3 270M base on
     gsm_symbolic, SFT warm-up then GRPO, ~30 min on 2 CPU cores), cpu-270m-long (the
-    same recipe, ~2 hours), tiny (random tiny Gemma, byte tokenizer, for tests),
+    same recipe, longer: ~1.5 hours), tiny (random tiny Gemma, byte tokenizer, for tests),
     v5e-8-gemma3-1b (Gemma 3 1B-IT from --checkpoint, TPU v5e-8)."""
     model: str = "gemma3-270m"
     """Model preset (architecture); its weights are embedded (gemma3-270m), random (tiny),
@@ -558,8 +558,9 @@ def changed_identity_fields(saved: TrainConfig, new: TrainConfig) -> list[str]:
 # answer opens with '<reasoning>', an SFT warm-up on gold solutions of at most 128
 # tokens (which teaches the format), then GRPO from the SFT model, sampling until
 # '</answer>'. Budgets, on the slowest 2-core machine measured (AVX2, ~90 GFLOP/s
-# f32; an SFT step ~46 s, a GRPO step ~90 s): 30 minutes (cpu-270m) and 2 hours
-# (cpu-270m-long); docs/cpu_recipe.md has the figures.
+# f32; an SFT step ~46 s, a GRPO step ~85 s): 30 minutes (cpu-270m) and under 2 hours
+# (cpu-270m-long: 40 SFT + 30 GRPO steps, ~1.5 h, sized so that the run and its
+# 500-problem evaluation fit in one 3-hour session); docs/cpu_recipe.md has the figures.
 _CPU_RECIPE = TrainConfig(
     steps=4, eval_problems=32, eval_max_new_tokens=200,
     sampler=SamplerConfig(max_new_tokens=160, stop_strings=("</answer>",)),
@@ -569,8 +570,8 @@ _CPU_RECIPE = TrainConfig(
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cpu-270m": _CPU_RECIPE,
     "cpu-270m-long": dataclasses.replace(
-        _CPU_RECIPE, preset="cpu-270m-long", output_dir="runs/cpu-270m-long", steps=40,
-        save_every=10, eval_problems=100,
+        _CPU_RECIPE, preset="cpu-270m-long", output_dir="runs/cpu-270m-long", steps=30,
+        save_every=10, eval_problems=64,
         sft=dataclasses.replace(_CPU_RECIPE.sft, steps=40)),
     "tiny": TrainConfig(
         preset="tiny", model="tiny", output_dir="runs/tiny", steps=4, save_every=2,
