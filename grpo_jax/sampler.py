@@ -205,45 +205,52 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, sampling: SamplerConfig,
     return token, _token_logit(logits, token) - lse, sampling_lp
 
 
-class _Record(NamedTuple):
-    tokens: jax.Array
-    logprobs: jax.Array
-    sampling_logprobs: jax.Array
-    lengths: jax.Array
-    done: jax.Array
-    stop_state: jax.Array  # [B] int32: each row's stop-string automaton state
+class Record(NamedTuple):
+    """What each row has chosen so far ([B, N], N = max_new_tokens, or [B])."""
+    tokens: jax.Array             # [B, N] int32, PAD past the row's length
+    logprobs: jax.Array           # [B, N] float32, temperature-1 log-probs
+    sampling_logprobs: jax.Array  # [B, N] float32, log-probs under the sampling transform
+    lengths: jax.Array            # [B] int32: tokens chosen, the next one's column
+    done: jax.Array               # [B] bool: stopped on a stop token or string
+    stop_state: jax.Array         # [B] int32: each row's stop-string automaton state
 
 
-def _empty_record(batch: int, steps: int) -> _Record:
-    return _Record(jnp.full((batch, steps), PAD_ID, jnp.int32),
-                   jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch, steps), jnp.float32),
-                   jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool),
-                   jnp.zeros((batch,), jnp.int32))
+def empty_record(batch: int, steps: int) -> Record:
+    return Record(jnp.full((batch, steps), PAD_ID, jnp.int32),
+                  jnp.zeros((batch, steps), jnp.float32), jnp.zeros((batch, steps), jnp.float32),
+                  jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool),
+                  jnp.zeros((batch,), jnp.int32))
 
 
-def _record_step(rec: _Record, step: jax.Array, logits: jax.Array, keys: jax.Array,
-                 sampling: SamplerConfig, stop_table: jax.Array | None
-                 ) -> tuple[_Record, jax.Array]:
-    """Choose each row's token at `step`, write it down; rows already done get PAD.
-    A row is done after a stop token, or a token that completes a stop string."""
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+def record_choice(rec: Record, logits: jax.Array, keys: jax.Array, live: jax.Array,
+                  sampling: SamplerConfig, stop_table: jax.Array | None
+                  ) -> tuple[Record, jax.Array]:
+    """Each `live` row chooses its next token from `logits` [V, B] with the key
+    fold_in(its key, its length) and writes it at its own column; the other rows get
+    PAD and keep their record. A row is done after a stop token, or a token that
+    completes a stop string. Rows decoding in lockstep share the column; a slot of the
+    continuous-batching stream has its own."""
+    steps = rec.tokens.shape[1]
+    step_keys = jax.vmap(jax.random.fold_in)(keys, rec.lengths)
     token, lp, slp = choose_tokens(logits, step_keys, sampling)
-    token = jnp.where(rec.done, PAD_ID, token)
+    token = jnp.where(live, token, PAD_ID)
     stops = jnp.isin(token, jnp.asarray(sampling.stop_ids, jnp.int32))
     stop_state = rec.stop_state
     if stop_table is not None:
-        stop_state, matched = stop_strings_lib.advance(stop_table, stop_state, token)
+        new_state, matched = stop_strings_lib.advance(stop_table, stop_state, token)
+        stop_state = jnp.where(live, new_state, stop_state)
         stops = stops | matched
-    rec = _Record(
-        rec.tokens.at[:, step].set(token),
-        rec.logprobs.at[:, step].set(jnp.where(rec.done, 0.0, lp)),
-        rec.sampling_logprobs.at[:, step].set(jnp.where(rec.done, 0.0, slp)),
-        rec.lengths + (~rec.done).astype(jnp.int32),
-        rec.done | stops, stop_state)
+    # Rows that are not live write to an out-of-range column, which the scatter drops.
+    row = jnp.arange(token.shape[0])
+    column = jnp.where(live, rec.lengths, steps)
+    rec = Record(rec.tokens.at[row, column].set(token, mode="drop"),
+                 rec.logprobs.at[row, column].set(lp, mode="drop"),
+                 rec.sampling_logprobs.at[row, column].set(slp, mode="drop"),
+                 rec.lengths + live.astype(jnp.int32), rec.done | (live & stops), stop_state)
     return rec, token
 
 
-def _output(rec: _Record, steps: jax.Array) -> SampleOutput:
+def _output(rec: Record, steps: jax.Array) -> SampleOutput:
     return SampleOutput(rec.tokens, rec.logprobs, rec.sampling_logprobs, rec.lengths, rec.done,
                         steps)
 
@@ -279,8 +286,8 @@ def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Arr
     batch = logits.shape[1]
     steps = sampling.max_new_tokens
     keys = row_keys(key, batch)
-    rec, token = _record_step(_empty_record(batch, steps), jnp.int32(0), logits, keys, sampling,
-                              stop_table)
+    rec = empty_record(batch, steps)
+    rec, token = record_choice(rec, logits, keys, ~rec.done, sampling, stop_table)
 
     def cond(state):
         step, _, _, rec = state
@@ -289,8 +296,8 @@ def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Arr
     def body(state):
         step, token, cache, rec = state
         hidden, cache = kv_cache.decode_step(params, cache, token, cfg, lora)
-        rec, token = _record_step(rec, step, vocab_major_logits(params, hidden, cfg), keys,
-                                  sampling, stop_table)
+        rec, token = record_choice(rec, vocab_major_logits(params, hidden, cfg), keys,
+                                   ~rec.done, sampling, stop_table)
         return step + 1, token, cache, rec
 
     steps, _, cache, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, rec))
@@ -381,13 +388,13 @@ def sample_uncached(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask
         last = jax.lax.dynamic_index_in_dim(hidden, prompt_len + step - 1, axis=1, keepdims=False)
         logits = vocab_major_logits(params, last, cfg)
         was_done = rec.done
-        rec, token = _record_step(rec, step, logits, keys, sampling, stop_table)
+        rec, token = record_choice(rec, logits, keys, ~was_done, sampling, stop_table)
         tokens = tokens.at[:, prompt_len + step].set(token)
         valid = valid.at[:, prompt_len + step].set(~was_done)
         return step + 1, tokens, valid, rec
 
     step, _, _, rec = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), tokens, valid, _empty_record(batch, steps)))
+        cond, body, (jnp.int32(0), tokens, valid, empty_record(batch, steps)))
     return _output(rec, step)
 
 

@@ -28,56 +28,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sampler
-from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.tokenizer import PAD_ID
 
 
 class _Rows(NamedTuple):
-    """Per-slot decode state (all [S] or [S, N], N = max_new_tokens)."""
-    tokens: jax.Array             # [S, N] int32, PAD past the row's length
-    logprobs: jax.Array           # [S, N] float32, temperature-1 log-probs
-    sampling_logprobs: jax.Array  # [S, N] float32
-    lengths: jax.Array            # [S] int32: tokens chosen (the next one's column)
-    done: jax.Array               # [S] bool: stopped, or reached the budget
-    stopped: jax.Array            # [S] bool: stopped on a stop token or string
-    stop_state: jax.Array         # [S] int32 stop-string automaton state
-    last: jax.Array               # [S] int32: the token to feed next
-    keys: jax.Array               # [S] the row's prompt key: fold_in(key, prompt index)
+    """Per-slot decode state: what each slot's prompt has chosen so far, and how to go on."""
+    rec: sampler.Record  # tokens, log-probs, lengths, stopped (rec.done), stop-string state
+    last: jax.Array      # [S] int32: the token to feed next
+    keys: jax.Array      # [S] the row's prompt key: fold_in(key, prompt index)
+
+    def finished(self) -> jax.Array:
+        """[S] bool: stopped, or reached the token budget."""
+        return self.rec.done | (self.rec.lengths >= self.rec.tokens.shape[1])
 
 
-def _empty_rows(slots: int, steps: int, key: jax.Array) -> _Rows:
-    return _Rows(jnp.full((slots, steps), PAD_ID, jnp.int32),
-                 jnp.zeros((slots, steps), jnp.float32), jnp.zeros((slots, steps), jnp.float32),
-                 jnp.zeros((slots,), jnp.int32), jnp.ones((slots,), bool),
-                 jnp.zeros((slots,), bool), jnp.zeros((slots,), jnp.int32),
-                 jnp.full((slots,), PAD_ID, jnp.int32), sampler.row_keys(key, slots))
+def _empty_rows(steps: int, keys: jax.Array) -> _Rows:
+    return _Rows(sampler.empty_record(keys.shape[0], steps),
+                 jnp.full((keys.shape[0],), PAD_ID, jnp.int32), keys)
 
 
 def _choose(rows: _Rows, logits: jax.Array, live: jax.Array, sampling: SamplerConfig,
             stop_table: jax.Array | None) -> _Rows:
     """Each live row chooses its next token from `logits` [V, S] and writes it down."""
-    steps = rows.tokens.shape[1]
-    step_keys = jax.vmap(jax.random.fold_in)(rows.keys, rows.lengths)
-    token, lp, slp = sampler.choose_tokens(logits, step_keys, sampling)
-    stops = jnp.isin(token, jnp.asarray(sampling.stop_ids, jnp.int32))
-    stop_state = rows.stop_state
-    if stop_table is not None:
-        new_state, matched = stop_strings_lib.advance(stop_table, stop_state, token)
-        stop_state = jnp.where(live, new_state, stop_state)
-        stops = stops | matched
-    # Rows that are not live write to an out-of-range column, which the scatter drops.
-    slot = jnp.arange(token.shape[0])
-    column = jnp.where(live, rows.lengths, steps)
-    lengths = rows.lengths + live.astype(jnp.int32)
-    stopped = rows.stopped | (live & stops)
-    return rows._replace(
-        tokens=rows.tokens.at[slot, column].set(token, mode="drop"),
-        logprobs=rows.logprobs.at[slot, column].set(lp, mode="drop"),
-        sampling_logprobs=rows.sampling_logprobs.at[slot, column].set(slp, mode="drop"),
-        lengths=lengths, stopped=stopped, done=rows.done | (live & (stops | (lengths >= steps))),
-        stop_state=stop_state, last=jnp.where(live, token, rows.last))
+    rec, token = sampler.record_choice(rows.rec, logits, rows.keys, live, sampling, stop_table)
+    return rows._replace(rec=rec, last=jnp.where(live, token, rows.last))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "cache_len"),
@@ -88,15 +64,13 @@ def _insert(params, lora, cache: kv_cache.KVCache, rows: _Rows, prompt_tokens: j
             cache_len: int) -> tuple[kv_cache.KVCache, _Rows]:
     """Prefill prompts [R, L] into slots `slot_ids` [R] (an id >= S: filler, dropped) and
     choose their first tokens; `prompt_ids` [R] key their randomness."""
-    steps = rows.tokens.shape[1]
+    steps = rows.rec.tokens.shape[1]
     hidden, fresh = kv_cache.prefill(params, prompt_tokens, prompt_mask, cfg, cache_len, lora)
     logits = sampler.vocab_major_logits(params, hidden, cfg)
     cache = jax.tree.map(lambda c, f: c.at[slot_ids].set(f.astype(c.dtype), mode="drop"),
                          cache, fresh)
-    n = prompt_tokens.shape[0]
-    new = _empty_rows(n, steps, key)._replace(
-        keys=jax.vmap(jax.random.fold_in, (None, 0))(key, prompt_ids), done=jnp.zeros((n,), bool))
-    new = _choose(new, logits, jnp.ones((n,), bool), sampling, stop_table)
+    new = _empty_rows(steps, jax.vmap(jax.random.fold_in, (None, 0))(key, prompt_ids))
+    new = _choose(new, logits, jnp.ones(prompt_ids.shape, bool), sampling, stop_table)
     rows = jax.tree.map(lambda r, f: r.at[slot_ids].set(f, mode="drop"), rows, new)
     return cache, rows
 
@@ -111,14 +85,15 @@ def _decode_until(params, lora, cache: kv_cache.KVCache, rows: _Rows, active: ja
 
     def cond(state):
         _, rows, _ = state
-        live = active & ~rows.done
-        return jnp.any(live) & (jnp.sum(active & rows.done) < need)
+        finished = rows.finished()
+        return jnp.any(active & ~finished) & (jnp.sum(active & finished) < need)
 
     def body(state):
         cache, rows, steps = state
         hidden, cache = kv_cache.decode_step(params, cache, rows.last, cfg, lora)
         logits = sampler.vocab_major_logits(params, hidden, cfg)
-        return cache, _choose(rows, logits, active & ~rows.done, sampling, stop_table), steps + 1
+        return (cache, _choose(rows, logits, active & ~rows.finished(), sampling, stop_table),
+                steps + 1)
 
     return jax.lax.while_loop(cond, body, (cache, rows, jnp.int32(0)))
 
@@ -144,7 +119,7 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
     prompt_len = sampler.left_pad(prompts, multiple=sampling.prompt_bucket)[0].shape[1]
     steps = sampling.max_new_tokens
     cache = kv_cache.init_cache(cfg, slots, prompt_len + steps)
-    rows = _empty_rows(slots, steps, key)
+    rows = _empty_rows(steps, sampler.row_keys(key, slots))
     owner = np.full(slots, -1)  # the prompt each slot holds (-1: free)
     out_tokens = np.full((n, steps), PAD_ID, np.int32)
     out_lp = np.zeros((n, steps), np.float32)
@@ -175,15 +150,15 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
         cache, rows, ran = _decode_until(params, lora, cache, rows, jnp.asarray(active),
                                          jnp.int32(need), stop_table, cfg=cfg, sampling=sampling)
         decode_steps += int(ran)
-        host = jax.device_get(rows)  # one transfer a segment: `need` >= 1 row has finished
-        finished = np.flatnonzero(active & host.done)
+        host = jax.device_get(rows.rec)  # one transfer a segment: `need` >= 1 row finished
+        finished = np.flatnonzero(active & (host.done | (host.lengths >= steps)))
         if finished.size:
             ids = owner[finished]
             out_tokens[ids] = host.tokens[finished]
             out_lp[ids] = host.logprobs[finished]
             out_slp[ids] = host.sampling_logprobs[finished]
             out_len[ids] = host.lengths[finished]
-            out_stopped[ids] = host.stopped[finished]
+            out_stopped[ids] = host.done[finished]
             owner[finished] = -1
             taken += finished.size
     return sampler.SampleOutput(out_tokens, out_lp, out_slp, out_len, out_stopped,
