@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from grpo_jax import train
 from grpo_jax.config import TRAIN_PRESETS, TrainConfig, config_from_dict
@@ -74,6 +79,34 @@ def test_evaluate_keeps_columns_it_already_has(tmp_path, monkeypatch):
     computed.clear()
     evaluate.evaluate_run_dir(dataclasses.replace(args, step=1))
     assert computed == [("trained", 1)]
+
+    # scripts/seed_base_column.py: another run of the same base model takes the base
+    # column as it is (evaluate computes only the trained one); a run of another base
+    # model, or a file already there, is refused.
+    seed = _load_script("seed_base_column")
+    other = tmp_path / "other"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("eval*.json"))
+    seed.seed(run / "eval_n3.json", other)
+    computed.clear()
+    seeded = evaluate.evaluate_run_dir(dataclasses.replace(args, run_dir=other))
+    assert computed == [("trained", 2)]
+    assert seeded["base"] == first["base"] and seeded["trained"] == first["trained"]
+    assert seeded["seeded_from"] == {"base": str(run / "eval_n3.json")}
+    with pytest.raises(SystemExit, match="exists; not replacing it"):
+        seed.seed(run / "eval_n3.json", other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "gguf": "another.gguf"}))
+    (other / "eval_n3.json").unlink()
+    with pytest.raises(SystemExit, match="base models differ"):
+        seed.seed(run / "eval_n3.json", other)
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_evaluate_missing_run_dir(tmp_path):
