@@ -24,6 +24,14 @@ def test_presets_round_trip_through_config_json():
         assert config_from_dict(TrainConfig, json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
+def test_evaluation_file_names():
+    from grpo_jax import runs
+
+    assert runs.eval_file() == "eval.json" and runs.eval_file("eval", 500) == "eval_n500.json"
+    assert runs.eval_file("eval_same_template") == "eval_same_template.json"
+    assert runs.eval_file("eval_same_template", 200) == "eval_same_template_n200.json"
+
+
 def test_train_then_evaluate_run_dir(tmp_path):
     run = tmp_path / "run"
     cfg = dataclasses.replace(TRAIN_PRESETS["tiny"], output_dir=str(run), steps=1,
