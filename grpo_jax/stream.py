@@ -150,8 +150,9 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
         cache, rows, ran = _decode_until(params, lora, cache, rows, jnp.asarray(active),
                                          jnp.int32(need), stop_table, cfg=cfg, sampling=sampling)
         decode_steps += int(ran)
-        host = jax.device_get(rows.rec)  # one transfer a segment: `need` >= 1 row finished
-        finished = np.flatnonzero(active & (host.done | (host.lengths >= steps)))
+        # One transfer a segment: `need` >= 1 row has finished.
+        host, finished = jax.device_get((rows.rec, rows.finished()))
+        finished = np.flatnonzero(active & finished)
         if finished.size:
             ids = owner[finished]
             out_tokens[ids] = host.tokens[finished]
