@@ -148,8 +148,7 @@ def eval_file(split: str = "eval", num_problems: int | None = None) -> str:
     eval_same_template.json for new problems of the training templates; an evaluation
     on another number of problems than the run's own (`num_problems` given) is
     <split>_n<N>.json, so it never replaces the run's own file."""
-    stem = split if split.startswith("eval") else f"eval_{split}"  # eval_same_template.json
-    stem += "" if num_problems is None else f"_n{num_problems}"
+    stem = split + ("" if num_problems is None else f"_n{num_problems}")
     return EVAL_FILE if stem == "eval" else f"{stem}.json"
 
 

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from grpo_jax import runs
+
 BASE_MODEL_FIELDS = ("model", "checkpoint", "gguf", "dtype")
 
 
@@ -31,14 +33,14 @@ def seed(source: Path, run_dir: Path) -> Path:
     if mine != theirs:
         raise SystemExit(f"error: base models differ: {run_dir} has {mine}, "
                          f"{source.parent} has {theirs}")
-    result = json.loads(source.read_text())
+    result = runs.read_eval(source.parent, source.name)
     if "base" not in result:
         raise SystemExit(f"error: {source} has no base column")
     seeded = {k: result[k] for k in ("setup", "num_problems", "dataset", "split", "base")}
     seeded["steps"] = {"base": result["steps"]["base"]}
     seeded["records"] = {"base": result["records"]["base"]}
     seeded["seeded_from"] = {"base": str(source)}
-    target.write_text(json.dumps(seeded, indent=1))
+    runs.write_eval(run_dir, seeded, target.name)
     return target
 
 
