@@ -9,7 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3
 
@@ -82,9 +84,11 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
     weights with the adapters off: no second model copy).
 
     The hidden states are computed once; the vocabulary projection runs over
-    the N*T completion positions `chunk_size` at a time, each chunk under
-    jax.checkpoint, so neither the forward nor the backward pass holds more than
-    [chunk_size, V] logits (the full [N, T, V] never exists). Padding positions
+    time in chunks of about `chunk_size` positions (chunk_size // N steps of every
+    row), each under jax.checkpoint, so neither the forward nor the backward pass
+    holds more than ~[chunk_size, V] logits (the full [N, T, V] never exists). Under
+    a mesh (`jax.set_mesh`) the rows stay sharded and the vocabulary is split over
+    `tensor` (`vocab_sharded_logprobs`). Padding positions
     get finite garbage: mask them downstream.
 
     group > 1: rows come in consecutive groups of `group` completions of one
@@ -127,33 +131,80 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
         # Position p's hidden state predicts token p + 1.
         hidden = hidden[:, prompt_len - 1:length - 1]
     targets = tokens[:, prompt_len:]
-    total = n * steps
-    chunk = min(chunk_size, total)
-    num_chunks = -(-total // chunk)
-    pad = num_chunks * chunk - total
-    flat_h = jnp.pad(hidden.reshape(total, -1), ((0, pad), (0, 0)))
-    flat_t = jnp.pad(targets.reshape(total), (0, pad))
+    # Chunks run over time, every row in each: the rows axis (sharded over data x fsdp
+    # on a mesh) is never the looped one. ~chunk_size positions per chunk in all.
+    span = max(1, min(steps, chunk_size // n))
+    num_chunks = -(-steps // span)
+    pad = num_chunks * span - steps
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    chunked_h = hidden.reshape(n, num_chunks, span, -1).swapaxes(0, 1)
+    chunked_t = targets.reshape(n, num_chunks, span).swapaxes(0, 1)
     embed = params["embed"]
 
     @jax.checkpoint
     def one_chunk(args):
-        h, t = args
-        logits = gemma3.logits_from_hidden({"embed": embed}, h, cfg) / temperature
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logz
-        if not return_entropy:
-            return logp, jnp.zeros_like(logp)
-        # -sum p log p on the normalised log-probs: logz - E[logits] would cancel
-        # two large numbers when the logits are large and the entropy small.
-        logq = logits - logz[:, None]
-        return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
+        h, t = args  # [n, span, D], [n, span]
+        h = sharding.constrain(h)
+        if sharding.active_mesh() is not None:
+            return vocab_sharded_logprobs(h, t, embed, cfg, temperature, return_entropy)
+        return chosen_logprobs(gemma3.logits_from_hidden({"embed": embed}, h, cfg),
+                               t, temperature, return_entropy)
 
-    logp, ent = jax.lax.map(one_chunk, (flat_h.reshape(num_chunks, chunk, -1),
-                                        flat_t.reshape(num_chunks, chunk)))
-    logp = logp.reshape(-1)[:total].reshape(n, steps)
+    logp, ent = jax.lax.map(one_chunk, (chunked_h, chunked_t))
+    logp = logp.swapaxes(0, 1).reshape(n, -1)[:, :steps]
     if not return_entropy:
         return logp
-    return logp, ent.reshape(-1)[:total].reshape(n, steps)
+    return logp, ent.swapaxes(0, 1).reshape(n, -1)[:, :steps]
+
+
+def chosen_logprobs(logits: jax.Array, targets: jax.Array, temperature: float,
+                    return_entropy: bool) -> tuple[jax.Array, jax.Array]:
+    """log softmax(logits / temperature) at `targets`, and the entropy of each
+    position's distribution (zeros unless `return_entropy`). logits [..., V]."""
+    logits = logits / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
+    if not return_entropy:
+        return logp, jnp.zeros_like(logp)
+    # -sum p log p on the normalised log-probs: logz - E[logits] would cancel
+    # two large numbers when the logits are large and the entropy small.
+    logq = logits - logz[..., None]
+    return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
+
+
+def vocab_sharded_logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array,
+                           cfg: ModelConfig, temperature: float, return_entropy: bool
+                           ) -> tuple[jax.Array, jax.Array]:
+    """`chosen_logprobs` of the tied logits with the vocabulary split over `tensor`:
+    each device computes the logits of its slice of the vocabulary for its rows, and
+    the log-sum-exp, the chosen token's logit and the entropy are summed across the
+    slices (a max, then sums), so no device holds a [rows, V] block.
+
+    hidden [n, S, D] and targets [n, S] rows over data x fsdp; embed [V, D]. Runs per
+    device under `jax.shard_map` on the mesh set around the trace."""
+    rows = sharding.logical_spec(("batch",))
+
+    def local(h, t, e):
+        logits = jnp.einsum("nsd,vd->nsv", h, e.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32) / temperature
+        # The shift only steadies the exponentials; its gradient cancels.
+        top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
+        logz = top + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1),
+                                          "tensor"))
+        size = e.shape[0]
+        local_t = t - jax.lax.axis_index("tensor") * size
+        here = (local_t >= 0) & (local_t < size)
+        picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, size - 1)[..., None],
+                                     axis=-1)[..., 0]
+        logp = jax.lax.psum(jnp.where(here, picked, 0.0), "tensor") - logz
+        if not return_entropy:
+            return logp, jnp.zeros_like(logp)
+        logq = logits - logz[..., None]
+        return logp, -jax.lax.psum(jnp.sum(jnp.exp(logq) * logq, axis=-1), "tensor")
+
+    return jax.shard_map(local, in_specs=(rows, rows, P("tensor", None)),
+                         out_specs=(rows, rows))(hidden, targets, embed)
 
 
 def pack_shared_prompt(tokens: jax.Array, input_mask: jax.Array, prompt_len: int,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax import stop_strings as stop_strings_lib
+from grpo_jax import sharding, stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.tokenizer import PAD_ID
@@ -259,8 +259,7 @@ def _output(rec: Record, steps: jax.Array) -> SampleOutput:
 # KV-cached sampler
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "group"))
-def prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
+def _prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
             cfg: ModelConfig, cache_len: int, group: int = 1) -> tuple[jax.Array, kv_cache.KVCache]:
     """Prefill each distinct prompt once; fan cache and last logits out to `group` rows each.
 
@@ -274,8 +273,7 @@ def prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask: 
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
-def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Array,
+def _decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Array,
            key: jax.Array, stop_table: jax.Array | None = None, *, cfg: ModelConfig,
            sampling: SamplerConfig) -> tuple[SampleOutput, kv_cache.KVCache]:
     """Decode from prefilled `cache` and first-token `logits` until all rows stop.
@@ -304,14 +302,53 @@ def decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Arr
     return _output(rec, steps), cache
 
 
+prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "group"))
+decode = jax.jit(_decode, static_argnames=("cfg", "sampling"), donate_argnames=("cache",))
+
+
+@functools.lru_cache(maxsize=32)
+def sharded_programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, group: int,
+                     plan: sharding.MeshPlan) -> tuple[sharding.ShardedJit, sharding.ShardedJit]:
+    """(prefill, decode) for a mesh, with explicit in/out shardings: weights and adapters
+    by their logical axes, prompt rows and the cache over data x fsdp (the cache that
+    decode takes is donated and comes back with the same sharding), logits [V, B] with
+    rows sharded, the key and stop table replicated."""
+    params_sh = sharding.param_shardings(plan, cfg)
+    cache_sh = sharding.cache_shardings(plan, cfg.num_layers)
+    logits_sh = plan.sharding((None, "batch"))
+    out_sh = SampleOutput(*[plan.rows] * 5, plan.replicated)
+
+    def lora_sh(lora):
+        return None if lora is None else sharding.lora_shardings(plan, cfg, lora)
+
+    def prefill_fn(params, lora, prompt_tokens, prompt_mask):
+        return _prefill(params, lora, prompt_tokens, prompt_mask, cfg=cfg, cache_len=cache_len,
+                        group=group)
+
+    def decode_fn(params, lora, cache, logits, key, stop_table):
+        return _decode(params, lora, cache, logits, key, stop_table, cfg=cfg, sampling=sampling)
+
+    sharded_prefill = sharding.sharded_jit(
+        plan, prefill_fn, lambda params, lora, *_: (
+            (params_sh, lora_sh(lora), plan.rows, plan.rows), (logits_sh, cache_sh)))
+    sharded_decode = sharding.sharded_jit(
+        plan, decode_fn, lambda params, lora, cache, logits, key, stop_table: (
+            (params_sh, lora_sh(lora), cache_sh, logits_sh, plan.replicated,
+             None if stop_table is None else plan.replicated), (out_sh, cache_sh)),
+        donate_argnums=(2,))
+    return sharded_prefill, sharded_decode
+
+
 def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
            key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig, group: int = 1,
            lora=None, max_cache_len: int | None = None,
-           stop_table: jax.Array | None = None) -> SampleOutput:
+           stop_table: jax.Array | None = None,
+           plan: sharding.MeshPlan | None = None) -> SampleOutput:
     """Sample `group` completions for each left-padded prompt row [P, L] -> [P*group] rows
     (prompt-major: rows g*... of prompt p are p*group .. p*group+group-1).
     `sampling.stop_strings` need `stop_table` (`stop_strings.stop_table`): the sampler
-    sees token ids only."""
+    sees token ids only. plan: a device mesh (`sharded_programs`); the prompt rows
+    must divide over its data x fsdp devices."""
     if sampling.stop_strings and stop_table is None:
         raise ValueError("sampling.stop_strings are set but no stop_table was given "
                          "(stop_strings.stop_table(tokenizer, strings, vocab_size))")
@@ -321,6 +358,10 @@ def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Arr
         raise ValueError(
             f"prompt length {prompt_tokens.shape[1]} + {sampling.max_new_tokens} new tokens "
             f"exceeds the cache length {max_cache_len}")
+    if plan is not None:
+        sharded_prefill, sharded_decode = sharded_programs(cfg, sampling, cache_len, group, plan)
+        logits, cache = sharded_prefill(params, lora, prompt_tokens, prompt_mask)
+        return sharded_decode(params, lora, cache, logits, key, stop_table)[0]
     logits, cache = prefill(params, lora, prompt_tokens, prompt_mask, cfg=cfg,
                             cache_len=cache_len, group=group)
     out, _ = decode(params, lora, cache, logits, key, stop_table, cfg=cfg, sampling=sampling)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from grpo_jax import grpo
+from grpo_jax import grpo, sharding
 from grpo_jax.config import GRPOConfig, ModelConfig, OptimizerConfig
 
 
@@ -113,16 +113,47 @@ class StepFunctions:
 OBJECTIVES = ("grpo", "sft")
 
 
+def micro_batches(batch: Batch, micro: int, unit: int) -> Batch:
+    """[N, ...] rows -> [N / micro, micro, ...] for the scan over micro-batches.
+
+    Rows move in units of `unit` (a packed group of completions stays together), and
+    micro-batch c takes units c, c + chunks, c + 2 chunks, ...: the scanned axis is
+    the minor factor of the units, so the rows' sharding over data x fsdp (the major
+    factor) stays on the rows of each micro-batch instead of landing on the loop.
+    Micro-batches add up to the batch in any order, so this is the same update.
+    """
+    n = batch.tokens.shape[0]
+    chunks = n // micro
+
+    def split(x):
+        x = x.reshape(micro // unit, chunks, unit, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(chunks, micro, *x.shape[3:])
+
+    return jax.tree.map(split, batch)
+
+
+def state_shardings(plan: sharding.MeshPlan, model_cfg: ModelConfig,
+                     optimizer: optax.GradientTransformation, lora) -> TrainState:
+    lora_sh = sharding.lora_shardings(plan, model_cfg, lora)
+    return TrainState(lora_sh, sharding.opt_state_shardings(plan, optimizer, lora, lora_sh))
+
+
 @functools.lru_cache(maxsize=32)
 def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig,
                total_updates: int, temperature: float = 1.0,
-               objective: str = "grpo") -> StepFunctions:
+               objective: str = "grpo", plan: sharding.MeshPlan | None = None
+               ) -> StepFunctions:
     """The jitted log-prob pass and update for one static configuration (cached, so
     equal configurations share compiled programs).
 
     objective "grpo": the clipped policy loss of grpo_cfg on the batch's advantages
     and log-probs. "sft": the masked NLL of the completion tokens (`grpo.masked_nll`;
     from grpo_cfg only micro_batch, logprob_chunk and share_prompt apply).
+
+    plan: a device mesh. The programs then take and give arrays laid out by
+    `sharding.LOGICAL_RULES` (explicit in/out shardings: weights and adapters by
+    their logical axes, batch rows over data x fsdp, metrics replicated) and trace
+    under the mesh; None is one device, as before.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -136,11 +167,6 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
                                        group=(grpo_cfg.packing_group(tokens.shape[0])
                                               if objective == "grpo" else 1))
 
-    # On the arrays alone (not the Batch), so filling in a batch's log-probs or
-    # advantages never makes a second program.
-    logprobs = jax.jit(token_logprobs, static_argnums=4)
-
-    @functools.partial(jax.jit, donate_argnums=(1,))
     def update(params, state: TrainState, batch: Batch):
         """One optimizer update of the LoRA weights on a sampled batch.
 
@@ -197,7 +223,8 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
             metric_sums = {k: reduction(k)[0](metric_sums[k], v) for k, v in metrics.items()}
             return (grads, loss_sum + loss, metric_sums), None
 
-        parts = jax.tree.map(lambda x: x.reshape(chunks, micro, *x.shape[1:]), batch)
+        parts = micro_batches(batch, micro, grpo_cfg.packing_group(micro)
+                              if objective == "grpo" else 1)
         first = jax.tree.map(lambda x: x[0], parts)
         zero_metrics = jax.eval_shape(lambda: loss_fn(state.lora, first)[1])
         zero_metrics = {k: jnp.full(v.shape, reduction(k)[1], v.dtype)
@@ -213,4 +240,24 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
                    "finite": finite}
         return new, metrics
 
-    return StepFunctions(logprobs=logprobs, update=update, optimizer=optimizer)
+    # On the arrays alone (not the Batch), so filling in a batch's log-probs or
+    # advantages never makes a second program.
+    if plan is None:
+        return StepFunctions(logprobs=jax.jit(token_logprobs, static_argnums=4),
+                             update=jax.jit(update, donate_argnums=(1,)), optimizer=optimizer)
+
+    params_sh = sharding.param_shardings(plan, model_cfg)
+
+    def logprobs_shardings(params, lora, *_):
+        lora_sh = None if lora is None else sharding.lora_shardings(plan, model_cfg, lora)
+        return (params_sh, lora_sh, plan.rows, plan.rows), plan.rows
+
+    def update_shardings(params, state, batch):
+        state_sh = state_shardings(plan, model_cfg, optimizer, state.lora)
+        return (params_sh, state_sh, plan.rows), (state_sh, plan.replicated)
+
+    return StepFunctions(
+        logprobs=sharding.sharded_jit(plan, token_logprobs, logprobs_shardings,
+                                      static_argnums=(4,)),
+        update=sharding.sharded_jit(plan, update, update_shardings, donate_argnums=(1,)),
+        optimizer=optimizer)

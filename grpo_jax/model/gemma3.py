@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
 from kernels.reference import attention
 
@@ -138,8 +139,11 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.
 
 def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     dtype = cfg.compute_dtype
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
-    return x * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
+    if sharding.active_mesh() is None:
+        x = jnp.take(params["embed"], tokens, axis=0)
+    else:
+        x = sharding.constrain(sharding.vocab_parallel_lookup(params["embed"], tokens))
+    return x.astype(dtype) * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
 
 
 def _lora_equations(eq: str) -> tuple[str, str]:
@@ -243,6 +247,7 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
     shared_prefix (P, G): each row is a prefix of P tokens then G continuations of
     (T - P) / G tokens, each seeing the prefix and itself only (`prefix_attend`).
     """
+    # Under a mesh the rows stay over data x fsdp between layers (`sharding.constrain`).
     x = embed_tokens(params, tokens, cfg)
     scale = attention_scale(cfg)
     for i, lp in enumerate(params["layers"]):
@@ -255,6 +260,7 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
         else:
             attend = prefix_attend(positions, input_mask, window, *shared_prefix, scale=scale)
         x, _ = decoder_layer(lp, x, positions, cfg, i, attend, lora)
+        x = sharding.constrain(x)
     return rms_norm(x, params["final_norm"], cfg.rms_eps)
 
 

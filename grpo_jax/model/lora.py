@@ -34,24 +34,39 @@ def _split_axes(block: str, name: str, spec: gemma3.ParamSpec) -> tuple[int, int
     return n_in, len(spec.shape) - n_in
 
 
-def lora_specs(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> list:
-    """(shape, logical axes) of every adapter leaf, derived from the base specs."""
+def _adapter_specs(model_cfg: ModelConfig, projections, rank: int) -> list:
     base = gemma3.param_specs(model_cfg)["layers"]
     out = []
     for layer in base:
         adapters: dict = {}
-        for block, name in lora_cfg.projections:
+        for block, name in projections:
             spec = layer[block][name]
             n_in, _ = _split_axes(block, name, spec)
             fan_in = math.prod(spec.shape[:n_in])
             adapters.setdefault(block, {})[name] = {
-                "a": gemma3.ParamSpec(spec.shape[:n_in] + (lora_cfg.rank,),
+                "a": gemma3.ParamSpec(spec.shape[:n_in] + (rank,),
                                       spec.logical_axes[:n_in] + ("lora_rank",), fan_in ** -0.5),
-                "b": gemma3.ParamSpec((lora_cfg.rank,) + spec.shape[n_in:],
+                "b": gemma3.ParamSpec((rank,) + spec.shape[n_in:],
                                       ("lora_rank",) + spec.logical_axes[n_in:], None),
             }
         out.append(adapters)
     return out
+
+
+def lora_specs(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> list:
+    """(shape, logical axes) of every adapter leaf, derived from the base specs."""
+    return _adapter_specs(model_cfg, lora_cfg.projections, lora_cfg.rank)
+
+
+def adapter_logical_axes(model_cfg: ModelConfig, lora: LoraWeights) -> list:
+    """Logical axes of each leaf of `lora` (arrays or shapes), read from which
+    projections it adapts and its rank: what sharding needs, without the LoraConfig."""
+    first = lora.layers[0]
+    projections = [(block, name) for block, named in first.items() for name in named]
+    rank = next(iter(first[projections[0][0]].values()))["a"].shape[-1]
+    specs = _adapter_specs(model_cfg, projections, rank)
+    return jax.tree.map(lambda s: s.logical_axes, specs,
+                        is_leaf=lambda x: isinstance(x, gemma3.ParamSpec))
 
 
 def init_lora(model_cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array,
