@@ -587,7 +587,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
         output_dir="runs/v5e-8-gemma3-1b", steps=500, save_every=50,
         lora=LoraConfig(rank=64, alpha=64.0, targets=("q", "kv", "o", "gate", "up", "down")),
         sampler=SamplerConfig(max_new_tokens=512, temperature=1.0),
-        grpo=GRPOConfig(num_prompts=16, group_size=4, micro_batch=16),
+        grpo=GRPOConfig(num_prompts=16, group_size=4, micro_batch=32),
         optimizer=OptimizerConfig(learning_rate=3e-6),
         data=DataConfig(dataset="gsm8k", eval_dataset="gsm8k"),
         mesh=MeshConfig(data=2, fsdp=4)),

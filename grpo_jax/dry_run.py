@@ -1,0 +1,274 @@
+"""`python -m grpo_jax.train --dry-run [--preset ...]`: compile a run's programs for its
+mesh on abstract shapes (no weights loaded) and report per-chip memory, FLOPs, bytes
+and the roofline time they imply.
+
+With PyPI's `libtpu` installed (`pip install -e ".[tpu-aot]"`), the programs compile for
+compile-only TPU devices of `--topology` (default v5e:2x4, a TPU v5e-8) on any machine:
+the figures are the TPU compiler's own. Without it they compile for this machine's CPU
+devices (JAX_NUM_CPU_DEVICES=8 simulates 8) and are labelled CPU figures.
+
+Programs: the GRPO update (the whole batch, its micro-batch scan included), the
+reference log-prob pass, the sampler's prefill and its decode loop, and one decode step
+(the loop body: XLA's cost analysis counts a while loop's body once, so the decode
+loop's FLOPs are those of one step, not of the budget).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grpo_jax import sampler, sharding, step as step_lib
+from grpo_jax.config import ModelConfig, TrainConfig, model_preset
+from grpo_jax.model import gemma3, kv_cache, lora as lora_lib
+from grpo_jax.model.load import with_dtype
+
+# Prompt width the dry run compiles for: GSM8K prompts in the chat template fit in 256
+# tokens (the sampler pads to a multiple of prompt_bucket).
+PROMPT_LEN = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Peak figures of one chip (public datasheets), for the roofline."""
+
+    name: str
+    bf16_flops: float   # FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    hbm_bytes: float
+
+
+CHIPS = {
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * 2**30),
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * 2**30),
+    "v4": Chip("TPU v4", 275e12, 1228e9, 32 * 2**30),
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 * 2**30),
+}
+
+
+class DryRunError(ValueError):
+    pass
+
+
+def topology_devices(topology: str) -> tuple[list, Chip]:
+    """Compile-only TPU devices of `topology` ("v5e:2x4"), or DryRunError in one line."""
+    kind, _, shape = topology.partition(":")
+    if kind not in CHIPS or not shape:
+        raise DryRunError(f"--topology {topology!r}: expected one of "
+                          f"{', '.join(k + ':AxB' for k in CHIPS)} (e.g. v5e:2x4)")
+    try:
+        dims = [int(d) for d in shape.split("x")]
+    except ValueError:
+        raise DryRunError(f"--topology {topology!r}: the shape must be like 2x4") from None
+    from jax.experimental import topologies
+
+    per_host = tuple(min(2, d) for d in dims) + (1,) * (3 - len(dims))
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, chip_config_name="default",
+            chips_per_host_bounds=per_host, num_slices=1, wrap=(False,) * 3)
+    except Exception as e:  # noqa: BLE001 - libtpu's own message, in one line
+        text = " ".join(str(e).split())[:200]
+        raise DryRunError(f"--topology {topology!r}: libtpu cannot compile for it ({text})"
+                          ) from None
+    return list(topo.devices), CHIPS[kind]
+
+
+def has_libtpu() -> bool:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_model_config(cfg: TrainConfig) -> ModelConfig:
+    return with_dtype(model_preset(cfg.model), cfg.dtype)
+
+
+def check_run(cfg: TrainConfig, model_cfg: ModelConfig, devices: int) -> None:
+    """Every shape the run's programs take must divide over its mesh: one line each,
+    before anything compiles."""
+    mesh, g = cfg.mesh, cfg.grpo
+    mesh.check_devices(devices)
+    sharding.check_model(mesh, model_cfg)
+    sharding.check_rows(mesh, g.num_prompts, "--grpo.num-prompts (prompts prefilled)")
+    sharding.check_rows(mesh, g.batch_size, "the GRPO batch")
+    micro = g.micro_batch or g.batch_size
+    unit = g.packing_group(micro)
+    sharding.check_rows(mesh, micro // unit,
+                        "a GRPO micro-batch" + (f" (packed: {unit} completions a row)"
+                                                if unit > 1 else ""))
+    if cfg.sft.steps:
+        sharding.check_rows(mesh, cfg.sft.batch_size, "--sft.batch-size")
+
+
+PROGRAMS = ("update", "reference", "prefill", "decode", "decode_step")
+
+
+def loop_free(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the update's micro-batch scan and the log-prob chunk loop one
+    iteration long. XLA's cost analysis counts a loop's body once, whatever its trip
+    count, so FLOPs and bytes of the update and reference pass come from these twins
+    (same arithmetic, one iteration); their memory comes from the real programs."""
+    g = cfg.grpo
+    whole = g.batch_size * cfg.sampler.max_new_tokens
+    return dataclasses.replace(cfg, grpo=dataclasses.replace(g, micro_batch=0,
+                                                             logprob_chunk=whole))
+
+
+def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
+             names: tuple[str, ...] = PROGRAMS) -> dict:
+    """{name: lowered program} of the run's jitted pieces on abstract inputs."""
+    g = cfg.grpo
+    n, steps = g.batch_size, cfg.sampler.max_new_tokens
+    fns = step_lib.build_step(model_cfg, g, cfg.optimizer, cfg.total_updates,
+                              cfg.sampler.temperature, "grpo", plan)
+    params = gemma3.abstract_params(model_cfg)
+    lora = lora_lib.abstract_lora(model_cfg, cfg.lora)
+    state = jax.eval_shape(fns.init_state, lora)
+    length = PROMPT_LEN + steps
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    logp = rows((n, steps), jnp.float32)
+    batch = step_lib.Batch(
+        tokens=rows((n, length), jnp.int32), input_mask=rows((n, length), jnp.bool_),
+        advantages=rows((n,), jnp.float32), ref_logprobs=logp if g.beta > 0 else None,
+        old_logprobs=logp if g.num_iterations > 1 else None, sample_logprobs=logp,
+        prompt_len=PROMPT_LEN)
+    out = {}
+    if "update" in names:
+        out["update"] = fns.update.lower(params, state, batch)
+    if "reference" in names:
+        out["reference"] = fns.logprobs.lower(params, None, batch.tokens, batch.input_mask,
+                                              PROMPT_LEN)
+    prefill, decode = sampler.sharded_programs(model_cfg, cfg.sampler, length, g.group_size,
+                                               plan)
+    prompts = rows((g.num_prompts, PROMPT_LEN), jnp.int32)
+    if "prefill" in names:
+        out["prefill"] = prefill.lower(params, lora, prompts, rows(prompts.shape, jnp.bool_))
+    cache = jax.eval_shape(lambda: kv_cache.init_cache(model_cfg, n, length))
+    logits = rows((model_cfg.vocab_size, n), jnp.float32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    if "decode" in names:
+        out["decode"] = decode.lower(params, lora, cache, logits, key, None)
+    if "decode_step" not in names:
+        return out
+
+    def one_step(params, lora, cache, token):
+        hidden, cache = kv_cache.decode_step(params, cache, token, model_cfg, lora)
+        return sampler.vocab_major_logits(params, hidden, model_cfg), cache
+
+    cache_sh = sharding.cache_shardings(plan, model_cfg.num_layers)
+    step_program = sharding.sharded_jit(
+        plan, one_step, lambda p, lo, *_: (
+            (sharding.param_shardings(plan, model_cfg),
+             sharding.lora_shardings(plan, model_cfg, lo), cache_sh, plan.rows),
+            (plan.sharding((None, "batch")), cache_sh)),
+        donate_argnums=(2,))
+    out["decode_step"] = step_program.lower(params, lora, cache, rows((n,), jnp.int32))
+    return out
+
+
+def figures(compiled, chip: Chip | None) -> dict[str, Any]:
+    """Per-chip memory (bytes) and cost of a compiled program, and its roofline time."""
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    row = {"arguments": args, "outputs": outs, "temporaries": temp, "aliased": alias,
+           "peak": args + outs + temp - alias,
+           "flops": float(cost.get("flops", 0.0)),
+           "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+    if chip is not None:
+        compute = row["flops"] / chip.bf16_flops
+        memory = row["bytes_accessed"] / chip.hbm_bandwidth
+        row.update(roofline_s=max(compute, memory),
+                   bound="compute" if compute >= memory else "memory")
+    return row
+
+
+def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] = PROGRAMS,
+            cost_twins: bool = True) -> dict:
+    """Compile the run's programs (`names`) for its mesh; print and return the figures.
+    cost_twins: take the update's and reference pass's FLOPs and bytes from their
+    `loop_free` twins (two more compiles); without, those two count one loop iteration."""
+    model_cfg = run_model_config(cfg)
+    if has_libtpu():
+        devices, chip = topology_devices(topology)
+        target = f"{topology} ({chip.name}, compile-only: the TPU compiler's figures)"
+    else:
+        devices, chip = jax.devices(), None
+        target = (f"{len(devices)} {devices[0].platform.upper()} devices (no libtpu: CPU "
+                  "figures, not a TPU's; pip install -e '.[tpu-aot]' for those)")
+        if len(devices) < cfg.mesh.size:
+            raise DryRunError(f"the mesh needs {cfg.mesh.size} devices and this process has "
+                              f"{len(devices)}; install libtpu (.[tpu-aot]) or set "
+                              f"JAX_NUM_CPU_DEVICES={cfg.mesh.size}")
+        devices = devices[:cfg.mesh.size]
+    check_run(cfg, model_cfg, len(devices))
+    plan = sharding.MeshPlan(sharding.make_mesh(cfg.mesh, devices))
+    report = {"target": target, "preset": cfg.preset, "model": model_cfg.name,
+              "dtype": model_cfg.dtype, "mesh": dataclasses.asdict(cfg.mesh),
+              "prompt_len": PROMPT_LEN, "max_new_tokens": cfg.sampler.max_new_tokens,
+              "batch": {"prompts": cfg.grpo.num_prompts, "group": cfg.grpo.group_size,
+                        "micro_batch": cfg.grpo.micro_batch}, "programs": {}}
+    for name, lowered in programs(cfg, model_cfg, plan, names).items():
+        start = time.perf_counter()
+        report["programs"][name] = figures(lowered.compile(), chip)
+        report["programs"][name]["compile_s"] = time.perf_counter() - start
+    if cost_twins:
+        twins = [n for n in ("update", "reference") if n in names]
+        for name, lowered in programs(loop_free(cfg), model_cfg, plan, twins).items():
+            cost = figures(lowered.compile(), chip)
+            report["programs"][name].update(
+                {k: cost[k] for k in ("flops", "bytes_accessed", "roofline_s", "bound")
+                 if k in cost})
+    if chip is not None:
+        report["chip"] = dataclasses.asdict(chip)
+        if cost_twins and set(PROGRAMS) <= set(names):
+            report["estimates"] = estimates(cfg, report["programs"])
+    print(format_report(report))
+    return report
+
+
+def estimates(cfg: TrainConfig, progs: dict) -> dict:
+    """A GRPO step's roofline time from the compiled figures: prefill, max_new_tokens
+    decode steps, the reference pass (beta > 0) and mu updates."""
+    g = cfg.grpo
+    decode = progs["decode_step"]["roofline_s"]
+    step = (progs["prefill"]["roofline_s"] + cfg.sampler.max_new_tokens * decode
+            + (progs["reference"]["roofline_s"] if g.beta > 0 else 0.0)
+            + g.num_iterations * progs["update"]["roofline_s"])
+    return {"decode_tokens_per_s": g.batch_size / decode, "step_s": step}
+
+
+def format_report(report: dict) -> str:
+    gib = 2.0 ** 30
+    lines = [f"dry run: {report['preset']} ({report['model']}, {report['dtype']}) on "
+             f"{report['target']}", f"mesh {report['mesh']}, prompts {PROMPT_LEN} tokens + "
+             f"{report['max_new_tokens']} new, batch {report['batch']}",
+             f"{'program':<12}{'args':>9}{'outputs':>9}{'temp':>9}{'peak':>9}  (GiB per chip)"
+             f"{'TFLOP':>9}{'GB moved':>10}{'roofline':>12}"]
+    for name, row in report["programs"].items():
+        roof = (f"{row['roofline_s'] * 1e3:9.2f} ms {row['bound'][0]}"
+                if "roofline_s" in row else "")
+        lines.append(f"{name:<12}{row['arguments'] / gib:9.2f}{row['outputs'] / gib:9.2f}"
+                     f"{row['temporaries'] / gib:9.2f}{row['peak'] / gib:9.2f}{'':15}"
+                     f"{row['flops'] / 1e12:9.3f}{row['bytes_accessed'] / 1e9:10.2f}{roof}")
+    if "estimates" in report:
+        e = report["estimates"]
+        lines.append(f"roofline: decode {e['decode_tokens_per_s']:,.0f} tokens/s for the "
+                     f"batch; a GRPO step {e['step_s']:.2f} s (compiled estimates, not "
+                     "measurements)")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str) -> None:
+    from grpo_jax.fileio import atomic_write_text
+    atomic_write_text(path, json.dumps(report, indent=1))
+
