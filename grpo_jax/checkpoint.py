@@ -33,6 +33,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from grpo_jax import sharding
+
 
 META_ITEM = "meta"
 LEGACY_STATE_ITEM = "state"  # the one state item of checkpoints before items were separate
@@ -60,8 +62,9 @@ def item_checksums(items: dict[str, Any]) -> dict[str, str]:
     out = {}
     for name, tree in items.items():
         digest = hashlib.sha256()
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            array = np.ascontiguousarray(jax.device_get(leaf))
+        # Gathered whole (arrays sharded over other hosts too: every process calls this).
+        for path, leaf in jax.tree_util.tree_flatten_with_path(sharding.to_host(tree))[0]:
+            array = np.ascontiguousarray(leaf)
             digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|"
                           .encode())
             digest.update(array.tobytes())

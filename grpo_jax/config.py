@@ -420,6 +420,30 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several hosts (processes) in one run, through `jax.distributed.initialize`. Unset
+    fields come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; with
+    no coordinator anywhere the run is one process (on a TPU pod slice, `auto` lets JAX
+    find the hosts itself)."""
+
+    coordinator: str | None = None
+    """host:port of process 0's coordination service."""
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False
+    """Call jax.distributed.initialize() without arguments (TPU pods, SLURM)."""
+
+    @_validated
+    def __post_init__(self):
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"distributed.num_processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and self.num_processes is not None and \
+                not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"distributed.process_id {self.process_id} is not in "
+                             f"[0, {self.num_processes})")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """GRPO with LoRA on Gemma 3. Every field has a preset default; flags override it."""
 
@@ -476,7 +500,15 @@ class TrainConfig:
     """The SFT warm-up before GRPO; its adapters are merged into the base, which is
     then GRPO's start and KL reference (the SFT policy, not the raw base)."""
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
     rewards: RewardConfig = RewardConfig()
+    dry_run: bool = False
+    """Compile the step, reference pass and sampler for the mesh on abstract shapes (no
+    weights loaded) and print per-chip memory, FLOPs, bytes and roofline times; for
+    --topology's TPU when libtpu is installed (.[tpu-aot]), else for this machine's CPU
+    devices. Nothing is trained or written."""
+    topology: str = "v5e:2x4"
+    """TPU topology the dry run compiles for (v5e:2x4 is a TPU v5e-8)."""
 
     @_validated
     def __post_init__(self):
@@ -529,6 +561,10 @@ RESUMABLE_FIELDS = frozenset({
     "max_consecutive_skips", "eval_problems", "eval_every", "eval_max_new_tokens",
     "eval_batch_size", "tensorboard", "data.eval_dataset", "data.num_eval", "data.eval_seed",
     "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt",
+    # Where it runs: a mesh or host count computes the same steps (to float rounding).
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.coordinator",
+    "distributed.num_processes", "distributed.process_id", "distributed.auto", "dry_run",
+    "topology",
 })
 
 

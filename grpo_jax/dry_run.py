@@ -90,23 +90,6 @@ def run_model_config(cfg: TrainConfig) -> ModelConfig:
     return with_dtype(model_preset(cfg.model), cfg.dtype)
 
 
-def check_run(cfg: TrainConfig, model_cfg: ModelConfig, devices: int) -> None:
-    """Every shape the run's programs take must divide over its mesh: one line each,
-    before anything compiles."""
-    mesh, g = cfg.mesh, cfg.grpo
-    mesh.check_devices(devices)
-    sharding.check_model(mesh, model_cfg)
-    sharding.check_rows(mesh, g.num_prompts, "--grpo.num-prompts (prompts prefilled)")
-    sharding.check_rows(mesh, g.batch_size, "the GRPO batch")
-    micro = g.micro_batch or g.batch_size
-    unit = g.packing_group(micro)
-    sharding.check_rows(mesh, micro // unit,
-                        "a GRPO micro-batch" + (f" (packed: {unit} completions a row)"
-                                                if unit > 1 else ""))
-    if cfg.sft.steps:
-        sharding.check_rows(mesh, cfg.sft.batch_size, "--sft.batch-size")
-
-
 PROGRAMS = ("update", "reference", "prefill", "decode", "decode_step")
 
 
@@ -210,7 +193,7 @@ def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] 
                               f"{len(devices)}; install libtpu (.[tpu-aot]) or set "
                               f"JAX_NUM_CPU_DEVICES={cfg.mesh.size}")
         devices = devices[:cfg.mesh.size]
-    check_run(cfg, model_cfg, len(devices))
+    sharding.check_run(cfg, model_cfg, len(devices))
     plan = sharding.MeshPlan(sharding.make_mesh(cfg.mesh, devices))
     report = {"target": target, "preset": cfg.preset, "model": model_cfg.name,
               "dtype": model_cfg.dtype, "mesh": dataclasses.asdict(cfg.mesh),

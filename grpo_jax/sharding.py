@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -52,6 +53,27 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 class ShardingError(ValueError):
     """A mesh, batch or model shape that the mesh cannot divide."""
+
+
+def initialize_distributed(dist) -> None:
+    """`jax.distributed.initialize` from a DistributedConfig, its unset fields from
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; nothing without a
+    coordinator (one process). Must run before anything touches a device."""
+    if jax.distributed.is_initialized():
+        return
+    if dist.auto:
+        jax.distributed.initialize()
+        return
+    env = os.environ.get
+    coordinator = dist.coordinator or env("JAX_COORDINATOR_ADDRESS")
+    if not coordinator:
+        return
+    count = dist.num_processes if dist.num_processes is not None else env("JAX_NUM_PROCESSES")
+    index = dist.process_id if dist.process_id is not None else env("JAX_PROCESS_ID")
+    if count is None or index is None:
+        raise ValueError(f"coordinator {coordinator} given without --distributed.num-processes "
+                         "and --distributed.process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    jax.distributed.initialize(coordinator, int(count), int(index))
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> Mesh:
@@ -140,6 +162,22 @@ def check_rows(mesh_cfg: MeshConfig, rows: int, what: str) -> None:
                             f"{mesh_cfg.data} x --mesh.fsdp {mesh_cfg.fsdp} = {divisor} devices")
 
 
+def check_run(cfg, model_cfg: ModelConfig, devices: int) -> None:
+    """Every shape a TrainConfig's programs take must divide over its mesh: one line
+    each, before anything loads or compiles."""
+    mesh, g = cfg.mesh, cfg.grpo
+    mesh.check_devices(devices)
+    check_model(mesh, model_cfg)
+    check_rows(mesh, g.num_prompts, "--grpo.num-prompts (prompts prefilled)")
+    check_rows(mesh, g.batch_size, "the GRPO batch")
+    micro = g.micro_batch or g.batch_size
+    unit = g.packing_group(micro)
+    check_rows(mesh, micro // unit, "a GRPO micro-batch" + (
+        f" (packed: {unit} completions a row)" if unit > 1 else ""))
+    if cfg.sft.steps:
+        check_rows(mesh, cfg.sft.batch_size, "--sft.batch-size")
+
+
 # ---------------------------------------------------------------------------
 # Sharding trees
 
@@ -185,10 +223,11 @@ def cache_shardings(plan: MeshPlan, num_layers: int):
 def put(x, sharding: NamedSharding) -> jax.Array:
     """A host array every process holds whole (weights, adapters) -> a global array
     with `sharding`; each process fills only its own devices' shards."""
-    x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-        return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: np.asarray(x[index]))
+    if isinstance(x, jax.Array) and (x.is_fully_addressable or not x.is_fully_addressable
+                                     and not sharding.is_fully_addressable):
+        return jax.device_put(x, sharding)  # a local or a global array: resharded
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def put_tree(tree, shardings):
@@ -203,6 +242,31 @@ def put_rows(plan: MeshPlan, local_rows, global_rows: int | None = None) -> jax.
     if global_rows is not None:
         global_shape = (global_rows, *local_rows.shape[1:])
     return jax.make_array_from_process_local_data(plan.rows, local_rows, global_shape)
+
+
+def put_batch(plan: MeshPlan | None, tree):
+    """A batch pytree held whole on every host (each computes the same rollout and
+    rewards) -> global arrays with rows over data x fsdp, each process feeding only
+    its own rows (`process_rows`). Without a plan: device arrays, as before."""
+    if plan is None:
+        return jax.tree.map(jnp.asarray, tree)
+
+    def one(x):
+        x = np.asarray(x)
+        return put_rows(plan, x[process_rows(x.shape[0])], x.shape[0])
+
+    return jax.tree.map(one, tree)
+
+
+def to_host(tree):
+    """Arrays -> NumPy on every process; arrays spread over other hosts' devices are
+    gathered (a collective: every process must call it)."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False)
+           for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def process_rows(rows: int) -> slice:

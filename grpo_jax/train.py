@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from grpo_jax import (data, evaluate, fileio, grpo, rewards, run_cli, runs, sampler,
-                      step as step_lib, stop_strings)
+from grpo_jax import (data, dry_run, evaluate, fileio, grpo, rewards, run_cli, runs,
+                      sampler, sharding, step as step_lib, stop_strings)
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import (ModelConfig, TrainConfig, deferred_validation, train_preset,
                              validate)
@@ -57,15 +56,34 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return lora_key, sampling_key
 
 
-def step_functions(cfg: TrainConfig, model_cfg: ModelConfig) -> step_lib.StepFunctions:
+def step_functions(cfg: TrainConfig, model_cfg: ModelConfig,
+                   plan: sharding.MeshPlan | None = None) -> step_lib.StepFunctions:
     return step_lib.build_step(model_cfg, cfg.grpo, cfg.optimizer, cfg.total_updates,
-                               cfg.sampler.temperature)
+                               cfg.sampler.temperature, plan=plan)
 
 
-def sft_step_functions(cfg: TrainConfig, model_cfg: ModelConfig) -> step_lib.StepFunctions:
+def sft_step_functions(cfg: TrainConfig, model_cfg: ModelConfig,
+                       plan: sharding.MeshPlan | None = None) -> step_lib.StepFunctions:
     """The SFT phase's update: masked NLL, its own optimizer schedule over sft.steps."""
     return step_lib.build_step(model_cfg, cfg.grpo, cfg.sft.optimizer(cfg.optimizer),
-                               cfg.sft.steps, 1.0, objective="sft")
+                               cfg.sft.steps, 1.0, objective="sft", plan=plan)
+
+
+def run_plan(cfg: TrainConfig) -> sharding.MeshPlan | None:
+    """The run's device mesh; None for one device in one process (the plain programs)."""
+    if cfg.mesh.size == 1 and jax.process_count() == 1:
+        return None
+    return sharding.plan_for(cfg.mesh)
+
+
+def place_state(plan: sharding.MeshPlan | None, fns: step_lib.StepFunctions, model_cfg,
+                state: step_lib.TrainState) -> step_lib.TrainState:
+    """Adapters and optimizer state laid out by the rules (restores then read into the
+    same layout)."""
+    if plan is None:
+        return state
+    return sharding.put_tree(state, step_lib.state_shardings(plan, model_cfg, fns.optimizer,
+                                                             state.lora))
 
 
 def target_stop_id(cfg: TrainConfig) -> int | None:
@@ -133,10 +151,11 @@ def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int, shapes: RunShape
 
 
 def run_sft_step(cfg: TrainConfig, fns: step_lib.StepFunctions, params, tokenizer,
-                 state: step_lib.TrainState, problems, step: int, shapes: RunShapes):
+                 state: step_lib.TrainState, problems, step: int, shapes: RunShapes,
+                 plan: sharding.MeshPlan | None = None):
     """One SFT update on gold solutions. -> state, metrics dict."""
     start = time.perf_counter()
-    batch = sft_batch(cfg, tokenizer, problems, step, shapes)
+    batch = sharding.put_batch(plan, sft_batch(cfg, tokenizer, problems, step, shapes))
     state, m = fns.update(params, state, batch)
     m = jax.device_get(m)
     elapsed = time.perf_counter() - start
@@ -167,6 +186,7 @@ def completion_advantages(cfg: TrainConfig, total_rewards: np.ndarray,
     g = cfg.grpo
     penalty = None
     if g.kl_estimator == "k1" and g.beta > 0:
+        batch = sharding.to_host(batch)
         penalty = np.asarray(grpo.kl_reward_penalty(batch.sample_logprobs, batch.ref_logprobs,
                                                     batch.completion_mask, g.beta))
         total_rewards = total_rewards - penalty
@@ -177,7 +197,7 @@ def completion_advantages(cfg: TrainConfig, total_rewards: np.ndarray,
 
 def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConfig, params,
              tokenizer, state: step_lib.TrainState, problems, step: int,
-             sampling_key: jax.Array, shapes: RunShapes):
+             sampling_key: jax.Array, shapes: RunShapes, plan: sharding.MeshPlan | None = None):
     """Sample, score, update. -> state, metrics dict, sample rows."""
     g = cfg.grpo
     clock = [time.perf_counter()]
@@ -187,12 +207,13 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
         return clock[-1] - clock[-2]
 
     chosen, prompt_tokens, prompt_mask = step_problems(cfg, tokenizer, problems, step, shapes)
-    rollout = sampler.sample(params, prompt_tokens, prompt_mask,
+    rollout = sampler.sample(params, *sharding.put_batch(plan, (prompt_tokens, prompt_mask)),
                              jax.random.fold_in(sampling_key, step), cfg=model_cfg,
                              sampling=cfg.sampler, group=g.group_size, lora=state.lora,
                              stop_table=stop_strings.stop_table(
-                                 tokenizer, cfg.sampler.stop_strings, model_cfg.vocab_size))
-    rollout = jax.device_get(rollout)
+                                 tokenizer, cfg.sampler.stop_strings, model_cfg.vocab_size),
+                             plan=plan)
+    rollout = sharding.to_host(rollout)
     sample_s = lap()
 
     # The rewards read the answer as the model wrote it: the prefill, then its completion.
@@ -200,15 +221,15 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
              sampler.decode_completions(tokenizer, rollout, cfg.sampler.stop_strings)]
     answers = [p.answer for p in chosen for _ in range(g.group_size)]
     total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
-    batch = step_lib.teacher_forced_batch(prompt_tokens, prompt_mask, rollout.tokens,
-                                          rollout.lengths, g.group_size,
-                                          rollout.sampling_logprobs)
+    batch = sharding.put_batch(plan, step_lib.teacher_forced_batch(
+        prompt_tokens, prompt_mask, rollout.tokens, rollout.lengths, g.group_size,
+        rollout.sampling_logprobs))
     score_s = lap()
 
     if g.beta > 0:
         batch = batch.replace(ref_logprobs=fns.batch_logprobs(params, None, batch))
     advantages, kl_penalty = completion_advantages(cfg, total, batch)
-    batch = batch.replace(advantages=jnp.asarray(advantages))
+    batch = batch.replace(advantages=sharding.put_batch(plan, advantages))
     # mu = 1 is on-policy: old = stop_gradient(current) inside the loss, no extra pass.
     # mu > 1 fixes old before the first update.
     if g.num_iterations > 1:
@@ -220,7 +241,7 @@ def run_step(cfg: TrainConfig, fns: step_lib.StepFunctions, model_cfg: ModelConf
     for _ in range(g.num_iterations):
         state, m = fns.update(params, state, batch)
         updates.append(m)
-    updates = jax.device_get(updates)
+    updates = sharding.to_host(updates)
     update_s = lap()
 
     metrics = step_metrics(total, per_function, texts, answers, rollout, updates,
@@ -266,14 +287,38 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
 # The loop
 
 
+class NullLogger:
+    """What processes other than 0 log to: nothing (process 0 writes the run's files)."""
+
+    def log(self, step, metrics):
+        return metrics
+
+    def log_samples(self, step, rows):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) SFT then GRPO as configured, evaluating base, SFT-only and the
     trained policy on held-out problems; -> the last step's metrics."""
+    if cfg.dry_run:
+        dry_run.dry_run(cfg, cfg.topology)
+        return {}
     out_dir = Path(cfg.output_dir)
     # Everything the run will need is resolved before its first step, and every check
     # that can refuse comes before anything in the run directory changes.
     runs.check_resume_config(out_dir, cfg)
-    cfg.mesh.check_devices(jax.device_count())
+    sharding.initialize_distributed(cfg.distributed)
+    sharding.check_run(cfg, dry_run.run_model_config(cfg), jax.device_count())
+    if cfg.eval_problems and jax.process_count() > 1:
+        raise ValueError("the end-of-run evaluation runs in one process: pass "
+                         "--eval-problems 0 to a multi-host run and evaluate its checkpoint "
+                         "with python -m grpo_jax.evaluate")
     rewards.check_rewards(cfg.rewards)
     problems = data.load_problems(cfg.data, "train", need_solution=cfg.sft.steps > 0)
     held_out = evaluate.eval_problems(cfg) if cfg.eval_problems else []
@@ -282,12 +327,13 @@ def train(cfg: TrainConfig) -> dict:
     try:
         ckpt.check_compatible()  # before any heavy loading: a foreign directory fails fast
         base = runs.load_run_base(cfg)
-        runs.write_config_once(out_dir, cfg)
+        if jax.process_index() == 0:
+            runs.write_config_once(out_dir, cfg)
         evals = evaluate.EvalFile(cfg, out_dir, held_out) if held_out else None
         metrics = _train_loop(cfg, ckpt, base, problems, evals)
     finally:
         ckpt.close()
-    if evals is not None:
+    if evals is not None and jax.process_index() == 0:
         print(evals.table())
     return metrics
 
@@ -333,12 +379,17 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
     out_dir, sft_steps = Path(cfg.output_dir), cfg.sft.steps
     model_cfg, params, tokenizer = base
     del base  # after the merge the base weights are not held twice
+    plan = run_plan(cfg)
+    if plan is not None:
+        params = sharding.put_tree(params, sharding.param_shardings(plan, model_cfg))
     lora_key, sampling_key = run_keys(cfg.seed)
-    fns = step_functions(cfg, model_cfg)
-    grpo_state = fns.init_state(lora_lib.init_lora(model_cfg, cfg.lora, lora_key))
-    sft_fns = sft_step_functions(cfg, model_cfg) if sft_steps else None
-    sft_state = sft_fns.init_state(lora_lib.init_lora(
-        model_cfg, cfg.lora, jax.random.fold_in(lora_key, 1))) if sft_steps else None
+    fns = step_functions(cfg, model_cfg, plan)
+    grpo_state = place_state(plan, fns, model_cfg, fns.init_state(
+        lora_lib.init_lora(model_cfg, cfg.lora, lora_key)))
+    sft_fns = sft_step_functions(cfg, model_cfg, plan) if sft_steps else None
+    sft_state = place_state(plan, sft_fns, model_cfg, sft_fns.init_state(lora_lib.init_lora(
+        model_cfg, cfg.lora, jax.random.fold_in(lora_key, 1)))) if sft_steps else None
+    # Checkpoints restore into the layout of these templates (sharded on a mesh).
     start, restored = _restore(cfg, ckpt, sft_state, grpo_state)
     shapes, sft_problems = run_shapes(cfg, tokenizer, problems)
 
@@ -348,8 +399,11 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
 
     metrics: dict[str, Any] = {}
     skips_in_a_row = 0
-    with MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start) as logger, \
-            Progress(total=cfg.total_steps, initial=start) as progress:
+    main = jax.process_index() == 0  # only process 0 writes logs, metrics, the bar
+    with (MetricsLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start) if main
+          else NullLogger()) as logger, \
+            Progress(total=cfg.total_steps, initial=start,
+                     enabled=None if main else False) as progress:
 
         def finish_step(step: int, metrics: dict, samples=(), items=None) -> None:
             nonlocal skips_in_a_row
@@ -373,7 +427,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                     sft_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
                 for step in range(start + 1, sft_steps + 1):
                     sft_state, metrics = run_sft_step(cfg, sft_fns, params, tokenizer, sft_state,
-                                                      sft_problems, step, shapes)
+                                                      sft_problems, step, shapes, plan)
                     finish_step(step, metrics, items={"lora": sft_state.lora,
                                                       "opt_state": sft_state.opt_state})
                 sft_lora = sft_state.lora
@@ -381,12 +435,14 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                 sft_lora = restored["lora" if start == sft_steps else "sft_lora"]
             evaluate_column("sft", sft_steps, sft_lora)
             params = lora_lib.merge(params, sft_lora)
+            if plan is not None:
+                params = sharding.put_tree(params, sharding.param_shardings(plan, model_cfg))
         if start > sft_steps:
             grpo_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
         state = grpo_state
         for step in range(max(start, sft_steps) + 1, cfg.total_steps + 1):
             state, metrics, samples = run_step(cfg, fns, model_cfg, params, tokenizer, state,
-                                               problems, step, sampling_key, shapes)
+                                               problems, step, sampling_key, shapes, plan)
             if evals is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step < cfg.total_steps:
                 figures, _ = evaluate.evaluate_model(params, state.lora, tokenizer,
