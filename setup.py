@@ -31,5 +31,8 @@ setup(
         "test": ["pytest", "pytest-timeout", "pytest-xdist"],
         # Reference implementation for parity tests (torch from the local CPU wheel).
         "reference": ["torch==2.13.0", "transformers", "accelerate"],
+        # Compile-only TPU devices on any machine (`train --dry-run`): the libtpu that
+        # jax[tpu] pins for jax 0.10.2. Another JAX needs its own pin.
+        "tpu-aot": ["libtpu==0.0.42.1"],
     },
 )

@@ -509,6 +509,8 @@ class TrainConfig:
     devices. Nothing is trained or written."""
     topology: str = "v5e:2x4"
     """TPU topology the dry run compiles for (v5e:2x4 is a TPU v5e-8)."""
+    dry_run_json: str | None = None
+    """Also write the dry run's figures to this JSON file."""
 
     @_validated
     def __post_init__(self):
@@ -564,7 +566,7 @@ RESUMABLE_FIELDS = frozenset({
     # Where it runs: a mesh or host count computes the same steps (to float rounding).
     "mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.coordinator",
     "distributed.num_processes", "distributed.process_id", "distributed.auto", "dry_run",
-    "topology",
+    "topology", "dry_run_json",
 })
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -66,6 +67,9 @@ def topology_devices(topology: str) -> tuple[list, Chip]:
         raise DryRunError(f"--topology {topology!r}: the shape must be like 2x4") from None
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock on load, meant for processes sharing real chips;
+    # compile-only devices share nothing, so a second compiling process may load it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     per_host = tuple(min(2, d) for d in dims) + (1,) * (3 - len(dims))
     try:
         topo = topologies.get_topology_desc(
@@ -183,6 +187,8 @@ def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] 
     model_cfg = run_model_config(cfg)
     if has_libtpu():
         devices, chip = topology_devices(topology)
+        if cfg.mesh.size < len(devices):  # a smaller mesh on the topology's first chips
+            devices = devices[:cfg.mesh.size]
         target = f"{topology} ({chip.name}, compile-only: the TPU compiler's figures)"
     else:
         devices, chip = jax.devices(), None

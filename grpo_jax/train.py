@@ -307,7 +307,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) SFT then GRPO as configured, evaluating base, SFT-only and the
     trained policy on held-out problems; -> the last step's metrics."""
     if cfg.dry_run:
-        dry_run.dry_run(cfg, cfg.topology)
+        report = dry_run.dry_run(cfg, cfg.topology)
+        if cfg.dry_run_json:
+            dry_run.write_report(report, cfg.dry_run_json)
         return {}
     out_dir = Path(cfg.output_dir)
     # Everything the run will need is resolved before its first step, and every check

@@ -1,0 +1,77 @@
+"""`train --dry-run`: the v5e-8 preset compiles for a TPU v5e 2x4 topology (libtpu's
+compile-only devices) within a chip's memory; bad input is one line before any compile."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from grpo_jax import dry_run, sharding, train
+from grpo_jax.config import MeshConfig, train_preset
+
+pytestmark = pytest.mark.xdist_group("tpu-compile")
+V5E_HBM = 16e9  # bytes per chip (16 GB; the datasheet's 16 GiB is a little more)
+
+
+def test_v5e8_preset_step_and_sampler_compile_for_the_v5e_topology_within_a_chip():
+    pytest.importorskip("libtpu")
+    cfg = train_preset("v5e-8-gemma3-1b")
+    report = dry_run.dry_run(cfg, "v5e:2x4", names=("update", "decode"), cost_twins=False)
+    assert "TPU v5" in report["target"]
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    for name in ("update", "decode"):
+        row = report["programs"][name]
+        assert 0 < row["peak"] < V5E_HBM, (name, row)
+        assert row["flops"] > 0 and row["bytes_accessed"] > 0, (name, row)
+    # Per chip, not per slice: the bf16 weights (2 GB) are split over fsdp 4, so the
+    # decode program's arguments (weights, adapters, cache) are well under 2 GB.
+    assert report["programs"]["decode"]["arguments"] < 1.5e9
+
+
+def test_tiny_dry_run_cli_prints_figures(capsys):
+    pytest.importorskip("libtpu")
+    assert train.main(["--preset", "tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "compile-only" in out and "decode_step" in out and "roofline" in out
+
+
+def test_without_libtpu_it_compiles_for_cpu_devices_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(dry_run, "has_libtpu", lambda: False)
+    cfg = dataclasses.replace(train_preset("tiny"))
+    report = dry_run.dry_run(cfg, names=("reference", "decode_step"), cost_twins=False)
+    assert "CPU figures" in report["target"] and "estimates" not in report
+    assert report["programs"]["reference"]["peak"] > 0
+    too_big = dataclasses.replace(cfg, mesh=MeshConfig(data=2))
+    with pytest.raises(dry_run.DryRunError, match="JAX_NUM_CPU_DEVICES=2"):
+        dry_run.dry_run(too_big)
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("v9z:2x4", "expected one of v5e:AxB"),
+    ("v5e:2xfour", "the shape must be like 2x4"),
+    ("v5e:3x7", "libtpu cannot compile for it"),
+])
+def test_unknown_topology_is_one_line(capsys, topology, message):
+    pytest.importorskip("libtpu")
+    assert train.main(["--preset", "tiny", "--dry-run", "--topology", topology]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --topology") and message in err[0], err
+
+
+def test_shapes_the_mesh_cannot_divide_are_one_line_before_compiling(capsys):
+    base = train_preset("v5e-8-gemma3-1b")
+    cases = [
+        (["--grpo.num-prompts", "12", "--grpo.micro-batch", "0"], "--grpo.num-prompts (prompts prefilled) of 12 rows does "
+         "not divide over --mesh.data 2 x --mesh.fsdp 4 = 8 devices"),
+        (["--grpo.micro-batch", "16"], "a GRPO micro-batch (packed: 4 completions a row) of 4 "
+         "rows does not divide"),
+        (["--mesh.data", "1", "--mesh.fsdp", "1", "--mesh.tensor", "8"],
+         "--mesh.tensor 8 does not divide gemma3-1b's 4 query heads"),
+        (["--mesh.data", "4"], "= 16 devices, but this process has 8"),
+    ]
+    for flags, message in cases:
+        cfg = train.parse_config(["--preset", "v5e-8-gemma3-1b", *flags])
+        with pytest.raises(ValueError, match=None) as e:
+            sharding.check_run(cfg, dry_run.run_model_config(cfg), 8)
+        assert message in str(e.value), (flags, str(e.value))
+    sharding.check_run(base, dry_run.run_model_config(base), 8)
