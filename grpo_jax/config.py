@@ -628,7 +628,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
         grpo=GRPOConfig(num_prompts=16, group_size=4, micro_batch=32),
         optimizer=OptimizerConfig(learning_rate=3e-6),
         data=DataConfig(dataset="gsm8k", eval_dataset="gsm8k"),
-        mesh=MeshConfig(data=2, fsdp=4)),
+        mesh=MeshConfig(data=8)),
 }
 
 

@@ -18,14 +18,21 @@ def test_v5e8_preset_step_and_sampler_compile_for_the_v5e_topology_within_a_chip
     cfg = train_preset("v5e-8-gemma3-1b")
     report = dry_run.dry_run(cfg, "v5e:2x4", names=("update", "decode"), cost_twins=False)
     assert "TPU v5" in report["target"]
-    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
     for name in ("update", "decode"):
         row = report["programs"][name]
         assert 0 < row["peak"] < V5E_HBM, (name, row)
         assert row["flops"] > 0 and row["bytes_accessed"] > 0, (name, row)
-    # Per chip, not per slice: the bf16 weights (2 GB) are split over fsdp 4, so the
-    # decode program's arguments (weights, adapters, cache) are well under 2 GB.
-    assert report["programs"]["decode"]["arguments"] < 1.5e9
+    # Per chip: the bf16 weights (2.0 GB) replicated, the KV cache of 8 of the 64 rows.
+    assert 2.0e9 < report["programs"]["decode"]["arguments"] < 3.0e9
+
+
+def test_fsdp_splits_the_weights_over_chips():
+    pytest.importorskip("libtpu")
+    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), mesh=MeshConfig(data=2, fsdp=4))
+    report = dry_run.dry_run(cfg, "v5e:2x4", names=("decode_step",), cost_twins=False)
+    # The 2.0 GB of bf16 weights over fsdp 4: about 0.5 GB of arguments a chip.
+    assert report["programs"]["decode_step"]["arguments"] < 1.0e9
 
 
 def test_tiny_dry_run_cli_prints_figures(capsys):
@@ -61,13 +68,13 @@ def test_unknown_topology_is_one_line(capsys, topology, message):
 def test_shapes_the_mesh_cannot_divide_are_one_line_before_compiling(capsys):
     base = train_preset("v5e-8-gemma3-1b")
     cases = [
-        (["--grpo.num-prompts", "12", "--grpo.micro-batch", "0"], "--grpo.num-prompts (prompts prefilled) of 12 rows does "
-         "not divide over --mesh.data 2 x --mesh.fsdp 4 = 8 devices"),
+        (["--grpo.num-prompts", "12", "--grpo.micro-batch", "0"], "--grpo.num-prompts (prompts "
+         "prefilled) of 12 rows does not divide over --mesh.data 8 x --mesh.fsdp 1 = 8 devices"),
         (["--grpo.micro-batch", "16"], "a GRPO micro-batch (packed: 4 completions a row) of 4 "
          "rows does not divide"),
         (["--mesh.data", "1", "--mesh.fsdp", "1", "--mesh.tensor", "8"],
          "--mesh.tensor 8 does not divide gemma3-1b's 4 query heads"),
-        (["--mesh.data", "4"], "= 16 devices, but this process has 8"),
+        (["--mesh.fsdp", "2"], "= 16 devices, but this process has 8"),
     ]
     for flags, message in cases:
         cfg = train.parse_config(["--preset", "v5e-8-gemma3-1b", *flags])
