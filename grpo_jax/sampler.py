@@ -260,7 +260,8 @@ def _output(rec: Record, steps: jax.Array) -> SampleOutput:
 
 
 def _prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
-            cfg: ModelConfig, cache_len: int, group: int = 1) -> tuple[jax.Array, kv_cache.KVCache]:
+             cfg: ModelConfig, cache_len: int, group: int = 1
+             ) -> tuple[jax.Array, kv_cache.KVCache]:
     """Prefill each distinct prompt once; fan cache and last logits out to `group` rows each.
 
     -> logits [V, P*G] float32 (vocabulary-major) of every row's next token, and the cache.
@@ -274,8 +275,8 @@ def _prefill(params: gemma3.Params, lora, prompt_tokens: jax.Array, prompt_mask:
 
 
 def _decode(params: gemma3.Params, lora, cache: kv_cache.KVCache, logits: jax.Array,
-           key: jax.Array, stop_table: jax.Array | None = None, *, cfg: ModelConfig,
-           sampling: SamplerConfig) -> tuple[SampleOutput, kv_cache.KVCache]:
+            key: jax.Array, stop_table: jax.Array | None = None, *, cfg: ModelConfig,
+            sampling: SamplerConfig) -> tuple[SampleOutput, kv_cache.KVCache]:
     """Decode from prefilled `cache` and first-token `logits` until all rows stop.
 
     The cache is donated and returned (the loop writes into the same buffers).
@@ -318,9 +319,6 @@ def sharded_programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, 
     logits_sh = plan.sharding((None, "batch"))
     out_sh = SampleOutput(*[plan.rows] * 5, plan.replicated)
 
-    def lora_sh(lora):
-        return None if lora is None else sharding.lora_shardings(plan, cfg, lora)
-
     def prefill_fn(params, lora, prompt_tokens, prompt_mask):
         return _prefill(params, lora, prompt_tokens, prompt_mask, cfg=cfg, cache_len=cache_len,
                         group=group)
@@ -328,15 +326,18 @@ def sharded_programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, 
     def decode_fn(params, lora, cache, logits, key, stop_table):
         return _decode(params, lora, cache, logits, key, stop_table, cfg=cfg, sampling=sampling)
 
-    sharded_prefill = sharding.sharded_jit(
-        plan, prefill_fn, lambda params, lora, *_: (
-            (params_sh, lora_sh(lora), plan.rows, plan.rows), (logits_sh, cache_sh)))
-    sharded_decode = sharding.sharded_jit(
-        plan, decode_fn, lambda params, lora, cache, logits, key, stop_table: (
-            (params_sh, lora_sh(lora), cache_sh, logits_sh, plan.replicated,
-             None if stop_table is None else plan.replicated), (out_sh, cache_sh)),
-        donate_argnums=(2,))
-    return sharded_prefill, sharded_decode
+    def prefill_shardings(params, lora, *_):
+        lora_sh = sharding.lora_shardings(plan, cfg, lora)
+        return (params_sh, lora_sh, plan.rows, plan.rows), (logits_sh, cache_sh)
+
+    def decode_shardings(params, lora, cache, logits, key, stop_table):
+        lora_sh = sharding.lora_shardings(plan, cfg, lora)
+        table_sh = None if stop_table is None else plan.replicated
+        return ((params_sh, lora_sh, cache_sh, logits_sh, plan.replicated, table_sh),
+                (out_sh, cache_sh))
+
+    return (sharding.sharded_jit(plan, prefill_fn, prefill_shardings),
+            sharding.sharded_jit(plan, decode_fn, decode_shardings, donate_argnums=(2,)))
 
 
 def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,

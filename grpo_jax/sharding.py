@@ -20,7 +20,6 @@ replicated over `tensor`, the cache is sharded on its batch rows).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -109,14 +108,6 @@ class MeshPlan:
 
     mesh: Mesh
 
-    def axis_size(self, name: str) -> int:
-        return self.mesh.shape[name]
-
-    @property
-    def batch_divisor(self) -> int:
-        """Rows of every batch array must be a multiple of this (data x fsdp)."""
-        return math.prod(self.axis_size(a) for a in BATCH_AXES)
-
     def spec(self, logical: Sequence[str | None]) -> P:
         return logical_spec(logical)
 
@@ -193,8 +184,11 @@ def param_shardings(plan: MeshPlan, cfg: ModelConfig):
 
 def lora_shardings(plan: MeshPlan, cfg: ModelConfig, lora):
     """The shardings of adapters `lora` (a LoraWeights of arrays or shapes): each
-    factor takes its base weight's logical axes on its side of the rank."""
+    factor takes its base weight's logical axes on its side of the rank. None (no
+    adapters: the reference policy) has none."""
     from grpo_jax.model import lora as lora_lib
+    if lora is None:
+        return None
     return lora_lib.LoraWeights(
         _tree_shardings(plan, lora_lib.adapter_logical_axes(cfg, lora)), lora.scale)
 
@@ -223,8 +217,7 @@ def cache_shardings(plan: MeshPlan, num_layers: int):
 def put(x, sharding: NamedSharding) -> jax.Array:
     """A host array every process holds whole (weights, adapters) -> a global array
     with `sharding`; each process fills only its own devices' shards."""
-    if isinstance(x, jax.Array) and (x.is_fully_addressable or not x.is_fully_addressable
-                                     and not sharding.is_fully_addressable):
+    if isinstance(x, jax.Array):
         return jax.device_put(x, sharding)  # a local or a global array: resharded
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

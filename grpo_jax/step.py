@@ -249,7 +249,7 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
     params_sh = sharding.param_shardings(plan, model_cfg)
 
     def logprobs_shardings(params, lora, *_):
-        lora_sh = None if lora is None else sharding.lora_shardings(plan, model_cfg, lora)
+        lora_sh = sharding.lora_shardings(plan, model_cfg, lora)
         return (params_sh, lora_sh, plan.rows, plan.rows), plan.rows
 
     def update_shardings(params, state, batch):

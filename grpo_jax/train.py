@@ -157,7 +157,7 @@ def run_sft_step(cfg: TrainConfig, fns: step_lib.StepFunctions, params, tokenize
     start = time.perf_counter()
     batch = sharding.put_batch(plan, sft_batch(cfg, tokenizer, problems, step, shapes))
     state, m = fns.update(params, state, batch)
-    m = jax.device_get(m)
+    m = sharding.to_host(m)
     elapsed = time.perf_counter() - start
     tokens = int(np.asarray(batch.completion_mask).sum())
     return state, {"sft/loss": float(m["loss"]), "sft/target_tokens": tokens,
