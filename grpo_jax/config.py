@@ -49,6 +49,9 @@ def validate(cfg) -> None:
         check(cfg)
 
 
+ATTENTION_IMPLS = ("xla", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Gemma 3 decoder architecture (text only)."""
@@ -75,6 +78,10 @@ class ModelConfig:
     dtype: str = "float32"
     # Storage dtype of the weights.
     param_dtype: str = "float32"
+    # Attention: "xla" (dense masked einsums) or "pallas" (kernels/: flash attention for
+    # the forward and backward, decode attention for the sampler; TPU interpret mode
+    # off a TPU, so only for tests there).
+    attention_impl: str = "xla"
 
     @_validated
     def __post_init__(self):
@@ -88,6 +95,9 @@ class ModelConfig:
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{field} must be float32, bfloat16 or float16")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation {self.attention_impl!r}: choose one of "
+                             f"{', '.join(ATTENTION_IMPLS)}")
 
     def is_global_layer(self, layer: int) -> bool:
         return (layer + 1) % self.global_every == 0
@@ -462,6 +472,9 @@ class TrainConfig:
     """Base weights from a GGUF file instead."""
     dtype: str | None = None
     """Compute dtype override (float32 on CPU, bfloat16 on TPU)."""
+    attention: str = "xla"
+    """Attention implementation: xla (dense masked einsums) or pallas (the kernels/ flash
+    and decode kernels: compiled on a TPU, interpreted, slowly, elsewhere)."""
     output_dir: str = "runs/cpu-270m"
     """Checkpoints, metrics.jsonl, samples.jsonl, TensorBoard events and eval.json go here;
     re-running with the same directory resumes from its latest complete checkpoint."""
@@ -523,6 +536,9 @@ class TrainConfig:
         if self.checkpoint is not None and self.gguf is not None:
             raise ValueError("pass either --checkpoint or --gguf, not both")
         model_preset(self.model)  # unknown model: one clear error
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"--attention {self.attention!r}: choose one of "
+                             f"{', '.join(ATTENTION_IMPLS)}")
         if self.sampler.greedy:
             raise ValueError("sampler.temperature must be > 0 for training: greedy samples "
                              "make every group identical, so no advantage is ever non-zero")
@@ -562,7 +578,7 @@ RESUMABLE_FIELDS = frozenset({
     "preset", "output_dir", "save_every", "keep_checkpoints", "log_samples",
     "max_consecutive_skips", "eval_problems", "eval_every", "eval_max_new_tokens",
     "eval_batch_size", "tensorboard", "data.eval_dataset", "data.num_eval", "data.eval_seed",
-    "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt",
+    "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt", "attention",
     # Where it runs: a mesh or host count computes the same steps (to float rounding).
     "mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.coordinator",
     "distributed.num_processes", "distributed.process_id", "distributed.auto", "dry_run",

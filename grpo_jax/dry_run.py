@@ -94,7 +94,8 @@ def has_libtpu() -> bool:
 
 
 def run_model_config(cfg: TrainConfig) -> ModelConfig:
-    return with_dtype(model_preset(cfg.model), cfg.dtype)
+    return dataclasses.replace(with_dtype(model_preset(cfg.model), cfg.dtype),
+                               attention_impl=cfg.attention)
 
 
 PROGRAMS = ("update", "reference", "prefill", "decode", "decode_step")

@@ -59,8 +59,9 @@ def write_config_once(run_dir: str | os.PathLike, cfg: TrainConfig) -> None:
 def load_run_base(cfg: TrainConfig) -> load.LoadedModel:
     """The base model a run trains on. The random `tiny` base draws from seed + 1, a
     root of its own (the run's LoRA init and sampling streams split from seed)."""
-    return load.load_base(cfg.model, checkpoint=cfg.checkpoint, gguf=cfg.gguf, dtype=cfg.dtype,
-                          seed=cfg.seed + 1)
+    loaded = load.load_base(cfg.model, checkpoint=cfg.checkpoint, gguf=cfg.gguf,
+                            dtype=cfg.dtype, seed=cfg.seed + 1)
+    return loaded._replace(cfg=dataclasses.replace(loaded.cfg, attention_impl=cfg.attention))
 
 
 def checkpoint_steps(run_dir: str | os.PathLike, cfg: TrainConfig,

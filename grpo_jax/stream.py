@@ -9,7 +9,7 @@ is most of the work: a trained model's answers are ~60 tokens, the budget is
 have stopped, their results are taken and the next `refill` prompts are
 prefilled into those rows of the same cache (the cache addresses every row by its
 own position, and a fresh row's stale slots are masked until written, see
-`kv_cache.decode_mask`). Two programs are compiled, whatever the number of prompts:
+`kernels.reference.cache_mask`). Two programs are compiled, whatever the number of prompts:
 the insert (prefill `refill` prompts, choose their first tokens, scatter them into
 their rows) and the decode loop (run until enough rows have stopped).
 

@@ -14,6 +14,7 @@ from grpo_jax import sampler
 from grpo_jax.config import TINY, SamplerConfig
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.sampler import left_pad, sample, sample_prompts, sample_uncached
+from kernels import reference
 
 NO_STOP = ()
 GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, stop_ids=NO_STOP, prompt_bucket=8)
@@ -236,12 +237,12 @@ def test_sliding_layers_keep_only_a_window_sized_ring_buffer():
         assert cache.values[i].shape == (3, TINY.num_kv_heads, size, TINY.head_dim)
 
 
-def test_decode_mask_by_position():
+def test_cache_mask_by_position():
     # Ring of 4 slots, window 4: after writing positions 0..9, slots hold 8, 9, 6, 7.
-    mask = np.asarray(kv_cache.decode_mask(jnp.asarray([9, 1]), 4, 4))
+    mask = np.asarray(reference.cache_mask(jnp.asarray([9, 1]), 4, 4))
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
     # Global cache of 6: a row at position 2 sees slots 0..2 only.
-    assert np.asarray(kv_cache.decode_mask(jnp.asarray([2]), 6, None)).tolist() == [
+    assert np.asarray(reference.cache_mask(jnp.asarray([2]), 6, None)).tolist() == [
         [True, True, True, False, False, False]]
 
 

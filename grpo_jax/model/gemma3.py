@@ -19,6 +19,7 @@ Norm scales use Gemma's (1 + scale) convention: a zero scale is the identity.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
-from kernels.reference import attention
+from grpo_jax.model import attention
+from kernels.layout import Layout, packed_layout, self_layout
 
 Params = dict[str, Any]
 
@@ -121,20 +123,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array,
-                   window: int | None) -> jax.Array:
-    """[B, T, S] bool: causal by position, keys must be valid, optional sliding window.
-
-    Positions (not array indices) decide causality and the window, so left-padded
-    rows and (later) ring-buffer caches use the same rule.
-    """
-    diff = q_positions[:, :, None] - k_positions[:, None, :]
-    mask = (diff >= 0) & k_valid[:, None, :]
-    if window is not None:
-        mask &= diff < window
-    return mask
 
 
 def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -236,6 +224,30 @@ def attention_scale(cfg: ModelConfig) -> float:
     return cfg.query_pre_attn_scalar ** -0.5
 
 
+def decoder_stack(params: Params, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
+                  attend, lora=None) -> tuple[jax.Array, list]:
+    """The one layer loop, for the forward, the packed forward, prefill and decode.
+
+    `attend(layer, q, k, v) -> (out, aux)` is the attention of each layer (over the
+    sequence, or against a KV cache it updates); the auxes come back per layer.
+    Under a mesh the rows stay over data x fsdp between layers (`sharding.constrain`).
+    """
+    auxes = []
+    for i, lp in enumerate(params["layers"]):
+        x, aux = decoder_layer(lp, x, positions, cfg, i, functools.partial(attend, i), lora)
+        x = sharding.constrain(x)
+        auxes.append(aux)
+    return x, auxes
+
+
+def sequence_attend(layout: Layout, cfg: ModelConfig):
+    """`attend` for attention over the sequence itself, by `layout`."""
+    def attend(layer, q, k, v):
+        return attention.self_attention(q, k, v, layout, cfg, scale=attention_scale(cfg),
+                                        window=layer_window(cfg, layer)), None
+    return attend
+
+
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
                   input_mask: jax.Array, cfg: ModelConfig, lora=None,
                   shared_prefix: tuple[int, int] | None = None) -> jax.Array:
@@ -245,61 +257,14 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
     does not count). input_mask [B, T] bool: False marks padding, which no token
     attends to. lora: optional `LoraWeights` (grpo_jax.model.lora); None is the base.
     shared_prefix (P, G): each row is a prefix of P tokens then G continuations of
-    (T - P) / G tokens, each seeing the prefix and itself only (`prefix_attend`).
+    (T - P) / G tokens, each seeing the prefix and itself only
+    (`kernels.layout.packed_layout`).
     """
-    # Under a mesh the rows stay over data x fsdp between layers (`sharding.constrain`).
-    x = embed_tokens(params, tokens, cfg)
-    scale = attention_scale(cfg)
-    for i, lp in enumerate(params["layers"]):
-        window = layer_window(cfg, i)
-        if shared_prefix is None:
-            mask = attention_mask(positions, positions, input_mask, window)
-
-            def attend(q, k, v, mask=mask):
-                return attention(q, k, v, mask, scale=scale), None
-        else:
-            attend = prefix_attend(positions, input_mask, window, *shared_prefix, scale=scale)
-        x, _ = decoder_layer(lp, x, positions, cfg, i, attend, lora)
-        x = sharding.constrain(x)
+    layout = (self_layout(positions, input_mask) if shared_prefix is None
+              else packed_layout(positions, input_mask, *shared_prefix))
+    x, _ = decoder_stack(params, embed_tokens(params, tokens, cfg), positions, cfg,
+                         sequence_attend(layout, cfg), lora)
     return rms_norm(x, params["final_norm"], cfg.rms_eps)
-
-
-def prefix_attend(positions: jax.Array, valid: jax.Array, window: int | None,
-                  prefix_len: int, group: int, *, scale: float):
-    """`attend` for rows [prefix | continuation 1 | ... | continuation G].
-
-    The prefix attends to itself; each continuation to the prefix and itself, as
-    its own row [B*G, C] over keys [prefix; continuation] with the prefix's keys
-    and values broadcast to it. Continuations never meet, so no score is spent on
-    them; the prefix's projections and MLP ran once (the caller's packing), and
-    its K/V gradients sum over the G continuations through the broadcast.
-    """
-    b, t = positions.shape
-    steps = (t - prefix_len) // group
-
-    def split(x):
-        """[B, T, ...] -> the prefix [B, P, ...] and per continuation [prefix;
-        continuation] [B*G, P + C, ...]."""
-        prefix, rest = x[:, :prefix_len], x[:, prefix_len:]
-        rest = rest.reshape(b, group, steps, *x.shape[2:])
-        shared = jnp.broadcast_to(prefix[:, None], (b, group, *prefix.shape[1:]))
-        both = jnp.concatenate([shared, rest], axis=2)
-        return prefix, both.reshape(b * group, prefix_len + steps, *x.shape[2:])
-
-    prefix_pos, branch_pos = split(positions)
-    prefix_valid, branch_valid = split(valid)
-    prefix_mask = attention_mask(prefix_pos, prefix_pos, prefix_valid, window)
-    branch_mask = attention_mask(branch_pos[:, prefix_len:], branch_pos, branch_valid, window)
-
-    def attend(q, k, v):
-        (k_prefix, k_branch), (v_prefix, v_branch) = split(k), split(v)
-        out_prefix = attention(q[:, :prefix_len], k_prefix, v_prefix, prefix_mask, scale=scale)
-        q_branch = q[:, prefix_len:].reshape(b * group, steps, *q.shape[2:])
-        out_branch = attention(q_branch, k_branch, v_branch, branch_mask, scale=scale)
-        out_branch = out_branch.reshape(b, group * steps, *out_branch.shape[2:])
-        return jnp.concatenate([out_prefix, out_branch], axis=1), None
-
-    return attend
 
 
 def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax.config import ModelConfig
-from grpo_jax.model import gemma3
-from kernels.reference import attention, decode_attention
+from grpo_jax.model import attention, gemma3
+from kernels.layout import self_layout
 
 
 @jax.tree_util.register_dataclass
@@ -77,17 +77,6 @@ def _write_token(buf: jax.Array, new: jax.Array, lengths: jax.Array, keys: bool)
     return buf.at[index].set(new[:, 0].astype(buf.dtype))
 
 
-def decode_mask(lengths: jax.Array, size: int, window: int | None) -> jax.Array:
-    """[B, S] bool: slots a query at position lengths[b] may attend (itself included)."""
-    q = lengths[:, None]
-    slot = jnp.arange(size)[None, :]
-    held = q - (q - slot) % size  # the position slot s holds; negative: never written
-    mask = held >= 0
-    if window is not None:
-        mask &= q - held < window
-    return mask
-
-
 def prefill(params: gemma3.Params, tokens: jax.Array, input_mask: jax.Array, cfg: ModelConfig,
             cache_len: int, lora=None) -> tuple[jax.Array, KVCache]:
     """Run the left-padded prompts [B, T]; return the last token's hidden state [B, D]
@@ -97,43 +86,36 @@ def prefill(params: gemma3.Params, tokens: jax.Array, input_mask: jax.Array, cfg
     positions = gemma3.left_padded_positions(input_mask)
     lengths = jnp.sum(input_mask, axis=-1, dtype=jnp.int32)
     cache = init_cache(cfg, tokens.shape[0], cache_len)
-    x = gemma3.embed_tokens(params, tokens, cfg)
-    keys, values = [], []
-    for i, lp in enumerate(params["layers"]):
-        mask = gemma3.attention_mask(positions, positions, input_mask, gemma3.layer_window(cfg, i))
+    over_sequence = gemma3.sequence_attend(self_layout(positions, input_mask), cfg)
 
-        def attend(q, k, v, i=i, mask=mask):
-            out = attention(q, k, v, mask, scale=gemma3.attention_scale(cfg))
-            return out, (_write_prompt(cache.keys[i], k, positions, input_mask, lengths, True),
-                         _write_prompt(cache.values[i], v, positions, input_mask, lengths, False))
+    def attend(i, q, k, v):
+        out, _ = over_sequence(i, q, k, v)
+        return out, (_write_prompt(cache.keys[i], k, positions, input_mask, lengths, True),
+                     _write_prompt(cache.values[i], v, positions, input_mask, lengths, False))
 
-        x, (k_buf, v_buf) = gemma3.decoder_layer(lp, x, positions, cfg, i, attend, lora)
-        keys.append(k_buf)
-        values.append(v_buf)
+    x, bufs = gemma3.decoder_stack(params, gemma3.embed_tokens(params, tokens, cfg), positions,
+                                   cfg, attend, lora)
     hidden = gemma3.rms_norm(x[:, -1], params["final_norm"], cfg.rms_eps)
-    return hidden, KVCache(keys, values, lengths)
+    return hidden, KVCache([k for k, _ in bufs], [v for _, v in bufs], lengths)
 
 
 def decode_step(params: gemma3.Params, cache: KVCache, tokens: jax.Array, cfg: ModelConfig,
                 lora=None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row [B] at position lengths[b]; -> hidden [B, D], updated cache."""
-    positions = cache.lengths[:, None]
-    x = gemma3.embed_tokens(params, tokens[:, None], cfg)
-    keys, values = [], []
-    for i, lp in enumerate(params["layers"]):
-        mask = decode_mask(cache.lengths, cache.keys[i].shape[-1], gemma3.layer_window(cfg, i))
+    positions = cache.lengths
 
-        def attend(q, k, v, i=i, mask=mask):
-            k_buf = _write_token(cache.keys[i], k, cache.lengths, True)
-            v_buf = _write_token(cache.values[i], v, cache.lengths, False)
-            out = decode_attention(q[:, 0], k_buf, v_buf, mask, scale=gemma3.attention_scale(cfg))
-            return out[:, None], (k_buf, v_buf)
+    def attend(i, q, k, v):
+        k_buf = _write_token(cache.keys[i], k, positions, True)
+        v_buf = _write_token(cache.values[i], v, positions, False)
+        out = attention.cached_attention(q[:, 0], k_buf, v_buf, positions, cfg,
+                                         scale=gemma3.attention_scale(cfg),
+                                         window=gemma3.layer_window(cfg, i))
+        return out[:, None], (k_buf, v_buf)
 
-        x, (k_buf, v_buf) = gemma3.decoder_layer(lp, x, positions, cfg, i, attend, lora)
-        keys.append(k_buf)
-        values.append(v_buf)
+    x, bufs = gemma3.decoder_stack(params, gemma3.embed_tokens(params, tokens[:, None], cfg),
+                                   positions[:, None], cfg, attend, lora)
     hidden = gemma3.rms_norm(x[:, 0], params["final_norm"], cfg.rms_eps)
-    return hidden, KVCache(keys, values, cache.lengths + 1)
+    return hidden, KVCache([k for k, _ in bufs], [v for _, v in bufs], cache.lengths + 1)
 
 
 def repeat_rows(cache: KVCache, times: int) -> KVCache:
