@@ -100,6 +100,12 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, kv_length
         out_shape=jax.ShapeDtypeStruct((batch, num_kv, groups, head_dim), q.dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
+        # Every slot read (a full cache: the late steps of a decode, and what XLA reads).
+        cost_estimate=pl.CostEstimate(
+            flops=4 * batch * num_heads * size * head_dim,
+            transcendentals=batch * num_heads * size,
+            bytes_accessed=(2 * batch * num_kv * size + 2 * batch * num_heads) * head_dim
+            * q.dtype.itemsize),
         interpret=interpret_params(interpret),
     )(kv_lengths.astype(jnp.int32), q.reshape(batch, num_kv, groups, head_dim), keys, values)
     return out.reshape(batch, num_heads, head_dim)

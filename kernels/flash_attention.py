@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -42,15 +43,16 @@ _BIG = 1 << 29
 _STATS = 4  # per block: min position, max position, min segment, max segment
 
 
-def _block_stats(positions: jax.Array, segments: jax.Array, block: int) -> jax.Array:
-    """[B, L] -> [B, L / block, 4]: bounds of each block's real (non-PAD) tokens."""
+def _block_stats(positions, segments, block: int, xp=jnp):
+    """[B, L] -> [B, L / block, 4]: bounds of each block's real (non-PAD) tokens
+    (xp: jax.numpy in the program, numpy for the static cost figure)."""
     b, length = positions.shape
     pos = positions.reshape(b, length // block, block)
     seg = segments.reshape(b, length // block, block)
     real = seg != PAD
-    return jnp.stack([jnp.where(real, pos, _BIG).min(-1), jnp.where(real, pos, -_BIG).max(-1),
-                      jnp.where(real, seg, _BIG).min(-1), jnp.where(real, seg, -_BIG).max(-1)],
-                     axis=-1).astype(jnp.int32)
+    return xp.stack([xp.where(real, pos, _BIG).min(-1), xp.where(real, pos, -_BIG).max(-1),
+                     xp.where(real, seg, _BIG).min(-1), xp.where(real, seg, -_BIG).max(-1)],
+                    axis=-1).astype(xp.int32)
 
 
 def _blocks_meet(q_stats, kv_stats, window: int | None):
@@ -220,13 +222,55 @@ def _specs(rows, bk, head_dim, q_map, kv_map):
     return q_spec, kv_spec, row_spec, q_meta, kv_meta
 
 
+def _typical_pairs(q_len: int, kv_len: int, bq: int, bk: int, window: int | None,
+                   shared_prefix) -> int:
+    """Block pairs a batch row computes when it has no padding (the static figure the
+    kernels report to XLA's cost analysis; padding only skips more)."""
+    tp, sp = round_up(q_len, bq), round_up(kv_len, bk)
+
+    def row(length, padded):
+        pos = np.arange(padded, dtype=np.int32)
+        seg = np.where(pos < length, SHARED, PAD).astype(np.int32)
+        if shared_prefix is not None:
+            prefix, group = shared_prefix
+            steps = (length - prefix) // group
+            comp = pos[prefix:length] - prefix
+            pos[prefix:length] = prefix + comp % steps
+            seg[prefix:length] = 2 + comp // steps
+        return pos[None], seg[None]
+
+    q_stats = _block_stats(*row(q_len, tp), bq, np)
+    kv_stats = _block_stats(*row(kv_len, sp), bk, np)
+    meet = _blocks_meet([q_stats[:, :, None, c] for c in range(_STATS)],
+                        [kv_stats[:, None, :, c] for c in range(_STATS)], window)
+    return int(meet.sum())
+
+
+def _cost(kind: str, qf, bk: int, rows: int, nk: int, pairs: int) -> pl.CostEstimate:
+    """What one of the three kernels does over `pairs` computed block pairs per
+    (batch row, KV head): [rows x bk] scores each, Dh wide; blocks read per pair or
+    once per outer block as the kernel's grid order has it."""
+    b, k_heads, r, dh = qf.shape
+    units, nq, item = b * k_heads, r // rows, qf.dtype.itemsize
+    q_block, kv_block, row_f32 = rows * dh * item, bk * dh * item, rows * 4
+    score = rows * bk * dh
+    if kind == "forward":    # QK^T, PV; q in and o out per query block, K and V per pair
+        flops, once, per_pair = 4 * score, nq * (2 * q_block + row_f32), 2 * kv_block
+    elif kind == "dkv":      # QK^T, dO V^T, P^T dO, dS^T Q; q, dO, lse, di per pair
+        flops, once, per_pair = 8 * score, nk * 4 * kv_block, 2 * q_block + 2 * row_f32
+    else:                    # QK^T, dO V^T, dS K; q, dO, dQ, lse, di per query block
+        flops, once, per_pair = 6 * score, nq * (3 * q_block + 2 * row_f32), 2 * kv_block
+    return pl.CostEstimate(flops=units * pairs * flops, transcendentals=units * pairs * rows * bk,
+                           bytes_accessed=units * (once + pairs * per_pair))
+
+
 def _compiler_params():
     return pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def _forward(qf, kf, vf, plan, cfg):
-    scale, window, rows, bk, interpret = cfg
+    scale, window, rows, bk, interpret, pairs = cfg
     b, k_heads, r, dh = qf.shape
     nq, nk = r // rows, kf.shape[2] // bk
 
@@ -250,13 +294,14 @@ def _forward(qf, kf, vf, plan, cfg):
         out_shape=[jax.ShapeDtypeStruct(qf.shape, qf.dtype),
                    jax.ShapeDtypeStruct((b, k_heads, r, 1), jnp.float32)],
         compiler_params=_compiler_params(),
+        cost_estimate=_cost("forward", qf, bk, rows, nk, pairs),
         interpret=interpret_params(interpret),
     )(plan.q_stats, plan.kv_stats, plan.kv_ranges, qf, kf, vf,
       plan.q_pos, plan.q_seg, plan.kv_pos, plan.kv_seg)
 
 
 def _backward(qf, kf, vf, plan, o, lse, do, cfg):
-    scale, window, rows, bk, interpret = cfg
+    scale, window, rows, bk, interpret, pairs = cfg
     b, k_heads, r, dh = qf.shape
     nq, nk = r // rows, kf.shape[2] // bk
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
@@ -282,6 +327,7 @@ def _backward(qf, kf, vf, plan, o, lse, do, cfg):
         out_shape=[jax.ShapeDtypeStruct(kf.shape, kf.dtype),
                    jax.ShapeDtypeStruct(vf.shape, vf.dtype)],
         compiler_params=_compiler_params(),
+        cost_estimate=_cost("dkv", qf, bk, rows, nk, pairs),
         interpret=interpret_params(interpret),
     )(plan.q_stats, plan.kv_stats, plan.q_ranges, *inputs)
 
@@ -303,6 +349,7 @@ def _backward(qf, kf, vf, plan, o, lse, do, cfg):
             scratch_shapes=[pltpu.VMEM((rows, dh), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
         compiler_params=_compiler_params(),
+        cost_estimate=_cost("dq", qf, bk, rows, nk, pairs),
         interpret=interpret_params(interpret),
     )(plan.q_stats, plan.kv_stats, plan.kv_ranges, *inputs)
     return dq, dk, dv
@@ -372,7 +419,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *,
     qf = qf.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, tp * groups, head_dim)
     kf = pad(k, sp).transpose(0, 2, 1, 3)
     vf = pad(v, sp).transpose(0, 2, 1, 3)
-    cfg = (float(scale), window, bq * groups, bk, interpret)
+    pairs = _typical_pairs(q_len, kv_len, bq, bk, window, layout.shared_prefix)
+    cfg = (float(scale), window, bq * groups, bk, interpret, pairs)
     out = _flash(qf, kf, vf, plan, cfg)
     out = out.reshape(batch, num_kv, tp, groups, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, tp, num_heads, head_dim)[:, :q_len]
