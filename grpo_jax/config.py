@@ -524,6 +524,9 @@ class TrainConfig:
     """TPU topology the dry run compiles for (v5e:2x4 is a TPU v5e-8)."""
     dry_run_json: str | None = None
     """Also write the dry run's figures to this JSON file."""
+    dry_run_attention: tuple[str, ...] = ("xla", "pallas")
+    """Attention implementations the dry run compiles and reports side by side (besides
+    --attention, the run's own)."""
 
     @_validated
     def __post_init__(self):
@@ -536,9 +539,10 @@ class TrainConfig:
         if self.checkpoint is not None and self.gguf is not None:
             raise ValueError("pass either --checkpoint or --gguf, not both")
         model_preset(self.model)  # unknown model: one clear error
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"--attention {self.attention!r}: choose one of "
-                             f"{', '.join(ATTENTION_IMPLS)}")
+        for impl in (self.attention, *self.dry_run_attention):
+            if impl not in ATTENTION_IMPLS:
+                raise ValueError(f"attention implementation {impl!r}: choose one of "
+                                 f"{', '.join(ATTENTION_IMPLS)}")
         if self.sampler.greedy:
             raise ValueError("sampler.temperature must be > 0 for training: greedy samples "
                              "make every group identical, so no advantage is ever non-zero")
@@ -582,7 +586,7 @@ RESUMABLE_FIELDS = frozenset({
     # Where it runs: a mesh or host count computes the same steps (to float rounding).
     "mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.coordinator",
     "distributed.num_processes", "distributed.process_id", "distributed.auto", "dry_run",
-    "topology", "dry_run_json",
+    "topology", "dry_run_json", "dry_run_attention",
 })
 
 

@@ -209,24 +209,41 @@ def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] 
               "dtype": model_cfg.dtype, "mesh": dataclasses.asdict(cfg.mesh),
               "prompt_len": PROMPT_LEN, "max_new_tokens": cfg.sampler.max_new_tokens,
               "batch": {"prompts": cfg.grpo.num_prompts, "group": cfg.grpo.group_size,
-                        "micro_batch": cfg.grpo.micro_batch}, "programs": {}}
+                        "micro_batch": cfg.grpo.micro_batch},
+              "attention": cfg.attention, "by_attention": {}}
+    # The run's own attention first; its figures are also the report's top level. On
+    # CPU devices a Pallas TPU kernel is interpreted: only the run's own is compiled.
+    impls = (cfg.attention, *cfg.dry_run_attention) if chip is not None else (cfg.attention,)
+    for impl in dict.fromkeys(impls):
+        impl_cfg = dataclasses.replace(cfg, attention=impl)
+        progs = compile_programs(impl_cfg, run_model_config(impl_cfg), plan, chip, names,
+                                 cost_twins)
+        entry = {"programs": progs}
+        if chip is not None and cost_twins and set(PROGRAMS) <= set(names):
+            entry["estimates"] = estimates(cfg, progs)
+        report["by_attention"][impl] = entry
+    report.update(report["by_attention"][cfg.attention])
+    if chip is not None:
+        report["chip"] = dataclasses.asdict(chip)
+    print(format_report(report))
+    return report
+
+
+def compile_programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
+                     chip: Chip | None, names: tuple[str, ...], cost_twins: bool) -> dict:
+    """{program: figures} for one configuration (see `dry_run`)."""
+    out = {}
     for name, lowered in programs(cfg, model_cfg, plan, names).items():
         start = time.perf_counter()
-        report["programs"][name] = figures(lowered.compile(), chip)
-        report["programs"][name]["compile_s"] = time.perf_counter() - start
+        out[name] = figures(lowered.compile(), chip)
+        out[name]["compile_s"] = time.perf_counter() - start
     if cost_twins:
         twins = [n for n in ("update", "reference") if n in names]
         for name, lowered in programs(loop_free(cfg), model_cfg, plan, twins).items():
             cost = figures(lowered.compile(), chip)
-            report["programs"][name].update(
-                {k: cost[k] for k in ("flops", "bytes_accessed", "roofline_s", "bound")
-                 if k in cost})
-    if chip is not None:
-        report["chip"] = dataclasses.asdict(chip)
-        if cost_twins and set(PROGRAMS) <= set(names):
-            report["estimates"] = estimates(cfg, report["programs"])
-    print(format_report(report))
-    return report
+            out[name].update({k: cost[k] for k in ("flops", "bytes_accessed", "roofline_s",
+                                                   "bound") if k in cost})
+    return out
 
 
 def estimates(cfg: TrainConfig, progs: dict) -> dict:
@@ -248,17 +265,23 @@ def format_report(report: dict) -> str:
              f"{report['max_new_tokens']} new, batch {report['batch']}",
              f"{'program':<12}{'args':>9}{'outputs':>9}{'temp':>9}{'peak':>9}  (GiB per chip)"
              f"{'TFLOP':>9}{'GB moved':>10}{'roofline':>12}"]
-    for name, row in report["programs"].items():
-        roof = (f"{row['roofline_s'] * 1e3:9.2f} ms {row['bound'][0]}"
-                if "roofline_s" in row else "")
-        lines.append(f"{name:<12}{row['arguments'] / gib:9.2f}{row['outputs'] / gib:9.2f}"
-                     f"{row['temporaries'] / gib:9.2f}{row['peak'] / gib:9.2f}{'':15}"
-                     f"{row['flops'] / 1e12:9.3f}{row['bytes_accessed'] / 1e9:10.2f}{roof}")
-    if "estimates" in report:
-        e = report["estimates"]
-        lines.append(f"roofline: decode {e['decode_tokens_per_s']:,.0f} tokens/s for the "
-                     f"batch; a GRPO step {e['step_s']:.2f} s (compiled estimates, not "
-                     "measurements)")
+    for impl, entry in report["by_attention"].items():
+        own = impl == report["attention"] and len(report["by_attention"]) > 1
+        lines.append(f"attention {impl}" + (" (the run's own)" if own else "") + ":")
+        for name, row in entry["programs"].items():
+            roof = (f"{row['roofline_s'] * 1e3:9.2f} ms {row['bound'][0]}"
+                    if "roofline_s" in row else "")
+            lines.append(f"  {name:<10}{row['arguments'] / gib:9.2f}{row['outputs'] / gib:9.2f}"
+                         f"{row['temporaries'] / gib:9.2f}{row['peak'] / gib:9.2f}{'':15}"
+                         f"{row['flops'] / 1e12:9.3f}{row['bytes_accessed'] / 1e9:10.2f}{roof}")
+        if "estimates" in entry:
+            e = entry["estimates"]
+            lines.append(f"  roofline: decode {e['decode_tokens_per_s']:,.0f} tokens/s for the "
+                         f"batch; a GRPO step {e['step_s']:.2f} s (compiled estimates, not "
+                         "measurements)")
+    if "pallas" in report["by_attention"]:
+        lines.append("  (pallas: the kernels' FLOPs and bytes are their own estimates from "
+                     "their block schedule; XLA cannot see inside a kernel)")
     return "\n".join(lines)
 
 

@@ -3,7 +3,10 @@ device and on each mesh given, in a process of its own with 8 simulated CPU devi
 (`test_sharding` starts it: the test process itself has one device). Writes an .npz of
 every result, and of the shardings the arrays came back with, for the test to compare.
 
-    JAX_NUM_CPU_DEVICES=8 python tests/sharded_worker.py OUT.npz 8,1,1 2,4,1 ...
+    JAX_NUM_CPU_DEVICES=8 python tests/sharded_worker.py OUT.npz 8,1,1 2,4,1 2,2,2,pallas ...
+
+A mesh ending in ",pallas" runs the model with attention_impl="pallas" (the kernels per
+device under shard_map, in interpret mode), still compared with one device's XLA path.
 """
 from __future__ import annotations
 
@@ -57,11 +60,11 @@ def inputs(seed: int):
     return params, lora, batch, prompt_tokens.astype(np.int32), prompt_mask
 
 
-def grads_fn(params, lora, batch):
+def grads_fn(params, lora, batch, cfg=CFG):
     """Gradient of the GRPO loss w.r.t. the adapters (the update's inner step)."""
     def loss(lora):
         logp = grpo.per_token_logprobs(params, lora, batch.tokens, batch.input_mask,
-                                       batch.prompt_len, CFG, chunk_size=GRPO.logprob_chunk,
+                                       batch.prompt_len, cfg, chunk_size=GRPO.logprob_chunk,
                                        group=GROUP)
         return grpo.policy_loss(logp, batch.old_logprobs, batch.ref_logprobs, batch.advantages,
                                 batch.completion_mask)[0]
@@ -72,9 +75,11 @@ def spec_of(x) -> str:
     return str(x.sharding.spec) if isinstance(x.sharding, jax.sharding.NamedSharding) else "single"
 
 
-def run(plan: sharding.MeshPlan | None, seed: int) -> dict[str, np.ndarray]:
+def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
+        ) -> dict[str, np.ndarray]:
     params, lora, batch, prompt_tokens, prompt_mask = inputs(seed)
-    fns = step_lib.build_step(CFG, GRPO, OptimizerConfig(learning_rate=1e-2), 10, 1.0,
+    model_cfg = dataclasses.replace(CFG, attention_impl=attention)
+    fns = step_lib.build_step(model_cfg, GRPO, OptimizerConfig(learning_rate=1e-2), 10, 1.0,
                               "grpo", plan)
     if plan is not None:
         params = sharding.put_tree(params, sharding.param_shardings(plan, CFG))
@@ -93,18 +98,19 @@ def run(plan: sharding.MeshPlan | None, seed: int) -> dict[str, np.ndarray]:
     for i, leaf in enumerate(jax.tree.leaves(new_state.lora)):
         out[f"lora_{i}"] = leaf
     if plan is None:
-        loss, grads = jax.jit(grads_fn)(params, lora, batch)
+        loss, grads = jax.jit(grads_fn, static_argnums=3)(params, lora, batch, model_cfg)
     else:
         grad_sh = sharding.lora_shardings(plan, CFG, lora)
         loss, grads = sharding.sharded_jit(
             plan, grads_fn, lambda *a: ((sharding.param_shardings(plan, CFG), grad_sh,
-                                         plan.rows), (plan.replicated, grad_sh)))(
-            params, lora, batch)
+                                         plan.rows), (plan.replicated, grad_sh)),
+            static_argnums=(3,))(params, lora, batch, model_cfg)
     out["grad_loss"] = loss
     for i, leaf in enumerate(jax.tree.leaves(grads)):
         out[f"grad_{i}"] = leaf
     sample = sampler.sample(params, prompt_tokens, prompt_mask, jax.random.key(seed + 1),
-                            cfg=CFG, sampling=SAMPLING, group=GROUP, lora=lora, plan=plan)
+                            cfg=model_cfg, sampling=SAMPLING, group=GROUP, lora=lora,
+                            plan=plan)
     out["sample_tokens"], out["sample_logprobs"] = sample.tokens, sample.logprobs
     specs = {
         "ref_logprobs": spec_of(ref), "sample_tokens": spec_of(sample.tokens),
@@ -114,7 +120,7 @@ def run(plan: sharding.MeshPlan | None, seed: int) -> dict[str, np.ndarray]:
     }
     if plan is not None:
         cfg_len = PROMPT_LEN + STEPS
-        prefill, _ = sampler.sharded_programs(CFG, SAMPLING, cfg_len, GROUP, plan)
+        prefill, _ = sampler.sharded_programs(model_cfg, SAMPLING, cfg_len, GROUP, plan)
         _, cache = prefill(params, lora, prompt_tokens, prompt_mask)
         specs.update({f"cache_keys_{i}": spec_of(x) for i, x in enumerate(cache.keys)})
         specs["cache_lengths"] = spec_of(cache.lengths)
@@ -132,13 +138,15 @@ def run(plan: sharding.MeshPlan | None, seed: int) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str]) -> int:
-    path, meshes = argv[0], [tuple(map(int, m.split(","))) for m in argv[1:]]
-    seed = int(os.environ.get("SHARDED_SEED", "0"))
+    path, seed = argv[0], int(os.environ.get("SHARDED_SEED", "0"))
     results = {f"single/{k}": v for k, v in run(None, seed).items()}
-    for shape in meshes:
-        plan = sharding.plan_for(MeshConfig(*shape))
-        name = "x".join(map(str, shape))
-        results.update({f"{name}/{k}": v for k, v in run(plan, seed).items()})
+    for mesh in argv[1:]:  # "data,fsdp,tensor" or "data,fsdp,tensor,pallas"
+        shape, attention = mesh.split(","), "xla"
+        if shape[-1] == "pallas":
+            shape, attention = shape[:-1], "pallas"
+        plan = sharding.plan_for(MeshConfig(*map(int, shape)))
+        name = "x".join(shape) + ("-pallas" if attention == "pallas" else "")
+        results.update({f"{name}/{k}": v for k, v in run(plan, seed, attention).items()})
     np.savez(path, **results)
     return 0
 

@@ -14,22 +14,32 @@ V5E_HBM = 16e9  # bytes per chip (16 GB; the datasheet's 16 GiB is a little more
 
 
 def test_v5e8_preset_step_and_sampler_compile_for_the_v5e_topology_within_a_chip():
+    """Both attention implementations: the Pallas kernels lower through Mosaic inside
+    the sharded update and decode loop (a lowering error fails here)."""
     pytest.importorskip("libtpu")
     cfg = train_preset("v5e-8-gemma3-1b")
     report = dry_run.dry_run(cfg, "v5e:2x4", names=("update", "decode"), cost_twins=False)
     assert "TPU v5" in report["target"]
     assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
-    for name in ("update", "decode"):
-        row = report["programs"][name]
-        assert 0 < row["peak"] < V5E_HBM, (name, row)
-        assert row["flops"] > 0 and row["bytes_accessed"] > 0, (name, row)
-    # Per chip: the bf16 weights (2.0 GB) replicated, the KV cache of 8 of the 64 rows.
-    assert 2.0e9 < report["programs"]["decode"]["arguments"] < 3.0e9
+    assert set(report["by_attention"]) == {"xla", "pallas"}
+    assert report["programs"] == report["by_attention"][cfg.attention]["programs"]
+    for impl, entry in report["by_attention"].items():
+        for name in ("update", "decode"):
+            row = entry["programs"][name]
+            assert 0 < row["peak"] < V5E_HBM, (impl, name, row)
+            assert row["flops"] > 0 and row["bytes_accessed"] > 0, (impl, name, row)
+        # Per chip: the bf16 weights (2.0 GB) replicated, the KV cache of 8 of the 64 rows.
+        assert 2.0e9 < entry["programs"]["decode"]["arguments"] < 3.0e9
+    # Flash attention keeps no [rows, T, T] scores: the update's temporaries shrink.
+    by = report["by_attention"]
+    assert by["pallas"]["programs"]["update"]["temporaries"] < \
+        by["xla"]["programs"]["update"]["temporaries"]
 
 
 def test_fsdp_splits_the_weights_over_chips():
     pytest.importorskip("libtpu")
-    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), mesh=MeshConfig(data=2, fsdp=4))
+    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), mesh=MeshConfig(data=2, fsdp=4),
+                              dry_run_attention=())
     report = dry_run.dry_run(cfg, "v5e:2x4", names=("decode_step",), cost_twins=False)
     # The 2.0 GB of bf16 weights over fsdp 4: about 0.5 GB of arguments a chip.
     assert report["programs"]["decode_step"]["arguments"] < 1.0e9
@@ -40,6 +50,7 @@ def test_tiny_dry_run_cli_prints_figures(capsys):
     assert train.main(["--preset", "tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "compile-only" in out and "decode_step" in out and "roofline" in out
+    assert "attention xla (the run's own)" in out and "attention pallas:" in out
 
 
 def test_without_libtpu_it_compiles_for_cpu_devices_and_says_so(monkeypatch, capsys):
@@ -47,6 +58,7 @@ def test_without_libtpu_it_compiles_for_cpu_devices_and_says_so(monkeypatch, cap
     cfg = dataclasses.replace(train_preset("tiny"))
     report = dry_run.dry_run(cfg, names=("reference", "decode_step"), cost_twins=False)
     assert "CPU figures" in report["target"] and "estimates" not in report
+    assert list(report["by_attention"]) == ["xla"]  # a TPU kernel would be interpreted
     assert report["programs"]["reference"]["peak"] > 0
     too_big = dataclasses.replace(cfg, mesh=MeshConfig(data=2))
     with pytest.raises(dry_run.DryRunError, match="JAX_NUM_CPU_DEVICES=2"):

@@ -219,3 +219,42 @@ def test_bad_shapes_raise():
         fa.flash_attention(q, kv, kv, layout, scale=1.0)
     with pytest.raises(ValueError, match="packed rows"):
         packed_layout(jnp.zeros((1, 10), jnp.int32), jnp.ones((1, 10), bool), 3, 2)
+
+
+# --- compiled for a TPU -------------------------------------------------------------
+
+@pytest.mark.xdist_group("tpu-compile")
+def test_kernels_compile_for_tpu_v5e():
+    """Mosaic lowers both kernels (forward and backward of flash attention) at Gemma 3
+    1B's shapes in bfloat16 for one v5e chip (libtpu's compile-only devices): lengths
+    that are not block multiples, the sliding window, packed prompts, a ragged cache."""
+    pytest.importorskip("libtpu")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from grpo_jax.dry_run import topology_devices
+    devices, _ = topology_devices("v5e:2x4")
+    mesh = Mesh(np.asarray(devices[:1]), ("x",))
+    whole = NamedSharding(mesh, P())
+    arg = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=whole)  # noqa: E731
+    batch, heads, head_dim = 2, 4, 256
+
+    def train_loss(q, k, v, positions, valid, window, shared_prefix):
+        layout = (self_layout(positions, valid) if shared_prefix is None
+                  else packed_layout(positions, valid, *shared_prefix))
+        out = fa.flash_attention(q, k, v, layout, scale=head_dim ** -0.5, window=window)
+        return jnp.sum(out.astype(jnp.float32))
+
+    with jax.set_mesh(mesh):
+        for length, window, shared_prefix in ((1000, 512, None), (256 + 4 * 300, 512, (256, 4)),
+                                              (384, None, None)):
+            args = (arg((batch, length, heads, head_dim)), arg((batch, length, 1, head_dim)),
+                    arg((batch, length, 1, head_dim)), arg((batch, length), jnp.int32),
+                    arg((batch, length), jnp.bool_))
+            step = jax.jit(jax.grad(train_loss, argnums=(0, 1, 2)), static_argnums=(5, 6))
+            compiled = step.lower(*args, window, shared_prefix).compile()
+            assert "tpu_custom_call" in compiled.as_text()
+        for size in (512, 1100):  # a window layer's ring, a global cache (partial block)
+            decode = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, scale=0.0625))
+            compiled = decode.lower(arg((16, heads, head_dim)), arg((16, 1, head_dim, size)),
+                                    arg((16, 1, size, head_dim)), arg((16,), jnp.int32)).compile()
+            assert "tpu_custom_call" in compiled.as_text()

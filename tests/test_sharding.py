@@ -18,7 +18,7 @@ import pytest
 from grpo_jax import sharding
 from grpo_jax.config import GEMMA3_1B, TINY, MeshConfig
 
-MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4))
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (2, 2, 2, "pallas"))
 WORKER = Path(__file__).with_name("sharded_worker.py")
 pytestmark = pytest.mark.xdist_group("sharded-8-devices")
 
@@ -38,7 +38,9 @@ def sharded_results(tmp_path_factory):
 
 
 def _mesh_name(mesh) -> str:
-    return "x".join(map(str, mesh))
+    """(2, 2, 2) -> "2x2x2"; (2, 2, 2, "pallas") -> "2x2x2-pallas" (the Pallas kernels)."""
+    shape = [m for m in mesh if m != "pallas"]
+    return "x".join(map(str, shape)) + ("-pallas" if "pallas" in mesh else "")
 
 
 def _close(a: np.ndarray, b: np.ndarray, what: str, tol: float = 1e-5) -> None:

@@ -8,6 +8,8 @@
   device under `jax.shard_map`: rows over data x fsdp, and the query heads over
   `tensor` when there is one KV head (each device keeps the whole KV head, so its
   query heads still share it); a Pallas kernel cannot be partitioned by the compiler.
+  (`check_vma=False`: a pallas_call's outputs carry no record of which mesh axes they
+  vary over.)
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, cfg
     rows, q_spec, kv_spec = _specs(k.shape[2])
     layout_spec = jax.tree.map(lambda _: P(rows, None), layout)
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, layout_spec),
-                         out_specs=q_spec)(q, k, v, layout)
+                         out_specs=q_spec, check_vma=False)(q, k, v, layout)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
@@ -72,4 +74,4 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions
     heads = sharding.logical_spec(("q_heads",))[0] if keys.shape[1] == 1 else None
     q_spec, cache_spec = P(rows, heads, None), P(rows, None, None, None)
     return jax.shard_map(local, in_specs=(q_spec, cache_spec, cache_spec, P(rows)),
-                         out_specs=q_spec)(q, keys, values, kv_lengths)
+                         out_specs=q_spec, check_vma=False)(q, keys, values, kv_lengths)
