@@ -94,3 +94,17 @@ def test_sampler_equals_xla(model, temperature):
                    sampling=sampling, group=2) for cfg in (TINY, PALLAS)]
     np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
     np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=2e-5)
+
+
+def test_bad_attention_settings_are_clear_errors():
+    from grpo_jax.config import TrainConfig
+    from grpo_jax.model import attention
+
+    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+        dataclasses.replace(TINY, attention_impl="flash")
+    with pytest.raises(ValueError, match="choose one of xla, pallas"):
+        TrainConfig(attention="splash")
+    keys, values = jnp.zeros((1, 1, 8, 6)), jnp.zeros((1, 1, 6, 8))
+    with pytest.raises(ValueError, match="longer than its window 4"):
+        attention.cached_attention(jnp.zeros((1, 2, 8)), keys, values, jnp.zeros((1,), jnp.int32),
+                                   PALLAS, scale=1.0, window=4)

@@ -25,12 +25,12 @@ from kernels.flash_attention import flash_attention
 from kernels.layout import Layout
 
 
-def _specs(num_kv: int):
-    """(rows, query-like [B, T, H, Dh], KV-like [B, S, K, Dh]) PartitionSpecs under the
-    active mesh."""
+def _axes(num_kv: int):
+    """Under the active mesh: the mesh axes of the rows, and of the query heads (over
+    `tensor` when one KV head serves them all, so each device keeps it whole)."""
     rows = sharding.logical_spec(("batch",))[0]
     heads = sharding.logical_spec(("q_heads",))[0] if num_kv == 1 else None
-    return rows, P(rows, None, heads, None), P(rows, None, None, None)
+    return rows, heads
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, cfg: ModelConfig,
@@ -45,7 +45,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, cfg
 
     if sharding.active_mesh() is None:
         return local(q, k, v, layout)
-    rows, q_spec, kv_spec = _specs(k.shape[2])
+    rows, heads = _axes(k.shape[2])
+    q_spec, kv_spec = P(rows, None, heads, None), P(rows, None, None, None)
     layout_spec = jax.tree.map(lambda _: P(rows, None), layout)
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, layout_spec),
                          out_specs=q_spec, check_vma=False)(q, k, v, layout)
@@ -70,8 +71,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions
 
     if sharding.active_mesh() is None:
         return local(q, keys, values, kv_lengths)
-    rows, _, _ = _specs(keys.shape[1])
-    heads = sharding.logical_spec(("q_heads",))[0] if keys.shape[1] == 1 else None
+    rows, heads = _axes(keys.shape[1])
     q_spec, cache_spec = P(rows, heads, None), P(rows, None, None, None)
     return jax.shard_map(local, in_specs=(q_spec, cache_spec, cache_spec, P(rows)),
                          out_specs=q_spec, check_vma=False)(q, keys, values, kv_lengths)
