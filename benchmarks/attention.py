@@ -10,7 +10,9 @@ Per (batch x length, layer kind, mode, implementation):
   v5e, and the compiled temporaries. These are compiled estimates, not measurements.
   A Pallas kernel is opaque to XLA: its FLOPs and bytes are the kernel's own
   `pl.CostEstimate` (this project's from its block schedule; the bundled kernels'
-  as they declare them).
+  as they declare them, which for splash is almost nothing and for flash the
+  forward only). So every kernel also gets a "schedule" figure from one model of
+  the blocks it computes and reads (`schedule`).
 - on a TPU: measured times (best of --repeats).
 - on any machine: correctness at a small shape, each kernel in TPU interpret mode
   against `kernels.reference` (relative error of outputs and gradients). CPU timings
@@ -41,7 +43,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
 from kernels import reference
-from kernels.flash_attention import flash_attention
+from kernels.flash_attention import block_shapes, flash_attention, schedule_cost, typical_pairs
 from kernels.layout import self_layout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,15 +81,18 @@ def make_attention(impl: str, batch: int, length: int, layer: str, *, block_q: i
                    block_kv: int = 128, interpret: bool = False):
     """(q [B, T, H, Dh], k, v [B, T, K, Dh]) -> [B, T, H, Dh] by `impl`."""
     window = WINDOW if layer == "local" else None
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    layout = self_layout(positions, jnp.ones((batch, length), bool))
+
+    def layout():  # built in the traced program: no eager array on a compile-only device
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        return self_layout(positions, jnp.ones((batch, length), bool))
+
     if impl == "xla":
-        return lambda q, k, v: reference.attention(q, k, v, layout, scale=_scale(),
+        return lambda q, k, v: reference.attention(q, k, v, layout(), scale=_scale(),
                                                    window=window)
     if impl == "pallas":
-        return lambda q, k, v: flash_attention(q, k, v, layout, scale=_scale(), window=window,
-                                               block_q=block_q, block_kv=block_kv,
-                                               interpret=interpret)
+        return lambda q, k, v: flash_attention(q, k, v, layout(), scale=_scale(),
+                                               window=window, block_q=block_q,
+                                               block_kv=block_kv, interpret=interpret)
     if impl == "splash":  # one KV head shared by the query heads: the MQA kernel
         if window is None:
             head_mask = masks.CausalMask((length, length))
@@ -176,6 +181,37 @@ def check(impls, block_q: int, block_kv: int) -> dict:
         WINDOW = saved
 
 
+def schedule(impl: str, batch: int, length: int, layer: str, mode: str, block_q: int,
+             block_kv: int, chip) -> dict | None:
+    """A kernel's work from its block schedule, one model for every kernel
+    (`kernels.flash_attention.schedule_cost`: blocks computed, blocks read per pair or
+    per outer block), so the kernels compare on equal terms whatever they declare.
+    pallas: query blocks of block_q x 4 heads, one KV head; splash (MQA): one head a
+    grid row, 512-query blocks, block pairs at its 128-key compute granularity;
+    jax_flash: one head a grid row over repeated KV, 512 x 512 blocks, causal only."""
+    window = WINDOW if layer == "local" else None
+    groups = HEADS // KV_HEADS
+    if impl == "pallas":
+        bq, bk = block_shapes(length, length, groups, block_q, block_kv)
+        rows, units = bq * groups, batch * KV_HEADS
+    elif impl == "splash":
+        bq, bk = min(512, length), min(128, length)
+        rows, units = bq, batch * HEADS
+    elif impl == "jax_flash":
+        bq = bk = min(512, length)
+        rows, units, window = bq, batch * HEADS, None
+    else:
+        return None
+    pairs = typical_pairs(length, length, bq, bk, window, None)
+    nq, nk = -(-length // bq), -(-length // bk)
+    kinds = ("forward",) if mode == "forward" else ("forward", "dkv", "dq")
+    costs = [schedule_cost(k, units, rows, bk, HEAD_DIM, 2, nq, nk, pairs) for k in kinds]
+    out = {key: sum(c[key] for c in costs) for key in costs[0]}
+    out["roofline_s"] = max(out["flops"] / chip.bf16_flops,
+                            out["bytes_accessed"] / chip.hbm_bandwidth)
+    return out
+
+
 def compiled_figures(compiled, chip) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -223,32 +259,38 @@ def run(args: Args) -> dict:
     mesh = jax.sharding.Mesh(np.asarray(devices), ("x",))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rows = []
-    with jax.set_mesh(mesh):
-        for batch, length in shapes:
-            for layer in args.layers:
-                for mode in args.modes:
-                    for impl in args.impls:
-                        row = {"batch": batch, "length": length, "layer": layer, "mode": mode,
-                               "impl": impl}
-                        fn = jax.jit(program(make_attention(
-                            impl, batch, length, layer, block_q=args.block_q,
-                            block_kv=args.block_kv), mode))
-                        start = time.perf_counter()
-                        try:
+    for batch, length in shapes:
+        for layer in args.layers:
+            for mode in args.modes:
+                for impl in args.impls:
+                    row = {"batch": batch, "length": length, "layer": layer, "mode": mode,
+                           "impl": impl}
+                    # Built outside the mesh (splash builds its block masks eagerly), traced
+                    # and compiled under it (so this project's kernels compile for the TPU).
+                    fn = jax.jit(program(make_attention(impl, batch, length, layer,
+                                                        block_q=args.block_q,
+                                                        block_kv=args.block_kv), mode))
+                    start = time.perf_counter()
+                    try:
+                        with jax.set_mesh(mesh):
                             compiled = fn.lower(*inputs(batch, length, jnp.bfloat16, mode,
                                                         sharding=whole)).compile()
-                        except Exception as e:  # noqa: BLE001 - reported, not fatal
-                            row["error"] = " ".join(str(e).split())[:300]
-                            rows.append(row)
-                            continue
-                        row["compile_s"] = time.perf_counter() - start
-                        row.update(compiled_figures(compiled, chip))
-                        if on_tpu:
-                            data = inputs(batch, length, jnp.bfloat16, mode, jax.random.key(1))
-                            compiled(*data)
-                            row["time_s"], _ = best_time(functools.partial(compiled, *data),
-                                                         args.repeats)
+                    except Exception as e:  # noqa: BLE001 - reported, not fatal
+                        row["error"] = " ".join(str(e).split())[:300]
                         rows.append(row)
+                        continue
+                    row["compile_s"] = time.perf_counter() - start
+                    row.update(compiled_figures(compiled, chip))
+                    model = schedule(impl, batch, length, layer, mode, args.block_q,
+                                     args.block_kv, chip)
+                    if model is not None:
+                        row["schedule"] = model
+                    if on_tpu:
+                        data = inputs(batch, length, jnp.bfloat16, mode, jax.random.key(1))
+                        compiled(*data)
+                        row["time_s"], _ = best_time(functools.partial(compiled, *data),
+                                                     args.repeats)
+                    rows.append(row)
     result["rows"] = rows
     return result
 

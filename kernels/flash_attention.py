@@ -222,7 +222,7 @@ def _specs(rows, bk, head_dim, q_map, kv_map):
     return q_spec, kv_spec, row_spec, q_meta, kv_meta
 
 
-def _typical_pairs(q_len: int, kv_len: int, bq: int, bk: int, window: int | None,
+def typical_pairs(q_len: int, kv_len: int, bq: int, bk: int, window: int | None,
                    shared_prefix) -> int:
     """Block pairs a batch row computes when it has no padding (the static figure the
     kernels report to XLA's cost analysis; padding only skips more)."""
@@ -246,22 +246,31 @@ def _typical_pairs(q_len: int, kv_len: int, bq: int, bk: int, window: int | None
     return int(meet.sum())
 
 
-def _cost(kind: str, qf, bk: int, rows: int, nk: int, pairs: int) -> pl.CostEstimate:
-    """What one of the three kernels does over `pairs` computed block pairs per
-    (batch row, KV head): [rows x bk] scores each, Dh wide; blocks read per pair or
-    once per outer block as the kernel's grid order has it."""
-    b, k_heads, r, dh = qf.shape
-    units, nq, item = b * k_heads, r // rows, qf.dtype.itemsize
-    q_block, kv_block, row_f32 = rows * dh * item, bk * dh * item, rows * 4
-    score = rows * bk * dh
+def schedule_cost(kind: str, units: int, rows: int, bk: int, head_dim: int, itemsize: int,
+                  nq: int, nk: int, pairs: int) -> dict[str, int]:
+    """FLOPs, exps and HBM bytes of one flash-attention kernel ("forward", "dkv", "dq")
+    that computes `pairs` [rows x bk] score blocks for each of `units` (batch row, KV
+    head) grids of nq query blocks by nk KV blocks: blocks read once per outer block
+    or once per computed pair, as the kernel's grid order has it. A model of the
+    schedule (also used for JAX's bundled kernels in benchmarks/attention.py)."""
+    q_block, kv_block, row_f32 = rows * head_dim * itemsize, bk * head_dim * itemsize, rows * 4
+    score = rows * bk * head_dim
     if kind == "forward":    # QK^T, PV; q in and o out per query block, K and V per pair
         flops, once, per_pair = 4 * score, nq * (2 * q_block + row_f32), 2 * kv_block
     elif kind == "dkv":      # QK^T, dO V^T, P^T dO, dS^T Q; q, dO, lse, di per pair
         flops, once, per_pair = 8 * score, nk * 4 * kv_block, 2 * q_block + 2 * row_f32
-    else:                    # QK^T, dO V^T, dS K; q, dO, dQ, lse, di per query block
+    elif kind == "dq":       # QK^T, dO V^T, dS K; q, dO, dQ, lse, di per query block
         flops, once, per_pair = 6 * score, nq * (3 * q_block + 2 * row_f32), 2 * kv_block
-    return pl.CostEstimate(flops=units * pairs * flops, transcendentals=units * pairs * rows * bk,
-                           bytes_accessed=units * (once + pairs * per_pair))
+    else:
+        raise ValueError(f"unknown kernel {kind!r}")
+    return {"flops": units * pairs * flops, "transcendentals": units * pairs * rows * bk,
+            "bytes_accessed": units * (once + pairs * per_pair)}
+
+
+def _cost(kind: str, qf, bk: int, rows: int, nk: int, pairs: int) -> pl.CostEstimate:
+    b, k_heads, r, dh = qf.shape
+    return pl.CostEstimate(**schedule_cost(kind, b * k_heads, rows, bk, dh, qf.dtype.itemsize,
+                                           r // rows, nk, pairs))
 
 
 def _compiler_params():
@@ -419,7 +428,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *,
     qf = qf.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, tp * groups, head_dim)
     kf = pad(k, sp).transpose(0, 2, 1, 3)
     vf = pad(v, sp).transpose(0, 2, 1, 3)
-    pairs = _typical_pairs(q_len, kv_len, bq, bk, window, layout.shared_prefix)
+    pairs = typical_pairs(q_len, kv_len, bq, bk, window, layout.shared_prefix)
     cfg = (float(scale), window, bq * groups, bk, interpret, pairs)
     out = _flash(qf, kf, vf, plan, cfg)
     out = out.reshape(batch, num_kv, tp, groups, head_dim).transpose(0, 2, 1, 3, 4)
