@@ -23,9 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import online_softmax
 from kernels.target import interpret_params
-
-_MASKED = -1e30
 
 
 def _decode_kernel(kv_lengths, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *,
@@ -35,9 +34,7 @@ def _decode_kernel(kv_lengths, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, _MASKED, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        online_softmax.start(m_sc, l_sc, acc_sc)
 
     @pl.when(j * block < n)
     def _step():
@@ -47,20 +44,11 @@ def _decode_kernel(kv_lengths, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *
         mask = start + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1) < n
         v_ok = start + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0) < n
         v = jnp.where(v_ok, v_ref[0, 0], jnp.zeros((), v_ref.dtype))  # [blk, Dh]
-        s = jnp.where(mask, s, _MASKED)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v,
-                                                    preferred_element_type=jnp.float32)
-        m_sc[...] = m_new
+        online_softmax.accumulate(s, mask, v, m_sc, l_sc, acc_sc)
 
     @pl.when(j == num_blocks - 1)
     def _finish():
-        l = l_sc[...]
-        o_ref[0, 0] = (acc_sc[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+        o_ref[0, 0] = online_softmax.finish(l_sc, acc_sc)[0].astype(o_ref.dtype)
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, kv_lengths: jax.Array,

@@ -32,10 +32,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import online_softmax
 from kernels.layout import PAD, SHARED, Layout, visible
 from kernels.target import interpret_params, round_up
 
-_MASKED = -1e30
 # Log-sum-exp of a row that sees nothing: exp(score - it) is 0 in the backward.
 _EMPTY_LSE = 1e30
 # Bounds of an empty block; twice it still fits in int32.
@@ -105,42 +105,37 @@ def _forward_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, qpos_ref,
 
     @pl.when(j == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, _MASKED, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+        online_softmax.start(m_sc, l_sc, acc_sc)
 
     @pl.when(_blocks_meet(_read_stats(q_stats, b, i, nq), _read_stats(kv_stats, b, j, nk),
                           window))
     def _step():
-        v = v_ref[0, 0]
-        s = _scores(q_ref[0, 0], k_ref[0, 0], scale)
         mask = visible(qpos_ref[0], qseg_ref[0], kpos_ref[0], kseg_ref[0], window)
-        s = jnp.where(mask, s, _MASKED)
-        m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v,
-                                                    preferred_element_type=jnp.float32)
-        m_sc[...] = m_new
+        online_softmax.accumulate(_scores(q_ref[0, 0], k_ref[0, 0], scale), mask, v_ref[0, 0],
+                                  m_sc, l_sc, acc_sc)
 
     @pl.when(j == nk - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0
-        safe = jnp.where(seen, l, 1.0)
-        o_ref[0, 0] = (acc_sc[...] / safe).astype(o_ref.dtype)
-        lse_ref[0, 0] = jnp.where(seen, m_sc[...] + jnp.log(safe), _EMPTY_LSE)
+        out, l = online_softmax.finish(l_sc, acc_sc)
+        o_ref[0, 0] = out.astype(o_ref.dtype)
+        lse_ref[0, 0] = jnp.where(l > 0, m_sc[...] + jnp.log(jnp.where(l > 0, l, 1.0)),
+                                  _EMPTY_LSE)
 
 
-def _probs(q, k, lse, mask, scale):
-    return jnp.where(mask, jnp.exp(_scores(q, k, scale) - lse), 0.0)
+def _score_grads(refs, window, scale):
+    """Probabilities p and score gradients dS = p * (dO V^T - di) of one block pair,
+    recomputed from the saved log-sum-exp: (q, k, do, p, ds)."""
+    q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref = refs
+    q, k, do = q_ref[0, 0], k_ref[0, 0], do_ref[0, 0]
+    mask = visible(qpos_ref[0], qseg_ref[0], kpos_ref[0], kseg_ref[0], window)
+    p = jnp.where(mask, jnp.exp(_scores(q, k, scale) - lse_ref[0, 0]), 0.0)
+    dp = jax.lax.dot_general(do, v_ref[0, 0], (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return q, k, do, p, p * (dp - di_ref[0, 0])
 
 
-def _dkv_kernel(q_stats, kv_stats, q_ranges, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-                qpos_ref, qseg_ref, kpos_ref, kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
-                scale, window, nq, nk):
+def _dkv_kernel(q_stats, kv_stats, q_ranges, *refs, scale, window, nq, nk):
+    inputs, (dk_ref, dv_ref, dk_sc, dv_sc) = refs[:10], refs[10:]
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(i == 0)
@@ -151,15 +146,10 @@ def _dkv_kernel(q_stats, kv_stats, q_ranges, q_ref, k_ref, v_ref, do_ref, lse_re
     @pl.when(_blocks_meet(_read_stats(q_stats, b, i, nq), _read_stats(kv_stats, b, j, nk),
                           window))
     def _step():
-        q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
-        mask = visible(qpos_ref[0], qseg_ref[0], kpos_ref[0], kseg_ref[0], window)
-        p = _probs(q, k, lse_ref[0, 0], mask, scale)
+        q, _, do, p, ds = _score_grads(inputs, window, scale)
         t0 = (((0,), (0,)), ((), ()))  # contract the rows: p^T @ do, ds^T @ q
         dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, t0,
                                           preferred_element_type=jnp.float32)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        ds = p * (dp - di_ref[0, 0])
         dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, t0,
                                           preferred_element_type=jnp.float32) * scale
 
@@ -169,9 +159,8 @@ def _dkv_kernel(q_stats, kv_stats, q_ranges, q_ref, k_ref, v_ref, do_ref, lse_re
         dv_ref[0, 0] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-               qpos_ref, qseg_ref, kpos_ref, kseg_ref, dq_ref, dq_sc, *,
-               scale, window, nq, nk):
+def _dq_kernel(q_stats, kv_stats, kv_ranges, *refs, scale, window, nq, nk):
+    inputs, (dq_ref, dq_sc) = refs[:10], refs[10:]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -181,12 +170,7 @@ def _dq_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, do_ref, lse_re
     @pl.when(_blocks_meet(_read_stats(q_stats, b, i, nq), _read_stats(kv_stats, b, j, nk),
                           window))
     def _step():
-        q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
-        mask = visible(qpos_ref[0], qseg_ref[0], kpos_ref[0], kseg_ref[0], window)
-        p = _probs(q, k, lse_ref[0, 0], mask, scale)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        ds = p * (dp - di_ref[0, 0])
+        _, k, _, _, ds = _score_grads(inputs, window, scale)
         dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
 
     @pl.when(j == nk - 1)
