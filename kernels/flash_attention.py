@@ -98,7 +98,14 @@ def _scores(q, k, scale):
 # unit dims of the batch / head block.
 
 
-def _forward_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, qpos_ref, qseg_ref,
+def _mask(qmeta_ref, kpos_ref, kseg_ref, window):
+    """The block's elementwise rule: query rows' (position, segment) as the two columns
+    of their [rows, 2] block, keys' as [1, bk] rows."""
+    qmeta = qmeta_ref[0]
+    return visible(qmeta[:, 0:1], qmeta[:, 1:2], kpos_ref[0], kseg_ref[0], window)
+
+
+def _forward_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, qmeta_ref,
                     kpos_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
                     scale, window, nq, nk):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -110,7 +117,7 @@ def _forward_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, qpos_ref,
     @pl.when(_blocks_meet(_read_stats(q_stats, b, i, nq), _read_stats(kv_stats, b, j, nk),
                           window))
     def _step():
-        mask = visible(qpos_ref[0], qseg_ref[0], kpos_ref[0], kseg_ref[0], window)
+        mask = _mask(qmeta_ref, kpos_ref, kseg_ref, window)
         online_softmax.accumulate(_scores(q_ref[0, 0], k_ref[0, 0], scale), mask, v_ref[0, 0],
                                   m_sc, l_sc, acc_sc)
 
@@ -122,20 +129,13 @@ def _forward_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, qpos_ref,
                                   _EMPTY_LSE)
 
 
-def _score_grads(refs, window, scale):
-    """Probabilities p and score gradients dS = p * (dO V^T - di) of one block pair,
-    recomputed from the saved log-sum-exp: (q, k, do, p, ds)."""
-    q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref = refs
-    q, k, do = q_ref[0, 0], k_ref[0, 0], do_ref[0, 0]
-    mask = visible(qpos_ref[0], qseg_ref[0], kpos_ref[0], kseg_ref[0], window)
-    p = jnp.where(mask, jnp.exp(_scores(q, k, scale) - lse_ref[0, 0]), 0.0)
-    dp = jax.lax.dot_general(do, v_ref[0, 0], (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    return q, k, do, p, p * (dp - di_ref[0, 0])
-
-
-def _dkv_kernel(q_stats, kv_stats, q_ranges, *refs, scale, window, nq, nk):
-    inputs, (dk_ref, dv_ref, dk_sc, dv_sc) = refs[:10], refs[10:]
+def _dkv_kernel(q_stats, kv_stats, q_ranges, q_ref, k_ref, v_ref, do_ref, lse_di_ref,
+                qmeta_ref, kmeta_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, scale, window, nq, nk):
+    """dK, dV of one KV block over the query blocks. Scores are taken transposed,
+    [bk, rows], so the per-row scalars (lse, di, query positions and segments) lie
+    along lanes and are read lane-dense, [2, rows], for every block pair (as
+    [rows, 2] they would pad to 128 lanes); every matmul is then a plain one or one
+    against a transposed right side."""
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(i == 0)
@@ -146,12 +146,15 @@ def _dkv_kernel(q_stats, kv_stats, q_ranges, *refs, scale, window, nq, nk):
     @pl.when(_blocks_meet(_read_stats(q_stats, b, i, nq), _read_stats(kv_stats, b, j, nk),
                           window))
     def _step():
-        q, _, do, p, ds = _score_grads(inputs, window, scale)
-        t0 = (((0,), (0,)), ((), ()))  # contract the rows: p^T @ do, ds^T @ q
-        dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, t0,
-                                          preferred_element_type=jnp.float32)
-        dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, t0,
-                                          preferred_element_type=jnp.float32) * scale
+        q, k, v, do = q_ref[0, 0], k_ref[0, 0], v_ref[0, 0], do_ref[0, 0]
+        qmeta, kmeta, lse_di = qmeta_ref[0], kmeta_ref[0], lse_di_ref[0, 0]
+        mask = visible(qmeta[0:1], qmeta[1:2], kmeta[:, 0:1], kmeta[:, 1:2], window)
+        p = jnp.where(mask, jnp.exp(_scores(k, q, scale) - lse_di[0:1]), 0.0)  # [bk, rows]
+        dv_sc[...] += jnp.dot(p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(v, do, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        ds = p * (dp - lse_di[1:2])
+        dk_sc[...] += jnp.dot(ds.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
 
     @pl.when(i == nq - 1)
     def _finish():
@@ -159,8 +162,10 @@ def _dkv_kernel(q_stats, kv_stats, q_ranges, *refs, scale, window, nq, nk):
         dv_ref[0, 0] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_stats, kv_stats, kv_ranges, *refs, scale, window, nq, nk):
-    inputs, (dq_ref, dq_sc) = refs[:10], refs[10:]
+def _dq_kernel(q_stats, kv_stats, kv_ranges, q_ref, k_ref, v_ref, do_ref, lse_di_ref,
+               qmeta_ref, kpos_ref, kseg_ref, dq_ref, dq_sc, *, scale, window, nq, nk):
+    """dQ of one query block over the KV blocks, probabilities recomputed from the
+    saved log-sum-exp (per-row scalars as [rows, 2], read once per query block)."""
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -170,7 +175,12 @@ def _dq_kernel(q_stats, kv_stats, kv_ranges, *refs, scale, window, nq, nk):
     @pl.when(_blocks_meet(_read_stats(q_stats, b, i, nq), _read_stats(kv_stats, b, j, nk),
                           window))
     def _step():
-        _, k, _, _, ds = _score_grads(inputs, window, scale)
+        q, k, do, lse_di = q_ref[0, 0], k_ref[0, 0], do_ref[0, 0], lse_di_ref[0, 0]
+        mask = _mask(qmeta_ref, kpos_ref, kseg_ref, window)
+        p = jnp.where(mask, jnp.exp(_scores(q, k, scale) - lse_di[:, 0:1]), 0.0)
+        dp = jax.lax.dot_general(do, v_ref[0, 0], (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        ds = p * (dp - lse_di[:, 1:2])
         dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
 
     @pl.when(j == nk - 1)
@@ -180,16 +190,18 @@ def _dq_kernel(q_stats, kv_stats, kv_ranges, *refs, scale, window, nq, nk):
 
 # ---------------------------------------------------------------------------
 # pallas_call plumbing. Kernel-side layout: qf [B, K, R, Dh] with R = Tp * G rows,
-# kf/vf [B, K, Sp, Dh]; per-row scalars (query positions, segments, lse, di)
-# [B, (K,) R, 1]; key positions and segments [B, 1, Sp].
+# kf/vf [B, K, Sp, Dh]; per-row scalars two to a row, as TPU tiling pads a row of
+# them to 128 lanes anyway: query (position, segment) [B, R, 2], (lse, di) [B, K, R, 2]
+# (the forward writes lse alone, [B, K, R, 1]); key positions and segments [B, 1, Sp].
 
 
 class _Plan(NamedTuple):
     """Everything about the layout the kernels read (all int32)."""
-    q_pos: jax.Array      # [B, R, 1]
-    q_seg: jax.Array      # [B, R, 1]
+    q_meta: jax.Array     # [B, R, 2]: each query row's position and segment
+    q_meta_t: jax.Array   # [B, 2, R]: the same, lane-dense (the dK/dV kernel)
     kv_pos: jax.Array     # [B, 1, Sp]
     kv_seg: jax.Array     # [B, 1, Sp]
+    kv_meta: jax.Array    # [B, Sp, 2]: each key's position and segment (dK/dV kernel)
     q_stats: jax.Array    # [B * nq * 4] block bounds (SMEM)
     kv_stats: jax.Array   # [B * nk * 4]
     kv_ranges: jax.Array  # [B * nq * 2] first and last KV block a query block needs
@@ -197,11 +209,12 @@ class _Plan(NamedTuple):
 
 
 def _specs(rows, bk, head_dim, q_map, kv_map):
-    """BlockSpecs of (q-like, kv-like, per-row scalars, q meta, kv meta)."""
+    """BlockSpecs of (q-like, kv-like, per-row scalars of a width, q meta, kv meta)."""
     q_spec = pl.BlockSpec((1, 1, rows, head_dim), lambda b, h, *a: (b, h, q_map(b, *a), 0))
     kv_spec = pl.BlockSpec((1, 1, bk, head_dim), lambda b, h, *a: (b, h, kv_map(b, *a), 0))
-    row_spec = pl.BlockSpec((1, 1, rows, 1), lambda b, h, *a: (b, h, q_map(b, *a), 0))
-    q_meta = pl.BlockSpec((1, rows, 1), lambda b, h, *a: (b, q_map(b, *a), 0))
+    def row_spec(width):
+        return pl.BlockSpec((1, 1, rows, width), lambda b, h, *a: (b, h, q_map(b, *a), 0))
+    q_meta = pl.BlockSpec((1, rows, 2), lambda b, h, *a: (b, q_map(b, *a), 0))
     kv_meta = pl.BlockSpec((1, 1, bk), lambda b, h, *a: (b, 0, kv_map(b, *a)))
     return q_spec, kv_spec, row_spec, q_meta, kv_meta
 
@@ -234,17 +247,25 @@ def schedule_cost(kind: str, units: int, rows: int, bk: int, head_dim: int, item
                   nq: int, nk: int, pairs: int) -> dict[str, int]:
     """FLOPs, exps and HBM bytes of one flash-attention kernel ("forward", "dkv", "dq")
     that computes `pairs` [rows x bk] score blocks for each of `units` (batch row, KV
-    head) grids of nq query blocks by nk KV blocks: blocks read once per outer block
-    or once per computed pair, as the kernel's grid order has it. A model of the
-    schedule (also used for JAX's bundled kernels in benchmarks/attention.py)."""
-    q_block, kv_block, row_f32 = rows * head_dim * itemsize, bk * head_dim * itemsize, rows * 4
+    head) grids of nq query blocks by nk KV blocks, each block read once per outer
+    block or once per computed pair as the kernel's grid order has it. Per-row
+    scalars count as TPU tiling stores them: [rows, 1] or [rows, 2] blocks (query
+    positions and segments, lse, di) padded to 128 lanes of 4 bytes, [1, bk] or
+    [2, rows] ones to 8 sublanes. A model of the schedule (also
+    used for JAX's bundled kernels in benchmarks/attention.py)."""
+    q_block, kv_block = rows * head_dim * itemsize, bk * head_dim * itemsize
+    row_scalars, kv_meta = rows * 128 * 4, 2 * 8 * bk * 4
     score = rows * bk * head_dim
-    if kind == "forward":    # QK^T, PV; q in and o out per query block, K and V per pair
-        flops, once, per_pair = 4 * score, nq * (2 * q_block + row_f32), 2 * kv_block
-    elif kind == "dkv":      # QK^T, dO V^T, P^T dO, dS^T Q; q, dO, lse, di per pair
-        flops, once, per_pair = 8 * score, nk * 4 * kv_block, 2 * q_block + 2 * row_f32
-    elif kind == "dq":       # QK^T, dO V^T, dS K; q, dO, dQ, lse, di per query block
-        flops, once, per_pair = 6 * score, nq * (3 * q_block + 2 * row_f32), 2 * kv_block
+    if kind == "forward":    # QK^T, PV; q, q meta in and o, lse out per query block
+        flops, once, per_pair = 4 * score, nq * (2 * q_block + 2 * row_scalars), \
+            2 * kv_block + kv_meta
+    elif kind == "dkv":      # KQ^T, V dO^T, P dO, dS Q (transposed scores); q, dO, and
+        # query meta and lse+di lane-dense ([2, rows], padded to 8 sublanes) per pair
+        flops, once, per_pair = 8 * score, nk * (4 * kv_block + bk * 128 * 4), \
+            2 * q_block + 2 * 8 * rows * 4
+    elif kind == "dq":       # QK^T, dO V^T, dS K; q, dO, dQ, q meta, lse+di per query block
+        flops, once, per_pair = 6 * score, nq * (3 * q_block + 2 * row_scalars), \
+            2 * kv_block + kv_meta
     else:
         raise ValueError(f"unknown kernel {kind!r}")
     return {"flops": units * pairs * flops, "transcendentals": units * pairs * rows * bk,
@@ -279,8 +300,8 @@ def _forward(qf, kf, vf, plan, cfg):
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(b, k_heads, nq, nk),
-            in_specs=[q_spec, kv_spec, kv_spec, q_meta, q_meta, kv_meta, kv_meta],
-            out_specs=[q_spec, row_spec],
+            in_specs=[q_spec, kv_spec, kv_spec, q_meta, kv_meta, kv_meta],
+            out_specs=[q_spec, row_spec(1)],
             scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32),
                             pltpu.VMEM((rows, 1), jnp.float32),
                             pltpu.VMEM((rows, dh), jnp.float32)]),
@@ -290,7 +311,7 @@ def _forward(qf, kf, vf, plan, cfg):
         cost_estimate=_cost("forward", qf, bk, rows, nk, pairs),
         interpret=interpret_params(interpret),
     )(plan.q_stats, plan.kv_stats, plan.kv_ranges, qf, kf, vf,
-      plan.q_pos, plan.q_seg, plan.kv_pos, plan.kv_seg)
+      plan.q_meta, plan.kv_pos, plan.kv_seg)
 
 
 def _backward(qf, kf, vf, plan, o, lse, do, cfg):
@@ -298,7 +319,9 @@ def _backward(qf, kf, vf, plan, o, lse, do, cfg):
     b, k_heads, r, dh = qf.shape
     nq, nk = r // rows, kf.shape[2] // bk
     di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
-    inputs = (qf, kf, vf, do, lse, di, plan.q_pos, plan.q_seg, plan.kv_pos, plan.kv_seg)
+    # lse and di side by side: one [rows, 2] block (the dQ kernel), and lane-dense
+    # [2, rows] (the dK/dV kernel, which reads them for every block pair).
+    lse_di = jnp.concatenate([lse, di], axis=-1)
 
     # dK, dV: grid (b, h, kv block j, query block i), query blocks clamped per j.
     def q_block_t(b, j, i, q_stats, kv_stats, q_ranges):
@@ -307,13 +330,17 @@ def _backward(qf, kf, vf, plan, o, lse, do, cfg):
     def kv_block_t(b, j, i, *refs):
         return j
 
-    q_spec, kv_spec, row_spec, q_meta, kv_meta = _specs(rows, bk, dh, q_block_t, kv_block_t)
+    q_spec, kv_spec, _, _, _ = _specs(rows, bk, dh, q_block_t, kv_block_t)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, window=window, nq=nq, nk=nk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(b, k_heads, nk, nq),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                      q_meta, q_meta, kv_meta, kv_meta],
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec,
+                      pl.BlockSpec((1, 1, 2, rows),
+                                   lambda b, h, j, i, *refs: (b, h, 0, q_block_t(b, j, i, *refs))),
+                      pl.BlockSpec((1, 2, rows),
+                                   lambda b, h, j, i, *refs: (b, 0, q_block_t(b, j, i, *refs))),
+                      pl.BlockSpec((1, bk, 2), lambda b, h, j, i, *refs: (b, j, 0))],
             out_specs=[kv_spec, kv_spec],
             scratch_shapes=[pltpu.VMEM((bk, dh), jnp.float32),
                             pltpu.VMEM((bk, dh), jnp.float32)]),
@@ -322,7 +349,8 @@ def _backward(qf, kf, vf, plan, o, lse, do, cfg):
         compiler_params=_compiler_params(),
         cost_estimate=_cost("dkv", qf, bk, rows, nk, pairs),
         interpret=interpret_params(interpret),
-    )(plan.q_stats, plan.kv_stats, plan.q_ranges, *inputs)
+    )(plan.q_stats, plan.kv_stats, plan.q_ranges, qf, kf, vf, do, jnp.swapaxes(lse_di, 2, 3),
+      plan.q_meta_t, plan.kv_meta)
 
     # dQ: grid (b, h, query block i, kv block j), kv blocks clamped per i.
     def kv_block(b, i, j, q_stats, kv_stats, kv_ranges):
@@ -336,15 +364,15 @@ def _backward(qf, kf, vf, plan, o, lse, do, cfg):
         functools.partial(_dq_kernel, scale=scale, window=window, nq=nq, nk=nk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=(b, k_heads, nq, nk),
-            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                      q_meta, q_meta, kv_meta, kv_meta],
+            in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec(2), q_meta, kv_meta, kv_meta],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((rows, dh), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
         compiler_params=_compiler_params(),
         cost_estimate=_cost("dq", qf, bk, rows, nk, pairs),
         interpret=interpret_params(interpret),
-    )(plan.q_stats, plan.kv_stats, plan.kv_ranges, *inputs)
+    )(plan.q_stats, plan.kv_stats, plan.kv_ranges, qf, kf, vf, do, lse_di, plan.q_meta,
+      plan.kv_pos, plan.kv_seg)
     return dq, dk, dv
 
 
@@ -401,8 +429,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *,
     q_stats, kv_stats = _block_stats(q_pos, q_seg, bq), _block_stats(kv_pos, kv_seg, bk)
     meet = _blocks_meet([q_stats[:, :, None, c] for c in range(_STATS)],
                         [kv_stats[:, None, :, c] for c in range(_STATS)], window)
-    rows_of = lambda x: jnp.repeat(x, groups, axis=1)[..., None]  # noqa: E731  [B, R, 1]
-    plan = _Plan(rows_of(q_pos), rows_of(q_seg), kv_pos[:, None, :], kv_seg[:, None, :],
+    q_meta = jnp.repeat(jnp.stack([q_pos, q_seg], axis=-1), groups, axis=1)  # [B, R, 2]
+    plan = _Plan(q_meta, jnp.swapaxes(q_meta, 1, 2), kv_pos[:, None, :], kv_seg[:, None, :],
+                 jnp.stack([kv_pos, kv_seg], axis=-1),
                  q_stats.reshape(-1), kv_stats.reshape(-1),
                  _needed_range(meet).reshape(-1),
                  _needed_range(jnp.swapaxes(meet, 1, 2)).reshape(-1))
