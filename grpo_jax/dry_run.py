@@ -190,6 +190,9 @@ def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] 
     `loop_free` twins (two more compiles); without, those two count one loop iteration."""
     model_cfg = run_model_config(cfg)
     if has_libtpu():
+        # A compile-only device's executable cannot be loaded back: keep the CLIs'
+        # persistent compilation cache out of it (each entry would only warn on read).
+        jax.config.update("jax_enable_compilation_cache", False)
         devices, chip = topology_devices(topology)
         if cfg.mesh.size < len(devices):  # a smaller mesh on the topology's first chips
             devices = devices[:cfg.mesh.size]

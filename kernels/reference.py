@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from kernels.layout import Layout, visible
 
-# Large negative instead of -inf: a fully masked row then stays finite (its
-# probabilities are zeroed below, so its output is 0 like the kernels').
+# Large negative instead of -inf: a fully masked row then stays finite (its output
+# is zeroed below, like the kernels').
 _MASKED = -1e30
 
 
@@ -33,11 +33,12 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     q = q.reshape(batch, q_len, num_kv, groups, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
-    mask = mask[:, None, None, :, :]
-    scores = jnp.where(mask, scores, _MASKED)
-    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, q_len, num_heads, head_dim)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, q_len, num_heads, head_dim)
+    # A query that sees nothing averaged every key uniformly: zero it (on the output,
+    # not the scores, which would cost a pass over [B, H, T, S]).
+    return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, scale: float,
