@@ -258,3 +258,29 @@ def test_kernels_compile_for_tpu_v5e():
             compiled = decode.lower(arg((16, heads, head_dim)), arg((16, 1, head_dim, size)),
                                     arg((16, 1, size, head_dim)), arg((16,), jnp.int32)).compile()
             assert "tpu_custom_call" in compiled.as_text()
+
+
+@pytest.mark.xdist_group("tpu-compile")
+def test_attention_benchmark_runs_and_checks(tmp_path):
+    """benchmarks/attention.py at one small shape: the interpret-mode check agrees with
+    the reference and the compiled v5e figures come back (libtpu), or it says why not."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import attention as bench
+
+    result = bench.run(bench.Args(shapes=("2x256",), layers=("local",), modes=("train",),
+                                  impls=("xla", "pallas")))
+    assert set(result["check_rel_err"]) == {"pallas/local", "pallas/global"}
+    assert all(err <= 1e-5 for errs in result["check_rel_err"].values() for err in errs.values())
+    assert "mean nothing" in result["timings"]
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        assert "no libtpu" in result["compiled"]
+        return
+    (xla, pallas), = [result["rows"]]
+    assert xla["impl"] == "xla" and pallas["impl"] == "pallas" and "error" not in pallas
+    assert pallas["flops"] > 0 and pallas["schedule"]["flops"] > 0 and "schedule" not in xla
+    with pytest.raises(ValueError, match="BATCHxLENGTH"):
+        bench.run(bench.Args(shapes=("big",), check=False))
