@@ -14,26 +14,26 @@ V5E_HBM = 16e9  # bytes per chip (16 GB; the datasheet's 16 GiB is a little more
 
 
 def test_v5e8_preset_step_and_sampler_compile_for_the_v5e_topology_within_a_chip():
-    """Both attention implementations: the Pallas kernels lower through Mosaic inside
-    the sharded update and decode loop (a lowering error fails here)."""
+    """The preset's own attention (the Pallas kernels): they lower through Mosaic inside
+    the sharded update and decode loop (a lowering error fails here). Both
+    implementations side by side are the tiny CLI test's; the XLA path of this preset
+    is docs/tpu.md's (compiling it too would add ~4 minutes to CI)."""
     pytest.importorskip("libtpu")
-    cfg = train_preset("v5e-8-gemma3-1b")
+    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), dry_run_attention=())
+    assert cfg.attention == "pallas"
     report = dry_run.dry_run(cfg, "v5e:2x4", names=("update", "decode"), cost_twins=False)
     assert "TPU v5" in report["target"]
     assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
-    assert set(report["by_attention"]) == {"xla", "pallas"}
-    assert report["programs"] == report["by_attention"][cfg.attention]["programs"]
-    for impl, entry in report["by_attention"].items():
-        for name in ("update", "decode"):
-            row = entry["programs"][name]
-            assert 0 < row["peak"] < V5E_HBM, (impl, name, row)
-            assert row["flops"] > 0 and row["bytes_accessed"] > 0, (impl, name, row)
-        # Per chip: the bf16 weights (2.0 GB) replicated, the KV cache of 8 of the 64 rows.
-        assert 2.0e9 < entry["programs"]["decode"]["arguments"] < 3.0e9
-    # Flash attention keeps no [rows, T, T] scores: the update's temporaries shrink.
-    by = report["by_attention"]
-    assert by["pallas"]["programs"]["update"]["temporaries"] < \
-        by["xla"]["programs"]["update"]["temporaries"]
+    assert list(report["by_attention"]) == ["pallas"]
+    for name in ("update", "decode"):
+        row = report["programs"][name]
+        assert 0 < row["peak"] < V5E_HBM, (name, row)
+        assert row["flops"] > 0 and row["bytes_accessed"] > 0, (name, row)
+    # Per chip: the bf16 weights (2.0 GB) replicated, the KV cache of 8 of the 64 rows.
+    assert 2.0e9 < report["programs"]["decode"]["arguments"] < 3.0e9
+    # Flash attention keeps no [rows, 4, T, T] scores: the update's temporaries stay
+    # under the 4.19 GiB XLA's path needs (docs/tpu.md: 3.59 GiB).
+    assert report["programs"]["update"]["temporaries"] < 4.0 * 2 ** 30
 
 
 def test_fsdp_splits_the_weights_over_chips():
