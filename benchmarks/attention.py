@@ -78,9 +78,9 @@ def _scale() -> float:
 
 
 def make_attention(impl: str, batch: int, length: int, layer: str, *, block_q: int = 128,
-                   block_kv: int = 128, interpret: bool = False):
+                   block_kv: int = 128, interpret: bool = False, local_window: int = WINDOW):
     """(q [B, T, H, Dh], k, v [B, T, K, Dh]) -> [B, T, H, Dh] by `impl`."""
-    window = WINDOW if layer == "local" else None
+    window = local_window if layer == "local" else None
 
     def layout():  # built in the traced program: no eager array on a compile-only device
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -155,30 +155,26 @@ def check(impls, block_q: int, block_kv: int) -> dict:
     """Relative error of each implementation against the float32 reference, at a small
     shape (2 x 256: local layers cross the 512 window only at 1024, so the window is 64
     here), kernels in TPU interpret mode."""
-    global WINDOW
-    saved, WINDOW = WINDOW, 64
-    try:
-        out = {}
-        batch, length = 2, 256
-        q, k, v, cot = inputs(batch, length, jnp.float32, "train", jax.random.key(0))
-        for layer in ("local", "global"):
-            want = program(make_attention("xla", batch, length, layer), "train")(q, k, v, cot)
-            for impl in impls:
-                if impl == "xla" or (impl == "jax_flash" and layer == "local"):
-                    continue  # jax_flash has no window
-                attend = make_attention(impl, batch, length, layer, block_q=min(block_q, 64),
-                                        block_kv=block_kv, interpret=True)
-                if impl == "jax_flash":  # it has no interpret flag of its own
-                    with pltpu.force_tpu_interpret_mode():
-                        got = program(attend, "train")(q, k, v, cot)
-                else:
+    out = {}
+    batch, length, window = 2, 256, 64
+    q, k, v, cot = inputs(batch, length, jnp.float32, "train", jax.random.key(0))
+    for layer in ("local", "global"):
+        want = program(make_attention("xla", batch, length, layer, local_window=window),
+                       "train")(q, k, v, cot)
+        for impl in impls:
+            if impl == "xla" or (impl == "jax_flash" and layer == "local"):
+                continue  # jax_flash has no window
+            attend = make_attention(impl, batch, length, layer, block_q=min(block_q, 64),
+                                    block_kv=block_kv, interpret=True, local_window=window)
+            if impl == "jax_flash":  # it has no interpret flag of its own
+                with pltpu.force_tpu_interpret_mode():
                     got = program(attend, "train")(q, k, v, cot)
-                out[f"{impl}/{layer}"] = {
-                    name: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
-        return out
-    finally:
-        WINDOW = saved
+            else:
+                got = program(attend, "train")(q, k, v, cot)
+            out[f"{impl}/{layer}"] = {
+                name: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                for name, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+    return out
 
 
 def schedule(impl: str, batch: int, length: int, layer: str, mode: str, block_q: int,
