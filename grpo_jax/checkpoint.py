@@ -84,16 +84,12 @@ class AllCheckpointsDamaged(ValueError):
     pass
 
 
-def _drop_closed_loop_callbacks(unraisable, _default=sys.unraisablehook) -> None:
+def _is_closed_loop_callback(unraisable) -> bool:
     """A read that fails part-way leaves the storage library's other reads to finish
     later on an event loop already closed; their "Event loop is closed" would print a
-    traceback at exit after the one-line report. Everything else goes through."""
+    traceback at exit after the one-line report."""
     e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-        _default(unraisable)
-
-
-sys.unraisablehook = _drop_closed_loop_callbacks
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
 
 def _is_orphaned_read(record: logging.LogRecord) -> bool:
@@ -104,7 +100,23 @@ def _is_orphaned_read(record: logging.LogRecord) -> bool:
         "async_deserialize" in message
 
 
-logging.getLogger("asyncio").addFilter(lambda record: not _is_orphaned_read(record))
+def _not_orphaned_read(record: logging.LogRecord) -> bool:
+    return not _is_orphaned_read(record)
+
+
+def quiet_failed_read_aftermath() -> None:
+    """Install the two filters above (a CLI's start-up; idempotent): a damaged
+    checkpoint is reported once, in one line, not followed by tracebacks at exit."""
+    previous = sys.unraisablehook
+    if not getattr(previous, "_drops_closed_loop_callbacks", False):
+        def hook(unraisable):  # everything else goes through
+            if not _is_closed_loop_callback(unraisable):
+                previous(unraisable)
+        hook._drops_closed_loop_callbacks = True
+        sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_orphaned_read not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_orphaned_read)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,7 +141,7 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
     prompts = rows((g.num_prompts, PROMPT_LEN), jnp.int32)
     if "prefill" in names:
         out["prefill"] = prefill.lower(params, lora, prompts, rows(prompts.shape, jnp.bool_))
-    cache = jax.eval_shape(lambda: kv_cache.init_cache(model_cfg, n, length))
+    cache = kv_cache.abstract_cache(model_cfg, n, length)
     logits = rows((model_cfg.vocab_size, n), jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     if "decode" in names:
@@ -153,11 +153,11 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
         hidden, cache = kv_cache.decode_step(params, cache, token, model_cfg, lora)
         return sampler.vocab_major_logits(params, hidden, model_cfg), cache
 
-    cache_sh = sharding.cache_shardings(plan, model_cfg.num_layers)
+    cache_sh = kv_cache.cache_shardings(plan, model_cfg)
     step_program = sharding.sharded_jit(
         plan, one_step, lambda p, lo, *_: (
-            (sharding.param_shardings(plan, model_cfg),
-             sharding.lora_shardings(plan, model_cfg, lo), cache_sh, plan.rows),
+            (gemma3.param_shardings(plan, model_cfg),
+             lora_lib.lora_shardings(plan, model_cfg, lo), cache_sh, plan.rows),
             (plan.sharding((None, "batch")), cache_sh)),
         donate_argnums=(2,))
     out["decode_step"] = step_program.lower(params, lora, cache, rows((n,), jnp.int32))

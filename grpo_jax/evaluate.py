@@ -21,8 +21,9 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import data, eval_metrics, fileio, run_cli, runs, sampler, stream
+from grpo_jax import data, eval_metrics, fileio, runs, sampler, stream
 from grpo_jax import stop_strings as stop_strings_lib
+from grpo_jax.cli import run_cli
 from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
 from grpo_jax.model import load
 

@@ -31,7 +31,8 @@ import numpy as np
 import tyro
 from safetensors.numpy import save_file
 
-from grpo_jax import fileio, run_cli, runs
+from grpo_jax import fileio, runs
+from grpo_jax.cli import run_cli
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import gemma3, lora as lora_lib
 

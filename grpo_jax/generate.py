@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import run_cli
+from grpo_jax.cli import run_cli
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.load import load_model
 from grpo_jax.sampler import sample_prompts

@@ -9,11 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
-from grpo_jax.model import gemma3
+from grpo_jax.model import gemma3, vocab_parallel
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 # Default first. k3 and k2 are loss terms; k1 is a penalty on the reward
@@ -88,7 +87,7 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
     row), each under jax.checkpoint, so neither the forward nor the backward pass
     holds more than ~[chunk_size, V] logits (the full [N, T, V] never exists). Under
     a mesh (`jax.set_mesh`) the rows stay sharded and the vocabulary is split over
-    `tensor` (`vocab_sharded_logprobs`). Padding positions
+    `tensor` (`vocab_parallel.logprobs`). Padding positions
     get finite garbage: mask them downstream.
 
     group > 1: rows come in consecutive groups of `group` completions of one
@@ -145,66 +144,14 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
     @jax.checkpoint
     def one_chunk(args):
         h, t = args  # [n, span, D], [n, span]
-        h = sharding.constrain(h)
-        if sharding.active_mesh() is not None:
-            return vocab_sharded_logprobs(h, t, embed, cfg, temperature, return_entropy)
-        return chosen_logprobs(gemma3.logits_from_hidden({"embed": embed}, h, cfg),
-                               t, temperature, return_entropy)
+        return vocab_parallel.logprobs(sharding.constrain(h), t, embed, cfg, temperature,
+                                       return_entropy)
 
     logp, ent = jax.lax.map(one_chunk, (chunked_h, chunked_t))
     logp = logp.swapaxes(0, 1).reshape(n, -1)[:, :steps]
     if not return_entropy:
         return logp
     return logp, ent.swapaxes(0, 1).reshape(n, -1)[:, :steps]
-
-
-def chosen_logprobs(logits: jax.Array, targets: jax.Array, temperature: float,
-                    return_entropy: bool) -> tuple[jax.Array, jax.Array]:
-    """log softmax(logits / temperature) at `targets`, and the entropy of each
-    position's distribution (zeros unless `return_entropy`). logits [..., V]."""
-    logits = logits / temperature
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
-    if not return_entropy:
-        return logp, jnp.zeros_like(logp)
-    # -sum p log p on the normalised log-probs: logz - E[logits] would cancel
-    # two large numbers when the logits are large and the entropy small.
-    logq = logits - logz[..., None]
-    return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
-
-
-def vocab_sharded_logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array,
-                           cfg: ModelConfig, temperature: float, return_entropy: bool
-                           ) -> tuple[jax.Array, jax.Array]:
-    """`chosen_logprobs` of the tied logits with the vocabulary split over `tensor`:
-    each device computes the logits of its slice of the vocabulary for its rows, and
-    the log-sum-exp, the chosen token's logit and the entropy are summed across the
-    slices (a max, then sums), so no device holds a [rows, V] block.
-
-    hidden [n, S, D] and targets [n, S] rows over data x fsdp; embed [V, D]. Runs per
-    device under `jax.shard_map` on the mesh set around the trace."""
-    rows = sharding.logical_spec(("batch",))
-
-    def local(h, t, e):
-        logits = jnp.einsum("nsd,vd->nsv", h, e.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32) / temperature
-        # The shift only steadies the exponentials; its gradient cancels.
-        top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
-        logz = top + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1),
-                                          "tensor"))
-        size = e.shape[0]
-        local_t = t - jax.lax.axis_index("tensor") * size
-        here = (local_t >= 0) & (local_t < size)
-        picked = jnp.take_along_axis(logits, jnp.clip(local_t, 0, size - 1)[..., None],
-                                     axis=-1)[..., 0]
-        logp = jax.lax.psum(jnp.where(here, picked, 0.0), "tensor") - logz
-        if not return_entropy:
-            return logp, jnp.zeros_like(logp)
-        logq = logits - logz[..., None]
-        return logp, -jax.lax.psum(jnp.sum(jnp.exp(logq) * logq, axis=-1), "tensor")
-
-    return jax.shard_map(local, in_specs=(rows, rows, P("tensor", None)),
-                         out_specs=(rows, rows))(hidden, targets, embed)
 
 
 def pack_shared_prompt(tokens: jax.Array, input_mask: jax.Array, prompt_len: int,

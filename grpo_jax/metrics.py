@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import sys
+import time
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping, Sequence
 
@@ -272,33 +273,71 @@ _POSTFIX = (("sft/loss", "sft loss", "{:.3f}"),
 
 
 class Progress:
-    """tqdm over training steps; postfix: SFT loss (SFT steps), reward, format rate, KL,
-    tokens/s (ETA from tqdm).
+    """Training progress on stderr (`file`): on a terminal a tqdm bar (postfix: SFT loss,
+    reward, format rate, KL, tokens/s; ETA from tqdm); off one (a log file, a batch
+    job) one plain line per step and per `note` (phase boundaries, evaluations), so
+    `train > log 2>&1` shows where the run is without carriage returns.
 
-    enabled=None shows the bar only when `file` (default stderr) is a terminal, so
-    logs of batch jobs are not filled with carriage returns; True forces it on.
+    enabled=None picks by whether `file` is a terminal; True forces the bar; False
+    prints nothing (processes other than 0); "lines" forces the plain lines.
     """
 
-    def __init__(self, total: int, *, initial: int = 0, enabled: bool | None = None,
+    def __init__(self, total: int, *, initial: int = 0, enabled: bool | str | None = None,
                  file: IO[str] | None = None, desc: str = "train"):
-        file = sys.stderr if file is None else file
+        self._file = sys.stderr if file is None else file
         if enabled is None:
-            enabled = bool(getattr(file, "isatty", lambda: False)())
-        self._bar = tqdm(total=total, initial=initial, disable=not enabled, file=file,
-                         desc=desc, unit="step", dynamic_ncols=True)
+            enabled = True if getattr(self._file, "isatty", lambda: False)() else "lines"
+        self._lines = enabled == "lines"
+        self._quiet = enabled is False
+        self.total, self.done, self._start_done = total, initial, initial
+        self._last, self._step_seconds = time.monotonic(), 0.0
+        self._bar = tqdm(total=total, initial=initial, disable=self._lines or self._quiet,
+                         file=self._file, desc=desc, unit="step", dynamic_ncols=True)
 
-    def update(self, metrics: Mapping[str, Any] | None = None, n: int = 1) -> None:
+    def _postfix(self, metrics: Mapping[str, Any]) -> dict[str, str]:
+        postfix = {}
+        for key, label, fmt in _POSTFIX:
+            if key in metrics:
+                try:
+                    v = _scalar(key, metrics[key])
+                except ValueError:
+                    continue  # progress never stops training
+                postfix[label] = fmt.format(v) if math.isfinite(v) else str(v)
+        return postfix
+
+    def update(self, metrics: Mapping[str, Any] | None = None, n: int = 1,
+               phase: str | None = None) -> None:
+        now = time.monotonic()
+        # The step's own time when it reports one (not the evaluation before it).
+        step_time = (metrics or {}).get("step_time_s", now - self._last)
+        self._last = now
+        self.done += n
+        self._step_seconds += float(step_time)
+        if self._lines:
+            parts = [f"{phase + ' ' if phase else ''}step {self.done}/{self.total}"]
+            parts += [f"{k} {v}" for k, v in self._postfix(metrics or {}).items()]
+            parts.append(f"{float(step_time):.1f} s")
+            if self.done < self.total:
+                rate = self._step_seconds / max(self.done - self._start_done, 1)
+                parts.append(f"ETA {format_duration(rate * (self.total - self.done))}")
+            self._print(" | ".join(parts))
+            return
         if metrics:
-            postfix = {}
-            for key, label, fmt in _POSTFIX:
-                if key in metrics:
-                    try:
-                        v = _scalar(key, metrics[key])
-                    except ValueError:
-                        continue  # a progress bar never stops training
-                    postfix[label] = fmt.format(v) if math.isfinite(v) else str(v)
-            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.set_postfix(self._postfix(metrics), refresh=False)
         self._bar.update(n)
+
+    def note(self, text: str) -> None:
+        """A line about the run (a phase begins, an evaluation ends): plain, or above
+        the bar without breaking it."""
+        if not self._quiet:
+            if self._lines:
+                self._print(text)
+            else:
+                self._bar.write(text, file=self._file)
+        self._last = time.monotonic()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self._file, flush=True)
 
     def close(self) -> None:
         self._bar.close()
@@ -308,3 +347,15 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def format_duration(seconds: float) -> str:
+    """12 s, 4m 05s, 2h 03m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"

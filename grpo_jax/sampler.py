@@ -25,7 +25,7 @@ import numpy as np
 
 from grpo_jax import sharding, stop_strings as stop_strings_lib
 from grpo_jax.config import ModelConfig, SamplerConfig
-from grpo_jax.model import gemma3, kv_cache
+from grpo_jax.model import gemma3, kv_cache, lora as lora_lib
 from grpo_jax.tokenizer import PAD_ID
 
 # top_p without top_k first looks for the nucleus among this many most likely tokens;
@@ -314,8 +314,8 @@ def sharded_programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, 
     by their logical axes, prompt rows and the cache over data x fsdp (the cache that
     decode takes is donated and comes back with the same sharding), logits [V, B] with
     rows sharded, the key and stop table replicated."""
-    params_sh = sharding.param_shardings(plan, cfg)
-    cache_sh = sharding.cache_shardings(plan, cfg.num_layers)
+    params_sh = gemma3.param_shardings(plan, cfg)
+    cache_sh = kv_cache.cache_shardings(plan, cfg)
     logits_sh = plan.sharding((None, "batch"))
     out_sh = SampleOutput(*[plan.rows] * 5, plan.replicated)
 
@@ -327,11 +327,11 @@ def sharded_programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, 
         return _decode(params, lora, cache, logits, key, stop_table, cfg=cfg, sampling=sampling)
 
     def prefill_shardings(params, lora, *_):
-        lora_sh = sharding.lora_shardings(plan, cfg, lora)
+        lora_sh = lora_lib.lora_shardings(plan, cfg, lora)
         return (params_sh, lora_sh, plan.rows, plan.rows), (logits_sh, cache_sh)
 
     def decode_shardings(params, lora, cache, logits, key, stop_table):
-        lora_sh = sharding.lora_shardings(plan, cfg, lora)
+        lora_sh = lora_lib.lora_shardings(plan, cfg, lora)
         table_sh = None if stop_table is None else plan.replicated
         return ((params_sh, lora_sh, cache_sh, logits_sh, plan.replicated, table_sh),
                 (out_sh, cache_sh))

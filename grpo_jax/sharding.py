@@ -170,27 +170,18 @@ def check_run(cfg, model_cfg: ModelConfig, devices: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Sharding trees
+# Sharding trees (each pytree's owner supplies its logical axes: gemma3.param_shardings,
+# lora.lora_shardings, kv_cache.cache_shardings)
 
 
-def _tree_shardings(plan: MeshPlan, axes_tree) -> Any:
-    return jax.tree.map(plan.sharding, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+def is_axes(x) -> bool:
+    """A leaf of a logical-axes tree: a tuple of axis names (or None)."""
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def param_shardings(plan: MeshPlan, cfg: ModelConfig):
-    from grpo_jax.model import gemma3
-    return _tree_shardings(plan, gemma3.logical_axes(cfg))
-
-
-def lora_shardings(plan: MeshPlan, cfg: ModelConfig, lora):
-    """The shardings of adapters `lora` (a LoraWeights of arrays or shapes): each
-    factor takes its base weight's logical axes on its side of the rank. None (no
-    adapters: the reference policy) has none."""
-    from grpo_jax.model import lora as lora_lib
-    if lora is None:
-        return None
-    return lora_lib.LoraWeights(
-        _tree_shardings(plan, lora_lib.adapter_logical_axes(cfg, lora)), lora.scale)
+def tree_shardings(plan: MeshPlan, axes_tree) -> Any:
+    """NamedShardings for a tree whose leaves are logical-axes tuples."""
+    return jax.tree.map(plan.sharding, axes_tree, is_leaf=is_axes)
 
 
 def opt_state_shardings(plan: MeshPlan, optimizer: optax.GradientTransformation,
@@ -201,13 +192,6 @@ def opt_state_shardings(plan: MeshPlan, optimizer: optax.GradientTransformation,
     return optax.tree_map_params(optimizer, lambda _, s: s, abstract, lora_sharding,
                                  transform_non_params=lambda _: plan.replicated,
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
-def cache_shardings(plan: MeshPlan, num_layers: int):
-    """KV cache: rows over data x fsdp; the single KV head, head dim and slots whole."""
-    from grpo_jax.model import kv_cache
-    layer = plan.sharding(("batch", "kv_heads", None, "length"))
-    return kv_cache.KVCache([layer] * num_layers, [layer] * num_layers, plan.rows)
 
 
 # ---------------------------------------------------------------------------
@@ -290,23 +274,12 @@ def constrain(x: jax.Array, logical: Sequence[str | None] = ("batch",)) -> jax.A
     return jax.lax.with_sharding_constraint(x, logical_spec(logical))
 
 
-def vocab_parallel_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
-    """table[tokens] for an embedding [V, D] laid out (vocab over tensor, embed over
-    fsdp), without gathering the table: each device looks up the tokens of its data
-    rows in its own [V / tensor, D / fsdp] block (zeros for tokens outside its vocab
-    slice), the slices are summed over `tensor`, and the result comes out as rows over
-    data with the embedding over fsdp (the caller's `constrain` moves it to rows over
-    data x fsdp). Runs per device under `jax.shard_map` on the mesh around the trace."""
-    def local(block, ids):
-        size = block.shape[0]
-        ids = ids - jax.lax.axis_index("tensor") * size
-        here = (ids >= 0) & (ids < size)
-        rows = jnp.take(block, jnp.clip(ids, 0, size - 1), axis=0)
-        return jax.lax.psum(jnp.where(here[..., None], rows, 0), "tensor")
-
-    spare = (None,) * (tokens.ndim - 1)
-    return jax.shard_map(local, in_specs=(P("tensor", "fsdp"), P("data", *spare)),
-                         out_specs=P("data", *spare, "fsdp"))(table, tokens)
+def per_device(fn: Callable, in_specs, out_specs, **kwargs) -> Callable:
+    """`fn` run per device under `jax.shard_map` on the mesh around the trace, or
+    `fn` itself on a single device (no mesh): the one place that branch lives."""
+    if active_mesh() is None:
+        return fn
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, **kwargs)
 
 
 class ShardedJit:

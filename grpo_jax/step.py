@@ -27,6 +27,7 @@ import optax
 
 from grpo_jax import grpo, sharding
 from grpo_jax.config import GRPOConfig, ModelConfig, OptimizerConfig
+from grpo_jax.model import gemma3, lora as lora_lib
 
 
 @flax.struct.dataclass
@@ -134,7 +135,7 @@ def micro_batches(batch: Batch, micro: int, unit: int) -> Batch:
 
 def state_shardings(plan: sharding.MeshPlan, model_cfg: ModelConfig,
                      optimizer: optax.GradientTransformation, lora) -> TrainState:
-    lora_sh = sharding.lora_shardings(plan, model_cfg, lora)
+    lora_sh = lora_lib.lora_shardings(plan, model_cfg, lora)
     return TrainState(lora_sh, sharding.opt_state_shardings(plan, optimizer, lora, lora_sh))
 
 
@@ -246,10 +247,10 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
         return StepFunctions(logprobs=jax.jit(token_logprobs, static_argnums=4),
                              update=jax.jit(update, donate_argnums=(1,)), optimizer=optimizer)
 
-    params_sh = sharding.param_shardings(plan, model_cfg)
+    params_sh = gemma3.param_shardings(plan, model_cfg)
 
     def logprobs_shardings(params, lora, *_):
-        lora_sh = sharding.lora_shardings(plan, model_cfg, lora)
+        lora_sh = lora_lib.lora_shardings(plan, model_cfg, lora)
         return (params_sh, lora_sh, plan.rows, plan.rows), plan.rows
 
     def update_shardings(params, state, batch):

@@ -26,13 +26,14 @@ import jax
 import numpy as np
 import tyro
 
-from grpo_jax import (data, dry_run, evaluate, fileio, grpo, rewards, run_cli, runs,
-                      sampler, sharding, step as step_lib, stop_strings)
+from grpo_jax import (data, dry_run, evaluate, fileio, grpo, rewards, runs, sampler, sharding,
+                      step as step_lib, stop_strings)
+from grpo_jax.cli import run_cli
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import (ModelConfig, TrainConfig, deferred_validation, train_preset,
                              validate)
-from grpo_jax.metrics import MetricsLogger, Progress
-from grpo_jax.model import load, lora as lora_lib
+from grpo_jax.metrics import MetricsLogger, Progress, format_duration
+from grpo_jax.model import gemma3, load, lora as lora_lib
 from grpo_jax.tokenizer import END_OF_TURN_ID
 
 log = logging.getLogger("grpo_jax.train")
@@ -383,7 +384,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
     del base  # after the merge the base weights are not held twice
     plan = run_plan(cfg)
     if plan is not None:
-        params = sharding.put_tree(params, sharding.param_shardings(plan, model_cfg))
+        params = sharding.put_tree(params, gemma3.param_shardings(plan, model_cfg))
     lora_key, sampling_key = run_keys(cfg.seed)
     fns = step_functions(cfg, model_cfg, plan)
     grpo_state = place_state(plan, fns, model_cfg, fns.init_state(
@@ -397,7 +398,13 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
 
     def evaluate_column(column: str, step: int, lora) -> None:
         if evals is not None and not evals.is_current(column, step):
-            evals.add(column, step, params, lora, tokenizer, model_cfg)
+            progress.note(f"evaluating {column} (step {step}) on {len(evals.problems)} problems")
+            began = time.monotonic()
+            figures = evals.add(column, step, params, lora, tokenizer, model_cfg)
+            progress.note(f"evaluated {column}: " + ", ".join(
+                f"{k.removesuffix('_accuracy')} {figures[k]:.1%}" for k in
+                ("format_accuracy", "exact_accuracy") if k in figures)
+                + f" ({format_duration(time.monotonic() - began)})")
 
     metrics: dict[str, Any] = {}
     skips_in_a_row = 0
@@ -411,7 +418,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             nonlocal skips_in_a_row
             logger.log(step, metrics)
             logger.log_samples(step, samples)
-            progress.update(metrics)
+            progress.update(metrics, phase="sft" if cfg.is_sft_step(step) else "grpo")
             skips_in_a_row = skips_in_a_row + 1 if metrics["skipped"] else 0
             if cfg.max_consecutive_skips and skips_in_a_row >= cfg.max_consecutive_skips:
                 raise TrainingError(f"{skips_in_a_row} steps in a row had a non-finite loss or "
@@ -425,6 +432,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
         sft_lora = None
         if sft_steps:
             if start < sft_steps:
+                progress.note(f"SFT: steps {start + 1}-{sft_steps} of {cfg.total_steps}")
                 if start:
                     sft_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
                 for step in range(start + 1, sft_steps + 1):
@@ -438,10 +446,13 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             evaluate_column("sft", sft_steps, sft_lora)
             params = lora_lib.merge(params, sft_lora)
             if plan is not None:
-                params = sharding.put_tree(params, sharding.param_shardings(plan, model_cfg))
+                params = sharding.put_tree(params, gemma3.param_shardings(plan, model_cfg))
         if start > sft_steps:
             grpo_state = step_lib.TrainState(restored["lora"], restored["opt_state"])
         state = grpo_state
+        if max(start, sft_steps) < cfg.total_steps:
+            progress.note(f"GRPO: steps {max(start, sft_steps) + 1}-{cfg.total_steps} of "
+                          f"{cfg.total_steps}")
         for step in range(max(start, sft_steps) + 1, cfg.total_steps + 1):
             state, metrics, samples = run_step(cfg, fns, model_cfg, params, tokenizer, state,
                                                problems, step, sampling_key, shapes, plan)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from grpo_jax import rewards, run_cli, train
+from grpo_jax import rewards, train
+from grpo_jax.cli import run_cli
 from grpo_jax.config import OptimizerConfig
 from grpo_jax.rewards import RewardConfig
 

@@ -28,6 +28,7 @@ from _tiny_model import random_lora, random_params  # noqa: E402
 from grpo_jax import grpo, sampler, sharding, step as step_lib  # noqa: E402
 from grpo_jax.config import (TINY, GRPOConfig, LoraConfig, MeshConfig,  # noqa: E402
                              OptimizerConfig, SamplerConfig)
+from grpo_jax.model import gemma3, kv_cache, lora as lora_lib  # noqa: E402
 
 # Gemma's shape in miniature: 4 query heads (so tensor 4 splits them), one KV head.
 CFG = dataclasses.replace(TINY, name="tiny-1kv", num_kv_heads=1)
@@ -82,8 +83,8 @@ def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
     fns = step_lib.build_step(model_cfg, GRPO, OptimizerConfig(learning_rate=1e-2), 10, 1.0,
                               "grpo", plan)
     if plan is not None:
-        params = sharding.put_tree(params, sharding.param_shardings(plan, CFG))
-        lora = sharding.put_tree(lora, sharding.lora_shardings(plan, CFG, lora))
+        params = sharding.put_tree(params, gemma3.param_shardings(plan, CFG))
+        lora = sharding.put_tree(lora, lora_lib.lora_shardings(plan, CFG, lora))
         batch = jax.tree.map(lambda x: sharding.put_rows(plan, x), batch)
         prompt_tokens, prompt_mask = (sharding.put_rows(plan, x)
                                       for x in (prompt_tokens, prompt_mask))
@@ -100,9 +101,9 @@ def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
     if plan is None:
         loss, grads = jax.jit(grads_fn, static_argnums=3)(params, lora, batch, model_cfg)
     else:
-        grad_sh = sharding.lora_shardings(plan, CFG, lora)
+        grad_sh = lora_lib.lora_shardings(plan, CFG, lora)
         loss, grads = sharding.sharded_jit(
-            plan, grads_fn, lambda *a: ((sharding.param_shardings(plan, CFG), grad_sh,
+            plan, grads_fn, lambda *a: ((gemma3.param_shardings(plan, CFG), grad_sh,
                                          plan.rows), (plan.replicated, grad_sh)),
             static_argnums=(3,))(params, lora, batch, model_cfg)
     out["grad_loss"] = loss
@@ -125,13 +126,13 @@ def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
         specs.update({f"cache_keys_{i}": spec_of(x) for i, x in enumerate(cache.keys)})
         specs["cache_lengths"] = spec_of(cache.lengths)
         # The shardings the rules give, to compare with what came back.
-        want_lora = jax.tree.leaves(sharding.lora_shardings(plan, CFG, lora))
+        want_lora = jax.tree.leaves(lora_lib.lora_shardings(plan, CFG, lora))
         want_opt = jax.tree.leaves(step_lib.state_shardings(plan, CFG, fns.optimizer, lora)
                                    .opt_state)
         specs.update({f"want_lora_{i}": str(s.spec) for i, s in enumerate(want_lora)})
         specs.update({f"want_opt_{i}": str(s.spec) for i, s in enumerate(want_opt)})
         specs["want_rows"] = str(plan.rows.spec)
-        specs["want_cache"] = str(sharding.cache_shardings(plan, CFG.num_layers).keys[0].spec)
+        specs["want_cache"] = str(kv_cache.cache_shardings(plan, CFG).keys[0].spec)
     result = {k: np.asarray(jax.device_get(v)) for k, v in out.items()}
     result["specs"] = np.asarray(json.dumps(specs))
     return result

@@ -150,9 +150,32 @@ def test_progress_bar(tmp_path):
         p.update({})
     out = buf.getvalue()
     assert "3/3" in out and "reward=1.250" in out and "format=50%" in out and "kl=nan" in out
-    buf = io.StringIO()  # not a terminal: auto mode stays quiet
-    Progress(total=3, file=buf).close()
+    buf = io.StringIO()  # disabled (processes other than 0): nothing at all
+    with Progress(total=3, enabled=False, file=buf) as p:
+        p.update({"reward/mean": 1.0})
+        p.note("a phase")
     assert buf.getvalue() == ""
+
+
+def test_progress_off_a_terminal_is_one_plain_line_per_step_and_note():
+    buf = io.StringIO()  # not a terminal: auto mode prints lines, no carriage returns
+    with Progress(total=4, initial=1, file=buf) as p:
+        p.note("GRPO: steps 2-4")
+        p.update({"sft/loss": 2.5}, phase="sft")
+        p.update({"reward/mean": -1.5, "format_rate": 0.25, "kl": 1e-4}, phase="grpo")
+        p.update({"reward/mean": float("nan")}, phase="grpo")
+    lines = buf.getvalue().splitlines()
+    assert "\r" not in buf.getvalue() and len(lines) == 4, lines
+    assert lines[0] == "GRPO: steps 2-4"
+    assert lines[1].startswith("sft step 2/4 | sft loss 2.500 | ") and "ETA " in lines[1]
+    assert lines[2].startswith("grpo step 3/4 | reward -1.500 | format 25% | kl 0.0001 | ")
+    assert lines[3].startswith("grpo step 4/4 | reward nan | ") and "ETA" not in lines[3]
+
+
+def test_format_duration():
+    from grpo_jax.metrics import format_duration
+    assert [format_duration(s) for s in (0.4, 59, 61, 3599, 3600, 7385)] == [
+        "0 s", "59 s", "1m 01s", "59m 59s", "1h 00m", "2h 03m"]
 
 
 def _load_plot_module():

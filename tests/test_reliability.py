@@ -264,7 +264,7 @@ def test_a_failing_save_is_one_line_and_loses_nothing(uninterrupted, tmp_path):
 
 
 def test_an_os_error_that_escapes_names_its_path():
-    from grpo_jax import one_line
+    from grpo_jax.cli import one_line
 
     e = OSError(errno.EROFS, "Read-only file system", "/some/run/eval.json")
     assert one_line(e) == "Read-only file system: /some/run/eval.json"

@@ -43,13 +43,11 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, cfg
     def local(q, k, v, layout):
         return flash_attention(q, k, v, layout, scale=scale, window=window)
 
-    if sharding.active_mesh() is None:
-        return local(q, k, v, layout)
     rows, heads = _axes(k.shape[2])
     q_spec, kv_spec = P(rows, None, heads, None), P(rows, None, None, None)
     layout_spec = jax.tree.map(lambda _: P(rows, None), layout)
-    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, layout_spec),
-                         out_specs=q_spec, check_vma=False)(q, k, v, layout)
+    return sharding.per_device(local, (q_spec, kv_spec, kv_spec, layout_spec), q_spec,
+                               check_vma=False)(q, k, v, layout)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
@@ -69,9 +67,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions
     def local(q, keys, values, kv_lengths):
         return pallas_decode(q, keys, values, kv_lengths, scale=scale)
 
-    if sharding.active_mesh() is None:
-        return local(q, keys, values, kv_lengths)
     rows, heads = _axes(keys.shape[1])
     q_spec, cache_spec = P(rows, heads, None), P(rows, None, None, None)
-    return jax.shard_map(local, in_specs=(q_spec, cache_spec, cache_spec, P(rows)),
-                         out_specs=q_spec, check_vma=False)(q, keys, values, kv_lengths)
+    return sharding.per_device(local, (q_spec, cache_spec, cache_spec, P(rows)), q_spec,
+                               check_vma=False)(q, keys, values, kv_lengths)

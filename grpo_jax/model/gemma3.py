@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
-from grpo_jax.model import attention
+from grpo_jax.model import attention, vocab_parallel
 from kernels.layout import Layout, packed_layout, self_layout
 
 Params = dict[str, Any]
@@ -89,6 +89,11 @@ def logical_axes(cfg: ModelConfig) -> Params:
     return jax.tree.map(lambda s: s.logical_axes, param_specs(cfg), is_leaf=_is_spec)
 
 
+def param_shardings(plan: sharding.MeshPlan, cfg: ModelConfig) -> Params:
+    """Where each weight lives on the plan's mesh, from its logical axes."""
+    return sharding.tree_shardings(plan, logical_axes(cfg))
+
+
 def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """Random weights (for tests and tiny runs); norms random too so they matter."""
     specs, treedef = jax.tree.flatten(param_specs(cfg), is_leaf=_is_spec)
@@ -127,10 +132,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float)
 
 def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     dtype = cfg.compute_dtype
-    if sharding.active_mesh() is None:
-        x = jnp.take(params["embed"], tokens, axis=0)
-    else:
-        x = sharding.constrain(sharding.vocab_parallel_lookup(params["embed"], tokens))
+    x = sharding.constrain(vocab_parallel.lookup(params["embed"], tokens))
     return x.astype(dtype) * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
 
 

@@ -15,10 +15,12 @@ when that is negative.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import attention, gemma3
 from kernels.layout import self_layout
@@ -37,17 +39,48 @@ def layer_cache_size(cfg: ModelConfig, layer: int, cache_len: int) -> int:
     return cache_len if window is None else min(window, cache_len)
 
 
-def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
-    sizes = [layer_cache_size(cfg, i, cache_len) for i in range(cfg.num_layers)]
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    dtype: jnp.dtype
+
+
+def cache_specs(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
+    """The one description of the cache: each buffer's shape, logical axes and dtype.
+    Rows are the sharded axis; the single KV head, head dim and slots stay whole."""
     k, dh, dtype = cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype
-    return KVCache([jnp.zeros((batch, k, dh, s), dtype) for s in sizes],
-                   [jnp.zeros((batch, k, s, dh), dtype) for s in sizes],
-                   jnp.zeros((batch,), jnp.int32))
+    sizes = [layer_cache_size(cfg, i, cache_len) for i in range(cfg.num_layers)]
+    return KVCache(
+        [CacheSpec((batch, k, dh, s), ("batch", "kv_heads", "head_dim", "length"), dtype)
+         for s in sizes],
+        [CacheSpec((batch, k, s, dh), ("batch", "kv_heads", "length", "head_dim"), dtype)
+         for s in sizes],
+        CacheSpec((batch,), ("batch",), jnp.dtype(jnp.int32)))
+
+
+def _from_specs(fn, specs: KVCache):
+    return jax.tree.map(fn, specs, is_leaf=lambda x: isinstance(x, CacheSpec))
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
+    return _from_specs(lambda s: jnp.zeros(s.shape, s.dtype), cache_specs(cfg, batch, cache_len))
+
+
+def abstract_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
+    return _from_specs(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                       cache_specs(cfg, batch, cache_len))
+
+
+def cache_shardings(plan: sharding.MeshPlan, cfg: ModelConfig) -> KVCache:
+    """Where each buffer lives on the plan's mesh (the axes do not depend on sizes)."""
+    return _from_specs(lambda s: plan.sharding(s.logical_axes), cache_specs(cfg, 1, 1))
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
-    slots = sum(layer_cache_size(cfg, i, cache_len) for i in range(cfg.num_layers))
-    return 2 * batch * slots * cfg.num_kv_heads * cfg.head_dim * cfg.compute_dtype.itemsize
+    """Bytes of the key and value buffers."""
+    specs = cache_specs(cfg, batch, cache_len)
+    return sum(math.prod(s.shape) * s.dtype.itemsize for s in specs.keys + specs.values)
 
 
 def _slot_index(buf: jax.Array, rows: jax.Array, slots: jax.Array, keys: bool):

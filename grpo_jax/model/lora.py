@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import sharding
 from grpo_jax.config import LoraConfig, ModelConfig
 from grpo_jax.model import gemma3
 
@@ -67,6 +68,16 @@ def adapter_logical_axes(model_cfg: ModelConfig, lora: LoraWeights) -> list:
     specs = _adapter_specs(model_cfg, projections, rank)
     return jax.tree.map(lambda s: s.logical_axes, specs,
                         is_leaf=lambda x: isinstance(x, gemma3.ParamSpec))
+
+
+def lora_shardings(plan: sharding.MeshPlan, model_cfg: ModelConfig, lora: LoraWeights | None):
+    """The shardings of adapters `lora` (a LoraWeights of arrays or shapes): each
+    factor takes its base weight's logical axes on its side of the rank. None (no
+    adapters: the reference policy) has none."""
+    if lora is None:
+        return None
+    return LoraWeights(sharding.tree_shardings(plan, adapter_logical_axes(model_cfg, lora)),
+                       lora.scale)
 
 
 def init_lora(model_cfg: ModelConfig, lora_cfg: LoraConfig, key: jax.Array,
