@@ -9,9 +9,13 @@ can point back at the source. The training order is a pure function of
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import importlib.metadata
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -161,6 +165,68 @@ def read_local_rows(path: str | Path) -> list[Any]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {LOCAL_SUFFIXES}")
 
 
+# What HELD_OUT_TEMPLATES and every recorded figure were made with: a digest of what
+# reasoning-gym's gsm_symbolic generates (`gsm_symbolic_fingerprint`). 0.1.19 and
+# 0.1.25 give this one; a version whose generators, template list or draws differ
+# would silently change the evaluation set, so it is refused.
+GSM_SYMBOLIC_FINGERPRINT = "a8161052a6207ffb"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def gsm_symbolic_fingerprint() -> str:
+    """sha256 (16 hex digits) over the installed gsm_symbolic's template list, one
+    problem from every generator at a fixed seed, and the first 64 problems of stream 3
+    (which template each draws included): a change to any of them changes it."""
+    import random
+
+    import reasoning_gym
+
+    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=64, seed=3)
+    module = sys.modules[type(dataset).__module__]
+    digest = hashlib.sha256(json.dumps(list(getattr(module, "tasks_ok", ()))).encode())
+    for t in sorted(dataset.generators):
+        x = dataset.generators[t](random.Random(1000 + t), 1.0)
+        digest.update(json.dumps([t, x["question"], str(x["answer"]),
+                                  x["metadata"].get("answer_cot")]).encode())
+    for i in range(len(dataset)):
+        x = dataset[i]
+        digest.update(json.dumps([dataset.task_indices[i], x["question"],
+                                  str(x["answer"])]).encode())
+    return digest.hexdigest()[:16]
+
+
+def check_gsm_symbolic() -> None:
+    """Refuse, in one line, a reasoning-gym whose gsm_symbolic differs from the one the
+    held-out templates and recorded results were fixed against."""
+    found = gsm_symbolic_fingerprint()
+    if found != GSM_SYMBOLIC_FINGERPRINT:
+        raise DataError(
+            f"reasoning-gym {_version('reasoning-gym')}'s gsm_symbolic generates other "
+            f"problems (fingerprint {found}, expected {GSM_SYMBOLIC_FINGERPRINT}): the "
+            "held-out templates would not be the same evaluation set; install the "
+            "version in constraints.txt (pip install -c constraints.txt -e .)")
+
+
+def source_versions(cfg: DataConfig) -> dict[str, str | None]:
+    """The versions of what the run's problems come from, for config.json and
+    eval.json (a local file is its own record)."""
+    sources = {cfg.dataset, cfg.eval_dataset or cfg.dataset}
+    out: dict[str, str | None] = {}
+    if "gsm_symbolic" in sources:
+        out["reasoning-gym"] = _version("reasoning-gym")
+        out["gsm_symbolic_fingerprint"] = gsm_symbolic_fingerprint()
+    if "gsm8k" in sources:
+        out["datasets"] = _version("datasets")
+    return out
+
+
 def gsm_symbolic(size: int, seed: int, templates: Callable[[int], bool] = lambda t: True
                  ) -> list[Problem]:
     """The first `size` problems of reasoning-gym's gsm_symbolic stream `seed` (offline)
@@ -172,6 +238,7 @@ def gsm_symbolic(size: int, seed: int, templates: Callable[[int], bool] = lambda
     """
     import reasoning_gym  # here: ~0.7 s to import, and only this source needs it
 
+    check_gsm_symbolic()
     length = size
     while True:
         dataset = reasoning_gym.create_dataset("gsm_symbolic", size=length, seed=seed)

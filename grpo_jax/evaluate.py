@@ -114,6 +114,7 @@ class EvalFile:
         r = self.result or {"setup": self.setup, "num_problems": len(self.problems),
                             "dataset": self.setup["dataset"], "split": self.setup["split"]}
         r[column] = figures
+        r[runs.DATA_SOURCE_KEY] = data.source_versions(self.cfg.data)
         r.setdefault("steps", {})[column] = step
         r.setdefault("records", {})[column] = records
         if column == "trained":

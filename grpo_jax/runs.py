@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 
+from grpo_jax import data
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import TrainConfig, changed_identity_fields, config_from_dict
 from grpo_jax.fileio import atomic_write_text
@@ -18,6 +19,8 @@ from grpo_jax.model import load, lora as lora_lib
 
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
+# config.json and eval.json record the data source's versions under this key.
+DATA_SOURCE_KEY = "data_source"
 
 
 class ResumeMismatch(ValueError):
@@ -32,7 +35,9 @@ def run_config(run_dir: str | os.PathLike) -> TrainConfig:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run's output dir?")
-    return config_from_dict(TrainConfig, json.loads(path.read_text()))
+    values = json.loads(path.read_text())
+    values.pop(DATA_SOURCE_KEY, None)  # a record beside the config, not a field of it
+    return config_from_dict(TrainConfig, values)
 
 
 def check_resume_config(run_dir: str | os.PathLike, cfg: TrainConfig) -> None:
@@ -53,7 +58,8 @@ def write_config_once(run_dir: str | os.PathLike, cfg: TrainConfig) -> None:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(dataclasses.asdict(cfg), indent=2))
+        record = {**dataclasses.asdict(cfg), DATA_SOURCE_KEY: data.source_versions(cfg.data)}
+        atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def load_run_base(cfg: TrainConfig) -> load.LoadedModel:

@@ -121,6 +121,23 @@ def test_gsm_symbolic_splits_by_template():
     assert longer[:40] == held
 
 
+def test_installed_gsm_symbolic_is_the_one_the_held_out_set_was_fixed_against():
+    assert data.gsm_symbolic_fingerprint() == data.GSM_SYMBOLIC_FINGERPRINT
+    versions = data.source_versions(DataConfig())
+    assert versions["gsm_symbolic_fingerprint"] == data.GSM_SYMBOLIC_FINGERPRINT
+    assert versions["reasoning-gym"]  # the installed version, recorded in config/eval.json
+
+
+def test_another_gsm_symbolic_is_refused_in_one_line(monkeypatch):
+    """A reasoning-gym whose generators draw other problems would change the
+    evaluation set under the same template numbers: refused before any problem."""
+    monkeypatch.setattr(data, "GSM_SYMBOLIC_FINGERPRINT", "0" * 16)
+    with pytest.raises(data.DataError, match=r"generates other problems \(fingerprint "
+                       + data.gsm_symbolic_fingerprint()) as e:
+        data.load_problems(DataConfig(num_train=8, num_eval=4), "eval")
+    assert "\n" not in str(e.value) and "constraints.txt" in str(e.value)
+
+
 def test_sft_targets_are_what_the_rewards_ask_for(tmp_path):
     """gsm_symbolic's worked solutions and GSM8K rows become
     <reasoning>solution</reasoning><answer>N</answer>, which the format reward scores as

@@ -198,7 +198,7 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_plot_script_missing_file_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, str(PLOT_SCRIPT), str(tmp_path / "nope")],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "metrics.jsonl" in proc.stderr
 

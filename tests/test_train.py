@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from grpo_jax import runs, step as step_lib, train
+from grpo_jax import data, runs, step as step_lib, train
 from grpo_jax.config import TRAIN_PRESETS, GRPOConfig
 
 TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0)
@@ -55,6 +55,10 @@ def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path, monkeypa
     assert all(r["logprob_drift"] < 1e-4 for r in rows), [r["logprob_drift"] for r in rows]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
     assert (run / "samples.jsonl").read_text().strip()
+    # config.json records where the problems came from (and reads back as the config).
+    recorded = json.loads((run / "config.json").read_text())["data_source"]
+    assert recorded == data.source_versions(cfg.data) and recorded["reasoning-gym"]
+    assert runs.run_config(run) == cfg
 
     # Same directory, same config: resumes after the checkpoint of step 2, redoing step 3.
     monkeypatch.undo()
@@ -324,7 +328,9 @@ def test_periodic_evaluation_goes_into_the_metrics_rows(tmp_path):
         assert 0.0 <= rows[1][key] <= 1.0, key
     # Steps between evaluations, and the last one (whose evaluation is eval.json), have none.
     assert not any(k.startswith("eval/") for r in (rows[0], rows[2], rows[3]) for k in r)
-    assert json.loads((run / "eval.json").read_text())["num_problems"] == 3
+    result = json.loads((run / "eval.json").read_text())
+    assert result["num_problems"] == 3
+    assert result["data_source"] == data.source_versions(cfg.data)  # what the problems came from
 
 
 def test_the_trained_policy_is_the_sampling_temperature(tmp_path):
