@@ -4,7 +4,7 @@ setup(
     name="grpo_jax",
     version="0.1.0",
     description="GRPO with hand-rolled LoRA on Gemma 3, in JAX",
-    packages=find_packages(include=["grpo_jax", "grpo_jax.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["grpo_jax", "grpo_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

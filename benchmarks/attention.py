@@ -42,9 +42,9 @@ from jax.experimental.pallas.ops.tpu import flash_attention as jax_flash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-from kernels import reference
-from kernels.flash_attention import block_shapes, flash_attention, schedule_cost, typical_pairs
-from kernels.layout import self_layout
+from grpo_jax.kernels import reference
+from grpo_jax.kernels.flash_attention import block_shapes, flash_attention, schedule_cost, typical_pairs
+from grpo_jax.kernels.layout import self_layout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sampler_throughput import best_time, cli_main  # noqa: E402

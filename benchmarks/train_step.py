@@ -7,7 +7,7 @@
 The batch is what a training step sees: `--prompts` random prompts (BOS first),
 each repeated for its `--group` rows, and full-length random completions (every
 position real, so runs are comparable). Reports compile time and the best of
-`--repeats` runs of the reference pass (LoRA off) and of the update (`step.build_step`: the
+`--repeats` runs of the reference pass (LoRA off) and of the update (`update.build_update`: the
 loss, LoRA gradients and AdamW update), the model FLOPs of the tokens they
 process beside this machine's measured float32 matmul rate, the update's compiled
 temp memory, and the process's peak RSS. Prints JSON with --json.
@@ -28,7 +28,7 @@ import numpy as np
 from grpo_jax.config import GRPOConfig, LoraConfig, OptimizerConfig
 from grpo_jax.model import lora as lora_lib
 from grpo_jax.sampler import model_flops_per_token
-from grpo_jax.step import Batch, build_step
+from grpo_jax.update import Batch, build_update
 from grpo_jax.tokenizer import BOS_ID
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def run(args: Args) -> dict:
     opt_cfg = OptimizerConfig()
     matmul_flops = measure_matmul_flops()
     cfg, params = load_params(args.model)
-    fns = build_step(cfg, grpo_cfg, opt_cfg, total_updates=10)
+    fns = build_update(cfg, grpo_cfg, opt_cfg, total_updates=10)
     lora = lora_lib.init_lora(cfg, LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)),
                               jax.random.key(args.seed))
     state = fns.init_state(lora)

@@ -78,7 +78,7 @@ class ModelConfig:
     dtype: str = "float32"
     # Storage dtype of the weights.
     param_dtype: str = "float32"
-    # Attention: "xla" (dense masked einsums) or "pallas" (kernels/: flash attention for
+    # Attention: "xla" (dense masked einsums) or "pallas" (grpo_jax/kernels/: flash attention for
     # the forward and backward, decode attention for the sampler; TPU interpret mode
     # off a TPU, so only for tests there).
     attention_impl: str = "xla"
@@ -473,7 +473,7 @@ class TrainConfig:
     dtype: str | None = None
     """Compute dtype override (float32 on CPU, bfloat16 on TPU)."""
     attention: str = "xla"
-    """Attention implementation: xla (dense masked einsums) or pallas (the kernels/ flash
+    """Attention implementation: xla (dense masked einsums) or pallas (the grpo_jax/kernels/ flash
     and decode kernels: compiled on a TPU, interpreted, slowly, elsewhere)."""
     output_dir: str = "runs/cpu-270m"
     """Checkpoints, metrics.jsonl, samples.jsonl, TensorBoard events and eval.json go here;

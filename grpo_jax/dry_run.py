@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from grpo_jax import sampler, sharding, step as step_lib
+from grpo_jax import sampler, sharding, update
 from grpo_jax.config import ModelConfig, TrainConfig, model_preset
 from grpo_jax.model import gemma3, kv_cache, lora as lora_lib
 from grpo_jax.model.load import with_dtype
@@ -117,15 +117,15 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
     """{name: lowered program} of the run's jitted pieces on abstract inputs."""
     g = cfg.grpo
     n, steps = g.batch_size, cfg.sampler.max_new_tokens
-    fns = step_lib.build_step(model_cfg, g, cfg.optimizer, cfg.total_updates,
-                              cfg.sampler.temperature, "grpo", plan)
+    fns = update.build_update(model_cfg, g, cfg.optimizer, cfg.total_updates,
+                              cfg.sampler.temperature, update.GRPOLoss(g), plan)
     params = gemma3.abstract_params(model_cfg)
     lora = lora_lib.abstract_lora(model_cfg, cfg.lora)
     state = jax.eval_shape(fns.init_state, lora)
     length = PROMPT_LEN + steps
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     logp = rows((n, steps), jnp.float32)
-    batch = step_lib.Batch(
+    batch = update.Batch(
         tokens=rows((n, length), jnp.int32), input_mask=rows((n, length), jnp.bool_),
         advantages=rows((n,), jnp.float32), ref_logprobs=logp if g.beta > 0 else None,
         old_logprobs=logp if g.num_iterations > 1 else None, sample_logprobs=logp,

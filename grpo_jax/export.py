@@ -11,6 +11,14 @@ checkpoint that `transformers.Gemma3ForCausalLM.from_pretrained(out)` loads:
 as EOS) and, when the run's tokenizer is sentencepiece, `tokenizer.model` and a
 `tokenizer_config.json` (so `AutoTokenizer` adds BOS as we do). The directory
 appears whole or not at all: it is written beside the target and renamed into place.
+
+    python -m grpo_jax.export --run-dir runs/x --out exports/x.gguf --format gguf
+        [--quant f16|q8_0] [--step N] [--overwrite]
+
+writes the same merged weights as one GGUF file for llama.cpp / Ollama
+(`gguf_export.write_gguf`), its vocabulary copied from the run's base GGUF (the
+embedded 270M's file for a run on the embedded model, or on a checkpoint whose
+tokenizer encodes as that file's does).
 """
 from __future__ import annotations
 
@@ -31,123 +39,21 @@ import numpy as np
 import tyro
 from safetensors.numpy import save_file
 
-from grpo_jax import fileio, runs
+from grpo_jax import fileio, gguf_export, runs
 from grpo_jax.cli import run_cli
-from grpo_jax.config import ModelConfig
-from grpo_jax.model import gemma3, lora as lora_lib
+from grpo_jax.config import TINY, ModelConfig, TrainConfig, model_preset
+from grpo_jax.model import gemma3, load, lora as lora_lib, weights
+from grpo_jax.model.hf_layout import hf_config_dict, hf_tensors_from_params
 
 log = logging.getLogger("grpo_jax.export")
 
 DTYPES = ("float32", "bfloat16")
+FORMATS = ("safetensors", "gguf")
 
 
 class ExportError(ValueError):
     """Bad input to the export: an unknown dtype or a refused out dir (a missing run,
     checkpoint or step is reported by `runs`)."""
-
-
-# ---------------------------------------------------------------------------
-# Canonical params -> HF Gemma 3 tensors (the inverse of weights.params_from_hf_tensors)
-
-
-def hf_tensors_from_params(params: gemma3.Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Canonical params -> HF Gemma 3 text names and layouts (`model.layers.N....weight`).
-
-    Exactly inverts `weights.params_from_hf_tensors`: projections go back to
-    torch's [out, in] layout with heads flattened head-major, norm scales stay in
-    Gemma's (1 + scale) convention (HF's Gemma3RMSNorm uses the same), and no
-    `lm_head.weight` is written because the output projection is tied to the
-    embedding.
-    """
-    h, k, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
-
-    def arr(x) -> np.ndarray:
-        # safetensors wants C-contiguous buffers; transposes are views until copied.
-        return np.ascontiguousarray(np.asarray(x))
-
-    def heads(w, n):  # [D, n, dh] -> [n*dh, D]
-        return arr(arr(w).transpose(1, 2, 0).reshape(n * dh, d))
-
-    out = {"model.embed_tokens.weight": arr(params["embed"]),
-           "model.norm.weight": arr(params["final_norm"])}
-    if len(params["layers"]) != cfg.num_layers:
-        raise ValueError(f"params have {len(params['layers'])} layers, config {cfg.name!r} "
-                         f"has {cfg.num_layers}")
-    for i, lp in enumerate(params["layers"]):
-        p = f"model.layers.{i}."
-        attn, mlp = lp["attn"], lp["mlp"]
-        out[p + "self_attn.q_proj.weight"] = heads(attn["q"], h)
-        out[p + "self_attn.k_proj.weight"] = heads(attn["k"], k)
-        out[p + "self_attn.v_proj.weight"] = heads(attn["v"], k)
-        # [H, dh, D] -> [D, H*dh]
-        out[p + "self_attn.o_proj.weight"] = arr(arr(attn["o"]).transpose(2, 0, 1)
-                                                 .reshape(d, h * dh))
-        out[p + "self_attn.q_norm.weight"] = arr(attn["q_norm"])
-        out[p + "self_attn.k_norm.weight"] = arr(attn["k_norm"])
-        out[p + "input_layernorm.weight"] = arr(lp["pre_attn_norm"])
-        out[p + "post_attention_layernorm.weight"] = arr(lp["post_attn_norm"])
-        out[p + "pre_feedforward_layernorm.weight"] = arr(lp["pre_ffw_norm"])
-        out[p + "post_feedforward_layernorm.weight"] = arr(lp["post_ffw_norm"])
-        out[p + "mlp.gate_proj.weight"] = arr(arr(mlp["gate"]).T)  # [D, F] -> [F, D]
-        out[p + "mlp.up_proj.weight"] = arr(arr(mlp["up"]).T)
-        out[p + "mlp.down_proj.weight"] = arr(arr(mlp["down"]).T)  # [F, D] -> [D, F]
-    return out
-
-
-def hf_config_dict(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
-    """A `config.json` for `Gemma3ForCausalLM` describing the same decoder as `cfg`.
-
-    Written for transformers 5 (`rope_parameters` per layer type, `layer_types`)
-    and also carrying the 4.x keys (`rope_theta`, `rope_local_base_freq`,
-    `rope_scaling`, `sliding_window_pattern`) so older readers agree.
-    """
-    layer_types = ["full_attention" if cfg.is_global_layer(i) else "sliding_attention"
-                   for i in range(cfg.num_layers)]
-    local = {"rope_type": "default", "rope_theta": cfg.rope_base_local}
-    full: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_base_global}
-    legacy_scaling = None
-    if cfg.rope_scale_global != 1.0:
-        # Our positions / scale on global layers is HF's linear RoPE scaling.
-        legacy_scaling = {"rope_type": "linear", "factor": cfg.rope_scale_global}
-        full = {**legacy_scaling, "rope_theta": cfg.rope_base_global}
-    scalar = cfg.query_pre_attn_scalar
-    return {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.embed_dim,
-        "intermediate_size": cfg.ffw_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        # gemma3.py's MLP uses jax.nn.gelu(approximate=True): the tanh approximation.
-        "hidden_activation": "gelu_pytorch_tanh",
-        # ModelConfig has no context length; Gemma 3 pairs 8x linear RoPE scaling with
-        # 128K contexts (4B and larger) and runs 32K without it (270M, 1B).
-        "max_position_embeddings": 131_072 if cfg.rope_scale_global != 1.0 else 32_768,
-        "rms_norm_eps": cfg.rms_eps,
-        "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
-        "sliding_window": cfg.sliding_window,
-        "layer_types": layer_types,
-        "sliding_window_pattern": cfg.global_every,
-        "rope_parameters": {"sliding_attention": local, "full_attention": full},
-        "rope_theta": cfg.rope_base_global,
-        "rope_local_base_freq": cfg.rope_base_local,
-        "rope_scaling": legacy_scaling,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
-        "use_bidirectional_attention": False,
-        "tie_word_embeddings": True,
-        "pad_token_id": 0,
-        "eos_token_id": 1,
-        "bos_token_id": 2,
-        "use_cache": True,
-        "dtype": dtype,
-        "torch_dtype": dtype,  # the 4.x spelling of "dtype"
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -259,6 +165,16 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
     runs.checkpoint_steps(run_dir, cfg, checkpoint_step)
     _check_out_dir(out_dir, overwrite, protect=run_dir)
 
+    model_cfg, merged, tokenizer, step = _merged_policy(run_dir, cfg, checkpoint_step)
+    write_hf_checkpoint(out_dir, merged, model_cfg, tokenizer=tokenizer, dtype=dtype,
+                        overwrite=overwrite, stop_ids=cfg.sampler.stop_ids,
+                        metadata={"grpo_jax_run": str(run_dir), "grpo_jax_step": str(step)})
+    log.info("wrote %s (%s)", out_dir, dtype)
+    return out_dir
+
+
+def _merged_policy(run_dir: Path, cfg: TrainConfig, checkpoint_step: int | None):
+    """(model config, merged params on the host, tokenizer, step) of a run's checkpoint."""
     model_cfg, params, tokenizer = runs.load_run_base(cfg)
     adapters = runs.restore_adapters(run_dir, cfg, model_cfg, checkpoint_step)
     step = adapters.step
@@ -267,11 +183,81 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
     log.info("merged LoRA (rank %d, step %d%s) of %s into %s", cfg.lora.rank, step,
              ", SFT + GRPO adapters" if adapters.sft is not None and adapters.grpo is not None
              else "", run_dir, model_cfg.name)
-    write_hf_checkpoint(out_dir, merged, model_cfg, tokenizer=tokenizer, dtype=dtype,
-                        overwrite=overwrite, stop_ids=cfg.sampler.stop_ids,
-                        metadata={"grpo_jax_run": str(run_dir), "grpo_jax_step": str(step)})
-    log.info("wrote %s (%s)", out_dir, dtype)
-    return out_dir
+    return model_cfg, merged, tokenizer, step
+
+
+# ---------------------------------------------------------------------------
+# GGUF (llama.cpp / Ollama)
+
+# Text whose encoding must agree before a checkpoint-based run borrows the embedded
+# GGUF's vocabulary: space runs, newlines and tabs, control tokens, digits, non-Latin
+# scripts and byte-fallback emoji.
+_VOCAB_PROBES = ("Hello world", "  two  spaces,\n\n\ttabbed\n", "x = 3.14159; y = 12 + 7",
+                 "<start_of_turn>user\nWhat is 6 * 7?<end_of_turn>\n<start_of_turn>model\n",
+                 "naïve café, 東京, Привет 🤖")
+
+
+def gguf_vocabulary_source(cfg: TrainConfig) -> Path | None:
+    """The GGUF whose tokenizer.* keys a run's export copies: its base GGUF (--gguf, or
+    the embedded model's file), or None for a checkpoint base (whose tokenizer is
+    compared with the embedded vocabulary once loaded). A random base with the byte
+    tokenizer has no GGUF vocabulary: an error."""
+    if cfg.gguf is not None:
+        return Path(cfg.gguf)
+    if cfg.checkpoint is not None:
+        return None
+    if cfg.model == TINY.name:
+        raise ExportError(f"--format gguf needs a Gemma vocabulary to copy, and model "
+                          f"{cfg.model!r} is the random tiny model with a byte tokenizer; "
+                          "use --format safetensors")
+    return load.embedded_gguf_path()
+
+
+def _check_same_vocabulary(tokenizer, reader, source: str) -> None:
+    """A checkpoint's tokenizer.model may stand in for the GGUF vocabulary only if the
+    two encode alike (Gemma 3 shares one vocabulary across sizes)."""
+    from grpo_jax.tokenizer import Tokenizer
+
+    if not hasattr(tokenizer, "model_proto"):
+        raise ExportError(f"--format gguf needs a sentencepiece tokenizer, not {tokenizer!r}")
+    theirs = Tokenizer.from_gguf(reader)
+    if tokenizer.vocab_size != theirs.vocab_size or any(
+            tokenizer.encode(t) != theirs.encode(t) for t in _VOCAB_PROBES):
+        raise ExportError(f"the run's tokenizer ({getattr(tokenizer, 'source', tokenizer)}) "
+                          f"does not encode as {source}'s vocabulary, which --format gguf "
+                          "copies; train on a GGUF base (--gguf) to export one")
+
+
+def export_gguf(run_dir: str | os.PathLike, *, out: str | os.PathLike,
+                checkpoint_step: int | None = None, quant: str = "f16",
+                overwrite: bool = False) -> Path:
+    """Merge a run's LoRA into its base weights and write one GGUF file `out` for
+    llama.cpp / Ollama (`quant` f16 or q8_0). Returns `out`."""
+
+    if quant not in gguf_export.QUANTS:
+        raise ExportError(f"--quant must be one of {', '.join(gguf_export.QUANTS)}, "
+                          f"got {quant!r}")
+    run_dir, out = Path(run_dir), Path(out)
+    if out.suffix != ".gguf":
+        raise ExportError(f"--out for --format gguf names the .gguf file to write, got {out}")
+    # Every cheap check first, as export_merged does.
+    cfg = runs.run_config(run_dir)
+    runs.checkpoint_steps(run_dir, cfg, checkpoint_step)
+    gguf_export.check_out_file(out, overwrite)
+    vocab = gguf_vocabulary_source(cfg)
+    if cfg.gguf is None:  # else the architecture is read from the file, at load
+        gguf_export.check_llama_cpp_compatible(model_preset(cfg.model))
+
+    model_cfg, merged, tokenizer, step = _merged_policy(run_dir, cfg, checkpoint_step)
+    reader = weights.open_gguf(vocab if vocab is not None else load.embedded_gguf_path())
+    if vocab is None:
+        _check_same_vocabulary(tokenizer, reader, "the embedded Gemma 3 GGUF")
+    gguf_export.write_gguf(out, merged, model_cfg, vocab=reader, quant=quant,
+                           name=f"{model_cfg.name} {run_dir.resolve().name} step {step}",
+                           metadata={"grpo_jax.run": str(run_dir), "grpo_jax.step": str(step)},
+                           overwrite=overwrite)
+    log.info("wrote %s (%s)", out, quant)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -280,26 +266,46 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
 
 @dataclasses.dataclass(frozen=True)
 class ExportArgs:
-    """Write a training run's base + LoRA merged weights as a Hugging Face checkpoint."""
+    """Write a training run's base + LoRA merged weights as a Hugging Face checkpoint
+    (--format safetensors) or a llama.cpp / Ollama GGUF file (--format gguf)."""
 
     run_dir: Path
     """A training run's --output-dir (its config.json and checkpoints/)."""
     out: Path
-    """Output directory: model.safetensors, config.json, generation_config.json and, for
-    sentencepiece tokenizers, tokenizer.model and tokenizer_config.json."""
+    """safetensors: output directory (model.safetensors, config.json,
+    generation_config.json and, for sentencepiece tokenizers, tokenizer.model and
+    tokenizer_config.json). gguf: the .gguf file to write."""
     step: int | None = None
     """Checkpoint step to export (default: the latest)."""
-    dtype: str = "float32"
-    """Weight dtype written: float32 or bfloat16."""
+    format: str = "safetensors"
+    """safetensors (Hugging Face) or gguf (llama.cpp, Ollama)."""
+    dtype: str | None = None
+    """safetensors only: weight dtype written, float32 (default) or bfloat16."""
+    quant: str | None = None
+    """gguf only: matrix type written, f16 (default) or q8_0 (norms stay float32)."""
     overwrite: bool = False
-    """Replace an existing non-empty --out directory."""
+    """Replace an existing non-empty --out directory (or, for gguf, file)."""
+
+
+def _export(args: ExportArgs) -> Path:
+    if args.format not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.format == "gguf":
+        if args.dtype is not None:
+            raise ExportError("--dtype applies to --format safetensors; for gguf use "
+                              "--quant f16|q8_0")
+        return export_gguf(args.run_dir, out=args.out, checkpoint_step=args.step,
+                           quant=args.quant or "f16", overwrite=args.overwrite)
+    if args.quant is not None:
+        raise ExportError("--quant applies to --format gguf only; for safetensors use "
+                          "--dtype float32|bfloat16")
+    return export_merged(args.run_dir, out_dir=args.out, checkpoint_step=args.step,
+                         dtype=args.dtype or "float32", overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = tyro.cli(ExportArgs, args=argv)
-    return run_cli(lambda: export_merged(args.run_dir, out_dir=args.out,
-                                         checkpoint_step=args.step, dtype=args.dtype,
-                                         overwrite=args.overwrite))
+    return run_cli(lambda: _export(args))
 
 
 if __name__ == "__main__":

@@ -34,16 +34,19 @@ def _concrete_float(x) -> float | None:
 
 
 def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> jax.Array:
+                     eps: float = 1e-6):
     """(r - group mean) / (group sample std + eps) for each run of `group_size` rows.
 
     The std is the sample std (ddof=1), as TRL and Tunix use. `scale_by_std=False`
     keeps only the centring (Dr. GRPO: the std rescaling biases towards groups
     that are nearly all right or all wrong). A group whose rewards are all equal
     carries no signal and gets exactly 0 (not rounding noise divided by eps).
-    NaN checks need concrete values: under jit they are skipped.
+    NumPy rewards (the trainer's host side) are computed in NumPy, with no device
+    round trip; JAX arrays (also under jit) in jnp. NaN checks need concrete
+    values: under jit they are skipped.
     """
-    rewards = jnp.asarray(rewards)
+    xp = np if isinstance(rewards, (np.ndarray, list, tuple)) else jnp
+    rewards = xp.asarray(rewards)
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be 1-D [num_completions], got shape {rewards.shape}")
     if not isinstance(group_size, (int, np.integer)) or group_size < 1:
@@ -51,20 +54,20 @@ def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
     n = rewards.shape[0]
     if n % group_size:
         raise ValueError(f"group_size={group_size} does not divide the batch of {n} rewards")
-    if _is_concrete(rewards) and bool(jnp.any(~jnp.isfinite(rewards))):
+    if _is_concrete(rewards) and bool(xp.any(~xp.isfinite(rewards))):
         bad = np.flatnonzero(~np.isfinite(np.asarray(rewards))).tolist()
         raise ValueError(f"rewards contain NaN or inf at rows {bad}")
-    if not jnp.issubdtype(rewards.dtype, jnp.floating):
-        rewards = rewards.astype(jnp.float32)
+    if not xp.issubdtype(rewards.dtype, xp.floating):
+        rewards = rewards.astype(xp.float32)
 
     groups = rewards.reshape(n // group_size, group_size)
     centred = groups - groups.mean(axis=1, keepdims=True)
     if scale_by_std:
         # ddof=1; a group of one has no spread, and is zeroed below anyway.
-        var = jnp.sum(centred * centred, axis=1, keepdims=True) / max(group_size - 1, 1)
-        centred = centred / (jnp.sqrt(var) + eps)
+        var = xp.sum(centred * centred, axis=1, keepdims=True) / max(group_size - 1, 1)
+        centred = centred / (xp.sqrt(var) + eps)
     flat = groups.max(axis=1, keepdims=True) == groups.min(axis=1, keepdims=True)
-    return jnp.where(flat, 0.0, centred).reshape(n)
+    return xp.where(flat, 0.0, centred).reshape(n)
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from _tiny_model import random_lora, random_params  # noqa: E402
 
-from grpo_jax import grpo, sampler, sharding, step as step_lib  # noqa: E402
+from grpo_jax import grpo, sampler, sharding, update as step_lib  # noqa: E402
 from grpo_jax.config import (TINY, GRPOConfig, LoraConfig, MeshConfig,  # noqa: E402
                              OptimizerConfig, SamplerConfig)
 from grpo_jax.model import gemma3, kv_cache, lora as lora_lib  # noqa: E402
@@ -80,8 +80,8 @@ def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
         ) -> dict[str, np.ndarray]:
     params, lora, batch, prompt_tokens, prompt_mask = inputs(seed)
     model_cfg = dataclasses.replace(CFG, attention_impl=attention)
-    fns = step_lib.build_step(model_cfg, GRPO, OptimizerConfig(learning_rate=1e-2), 10, 1.0,
-                              "grpo", plan)
+    fns = step_lib.build_update(model_cfg, GRPO, OptimizerConfig(learning_rate=1e-2), 10, 1.0,
+                                step_lib.GRPOLoss(GRPO), plan)
     if plan is not None:
         params = sharding.put_tree(params, gemma3.param_shardings(plan, CFG))
         lora = sharding.put_tree(lora, lora_lib.lora_shardings(plan, CFG, lora))

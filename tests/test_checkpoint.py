@@ -133,7 +133,7 @@ def test_checkpoints_of_the_old_layout_still_restore(tmp_path):
     equals what that code restored (the .npz beside it, saved by that code); and
     training resumes from it, saving the new layout."""
     from grpo_jax import runs, train
-    from grpo_jax.step import make_optimizer
+    from grpo_jax.update import make_optimizer
 
     run = tmp_path / "run"
     shutil.copytree(OLD_RUN, run)

@@ -16,7 +16,7 @@ import pytest
 
 from grpo_jax import export, runs, train
 from grpo_jax.config import TRAIN_PRESETS, model_preset
-from grpo_jax.model import gemma3, lora as lora_lib, weights
+from grpo_jax.model import gemma3, hf_layout, lora as lora_lib, weights
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = model_preset("tiny")
@@ -43,7 +43,7 @@ def _assert_trees_equal(a, b, atol=0.0):
 @pytest.mark.parametrize("cfg", [TINY, TINY_MQA], ids=lambda c: c.name)
 def test_hf_tensors_round_trip_exactly(cfg):
     params = gemma3.init_params(cfg, jax.random.key(3))
-    tensors = export.hf_tensors_from_params(params, cfg)
+    tensors = hf_layout.hf_tensors_from_params(params, cfg)
     assert "lm_head.weight" not in tensors  # tied to the embedding
     assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (
         cfg.num_heads * cfg.head_dim, cfg.embed_dim)
@@ -79,7 +79,7 @@ def _rows(cfg, n=3, length=11):  # longer than every sliding window here
 def test_config_and_names_match_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = TINY_MQA
-    hf_cfg = transformers.Gemma3TextConfig.from_dict(export.hf_config_dict(cfg))
+    hf_cfg = transformers.Gemma3TextConfig.from_dict(hf_layout.hf_config_dict(cfg))
     assert hf_cfg.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
     assert hf_cfg.rope_parameters["full_attention"] == {
         "rope_type": "linear", "factor": 8.0, "rope_theta": cfg.rope_base_global}
@@ -88,7 +88,7 @@ def test_config_and_names_match_transformers(tmp_path):
     # Same tensor names and shapes as transformers' own model (lm_head is tied).
     model = transformers.Gemma3ForCausalLM(hf_cfg)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    ours = export.hf_tensors_from_params(gemma3.init_params(cfg, jax.random.key(0)), cfg)
+    ours = hf_layout.hf_tensors_from_params(gemma3.init_params(cfg, jax.random.key(0)), cfg)
     assert {k: v.shape for k, v in ours.items()} == want
 
 

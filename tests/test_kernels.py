@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import flash_attention as fa
-from kernels import reference
-from kernels.decode_attention import decode_attention
-from kernels.layout import PAD, Layout, packed_layout, self_layout, visible
+from grpo_jax.kernels import flash_attention as fa
+from grpo_jax.kernels import reference
+from grpo_jax.kernels.decode_attention import decode_attention
+from grpo_jax.kernels.layout import PAD, Layout, packed_layout, self_layout, visible
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 

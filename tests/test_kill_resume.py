@@ -48,7 +48,7 @@ from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import model_preset
 from grpo_jax.metrics import read_metrics
 from grpo_jax.model import lora as lora_lib
-from grpo_jax.step import make_optimizer
+from grpo_jax.update import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _tiny_model import random_lora, random_params
-from grpo_jax import grpo, step as step_lib
+from grpo_jax import grpo, update as step_lib
 from grpo_jax.config import TINY, GRPOConfig, LoraConfig, OptimizerConfig, SamplerConfig
 from grpo_jax.sampler import left_pad, sample
 from test_grpo import make_groups
@@ -58,7 +58,7 @@ def test_training_step_equals_xla(model):
     tokens, input_mask, cmask = make_groups(rng, TINY, group=group, prompt_len=prompt_len)
     n, steps = cmask.shape
     grpo_cfg = GRPOConfig(num_prompts=n // group, group_size=group, beta=0.04)
-    xla_fns = step_lib.build_step(TINY, grpo_cfg, OptimizerConfig(), total_updates=4)
+    xla_fns = step_lib.build_update(TINY, grpo_cfg, OptimizerConfig(), total_updates=4)
     logp = xla_fns.logprobs(params, lora, tokens, input_mask, prompt_len)
     # Old log-probs a little off the policy, so the ratio and clipping take part.
     batch = step_lib.Batch(
@@ -68,7 +68,7 @@ def test_training_step_equals_xla(model):
         advantages=jnp.asarray(rng.standard_normal(n), jnp.float32))
     results = []
     for cfg in (TINY, PALLAS):
-        fns = step_lib.build_step(cfg, grpo_cfg, OptimizerConfig(), total_updates=4)
+        fns = step_lib.build_update(cfg, grpo_cfg, OptimizerConfig(), total_updates=4)
         state = fns.init_state(jax.tree.map(jnp.copy, lora))  # the update donates it
         _, metrics = fns.update(params, state, batch)
         results.append({k: float(v) for k, v in metrics.items()})

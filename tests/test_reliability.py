@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors import safe_open
 
-from grpo_jax import runs, train
+from grpo_jax import rollout, runs, train
 from grpo_jax.checkpoint import DAMAGED_DIR
 from grpo_jax.config import TRAIN_PRESETS
 
@@ -93,15 +93,15 @@ def uninterrupted(tmp_path_factory):
 def three_steps(tmp_path_factory):
     """The same run stopped after step 3 (checkpoints 1, 2, 3): a template to copy."""
     run = tmp_path_factory.mktemp("three") / "run"
-    real = train.run_step
+    real = rollout.grpo_step
 
-    def stop_before_step_4(cfg, fns, model_cfg, params, tokenizer, state, problems, step, *rest):
+    def stop_before_step_4(ctx, params, state, step):
         if step == 4:
             raise KeyboardInterrupt
-        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, step, *rest)
+        return real(ctx, params, state, step)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(train, "run_step", stop_before_step_4)
+        patch.setattr(rollout, "grpo_step", stop_before_step_4)
         train.train(dataclasses.replace(TINY, output_dir=str(run)))
     return run
 

@@ -14,7 +14,7 @@ from grpo_jax import sampler
 from grpo_jax.config import TINY, SamplerConfig
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.sampler import left_pad, sample, sample_prompts, sample_uncached
-from kernels import reference
+from grpo_jax.kernels import reference
 
 NO_STOP = ()
 GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, stop_ids=NO_STOP, prompt_bucket=8)

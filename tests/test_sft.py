@@ -1,4 +1,4 @@
-"""The supervised (SFT) objective of `step.build_step`: the masked NLL of completion
+"""The supervised (SFT) objective of `update.build_update`: the masked NLL of completion
 tokens against a float64 NumPy restatement from the full logits, micro-batches that
 add up to the whole batch, and updates that lower it."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import grpo, runs, step as step_lib
+from grpo_jax import grpo, runs, update as step_lib
 from grpo_jax.config import TRAIN_PRESETS, OptimizerConfig
 from grpo_jax.model import gemma3, lora as lora_lib
 
@@ -20,7 +20,7 @@ TINY = TRAIN_PRESETS["tiny"]
 def _batch(rng, n=8, prompt_len=7, t=5):
     """n different problems (n a multiple of the group size, where GRPO would pack
     rows sharing a prompt: SFT must not): left-padded prompts of 1..prompt_len tokens, targets of
-    1..t tokens (right-padded), as step.teacher_forced_batch builds them."""
+    1..t tokens (right-padded), as update.teacher_forced_batch builds them."""
     p_lens, c_lens = rng.integers(1, prompt_len + 1, n), rng.integers(1, t + 1, n)
     prompts = rng.integers(3, 250, (n, prompt_len))
     prompt_mask = np.arange(prompt_len)[None, :] >= prompt_len - p_lens[:, None]
@@ -60,7 +60,7 @@ def model():
 def _fns(base, micro_batch=0, lr=1e-4, updates=10):
     grpo_cfg = dataclasses.replace(TINY.grpo, micro_batch=micro_batch, logprob_chunk=8)
     opt = OptimizerConfig(learning_rate=lr, warmup_ratio=0.0, weight_decay=0.0)
-    return step_lib.build_step(base.cfg, grpo_cfg, opt, updates, 1.0, objective="sft")
+    return step_lib.build_update(base.cfg, grpo_cfg, opt, updates, 1.0, step_lib.NLLLoss())
 
 
 def test_sft_loss_is_the_masked_nll_of_the_targets(model):
@@ -78,8 +78,8 @@ def test_sft_loss_is_the_masked_nll_of_the_targets(model):
     assert float(grpo.masked_nll(logp, mask)[0]) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="same"):
         grpo.masked_nll(logp, mask[:, :2])
-    with pytest.raises(ValueError, match="objective"):
-        step_lib.build_step(base.cfg, TINY.grpo, TINY.optimizer, 4, 1.0, objective="dpo")
+    with pytest.raises(ValueError, match="objective must be a loss object"):
+        step_lib.build_update(base.cfg, TINY.grpo, TINY.optimizer, 4, 1.0, objective="dpo")
 
 
 def test_sft_micro_batches_add_up_to_the_whole_batch(model):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import data, runs, train
+from grpo_jax import data, rollout, runs, sft, train
 from grpo_jax.config import TINY
 from grpo_jax.metrics import read_metrics
 from grpo_jax.model import gemma3, lora as lora_lib
@@ -43,16 +43,15 @@ class Interrupted(Exception):
 
 def _stop_after(monkeypatch, last_step: int) -> None:
     """Make the loop raise once `last_step` is done (and checkpointed)."""
-    for name in ("run_sft_step", "run_step"):
-        real = getattr(train, name)
+    for module, name in ((sft, "sft_step"), (rollout, "grpo_step")):
+        real = getattr(module, name)
 
-        def wrapped(*args, _real=real, **kwargs):
-            step = next(a for a in args if isinstance(a, int) and not isinstance(a, bool))
+        def wrapped(ctx, params, state, step, _real=real):
             if step > last_step:
                 raise Interrupted(step)
-            return _real(*args, **kwargs)
+            return _real(ctx, params, state, step)
 
-        monkeypatch.setattr(train, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
 
 def _final(run: Path):

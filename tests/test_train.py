@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from grpo_jax import data, runs, step as step_lib, train
+from grpo_jax import data, rollout, runs, train, update as step_lib
 from grpo_jax.config import TRAIN_PRESETS, GRPOConfig
 
 TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0)
@@ -27,15 +27,15 @@ class Interrupted(Exception):
 
 
 def _interrupt_before(monkeypatch, step: int):
-    """Make train.run_step raise before running `step`: a run stopped there."""
-    real = train.run_step
+    """Make rollout.grpo_step raise before running `step`: a run stopped there."""
+    real = rollout.grpo_step
 
-    def run_step(cfg, fns, model_cfg, params, tokenizer, state, problems, at, *rest):
+    def grpo_step(ctx, params, state, at):
         if at == step:
             raise Interrupted(f"stopped before step {step}")
-        return real(cfg, fns, model_cfg, params, tokenizer, state, problems, at, *rest)
+        return real(ctx, params, state, at)
 
-    monkeypatch.setattr(train, "run_step", run_step)
+    monkeypatch.setattr(rollout, "grpo_step", grpo_step)
 
 
 def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path, monkeypatch):
@@ -207,7 +207,7 @@ def test_rewards_are_configurable_from_the_train_config(tmp_path):
 def _fns(grpo_cfg=None, total_updates=4):
     cfg = TINY
     model_cfg = runs.load_run_base(cfg).cfg
-    return step_lib.build_step(model_cfg, grpo_cfg or cfg.grpo, cfg.optimizer, total_updates)
+    return step_lib.build_update(model_cfg, grpo_cfg or cfg.grpo, cfg.optimizer, total_updates)
 
 
 def test_logprob_drift_metric_measures_sampler_trainer_gap():
@@ -400,7 +400,10 @@ def test_k1_is_a_penalty_on_the_reward(tmp_path):
                            prompt_len=1, sample_logprobs=np.full((8, 2), -1.0, np.float32),
                            ref_logprobs=np.tile(np.array([[-1.0], [-3.0]], np.float32), (4, 2)))
     total = np.arange(8, dtype=np.float64)
-    advantages, penalty = train.completion_advantages(cfg, total, batch)
+    assert rollout.penalty_in_reward(cfg)
+    penalty = rollout.kl_penalties(cfg, batch)
+    advantages = rollout.completion_advantages(cfg, total, penalty)
+    assert isinstance(advantages, np.ndarray)  # the host side stays NumPy
     np.testing.assert_allclose(penalty, np.tile([0.0, 2.0], 4), atol=1e-6)  # 0.5 * 2 * 2
     np.testing.assert_allclose(advantages, grpo.group_advantages(
         (total - penalty).astype(np.float32), 4), atol=1e-6)
@@ -434,13 +437,13 @@ def test_rewards_and_evaluation_see_the_prefill(tmp_path):
 def test_zero_variance_groups_metric():
     """The fraction of groups whose G rewards are all equal (no advantage, no signal)."""
     total = np.asarray([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, -2.0, -2.0, -2.0, -2.0])
-    rollout = types.SimpleNamespace(lengths=np.full(12, 5), stopped=np.ones(12, bool))
+    sampled = types.SimpleNamespace(lengths=np.full(12, 5), stopped=np.ones(12, bool))
     update = {"loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "logprob_drift": 0.0,
               "finite": True}
     texts, answers = [""] * 12, ["1"] * 12
-    m = train.step_metrics(total, {}, texts, answers, rollout, [update], None, elapsed=1.0,
-                           group=4)
+    m = rollout.step_metrics(total, {}, texts, answers, sampled, [update], None, elapsed=1.0,
+                             group=4)
     assert m["zero_variance_groups"] == pytest.approx(2 / 3)
-    m = train.step_metrics(total, {}, texts, answers, rollout, [update], None, elapsed=1.0,
-                           group=2)
+    m = rollout.step_metrics(total, {}, texts, answers, sampled, [update], None, elapsed=1.0,
+                             group=2)
     assert m["zero_variance_groups"] == pytest.approx(5 / 6)

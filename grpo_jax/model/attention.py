@@ -19,10 +19,10 @@ from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
-from kernels import reference
-from kernels.decode_attention import decode_attention as pallas_decode
-from kernels.flash_attention import flash_attention
-from kernels.layout import Layout
+from grpo_jax.kernels import reference
+from grpo_jax.kernels.decode_attention import decode_attention as pallas_decode
+from grpo_jax.kernels.flash_attention import flash_attention
+from grpo_jax.kernels.layout import Layout
 
 
 def _axes(num_kv: int):

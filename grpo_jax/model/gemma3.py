@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import attention, vocab_parallel
-from kernels.layout import Layout, packed_layout, self_layout
+from grpo_jax.kernels.layout import Layout, packed_layout, self_layout
 
 Params = dict[str, Any]
 

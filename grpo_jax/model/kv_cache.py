@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from grpo_jax import sharding
 from grpo_jax.config import ModelConfig
 from grpo_jax.model import attention, gemma3
-from kernels.layout import self_layout
+from grpo_jax.kernels.layout import self_layout
 
 
 @jax.tree_util.register_dataclass

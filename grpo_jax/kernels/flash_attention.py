@@ -32,9 +32,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import online_softmax
-from kernels.layout import PAD, SHARED, Layout, visible
-from kernels.target import interpret_params, round_up
+from grpo_jax.kernels import online_softmax
+from grpo_jax.kernels.layout import PAD, SHARED, Layout, visible
+from grpo_jax.kernels.target import interpret_params, round_up
 
 # Log-sum-exp of a row that sees nothing: exp(score - it) is 0 in the backward.
 _EMPTY_LSE = 1e30

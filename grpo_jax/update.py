@@ -1,13 +1,14 @@
-"""The jitted pieces of a GRPO step: teacher-forced log-probs and the LoRA update.
+"""The device half of a training step: teacher-forced log-probs and the LoRA update.
 
-`build_step` closes over everything static (model config, GRPO objective,
-optimizer, sampling temperature) and returns the jitted functions, so there is
-one place where a mesh and in/out shardings will be handed to `jax.jit`. They
-take two pytrees instead of long argument lists:
+`build_update(model_cfg, grpo_cfg, opt_cfg, total_updates, temperature, objective, plan)`
+closes over everything static and returns the jitted programs; `objective` says what is
+minimised on the policy's token log-probs of each micro-batch (`GRPOLoss`: the clipped
+surrogate + KL; `NLLLoss`: SFT's masked NLL), so the update itself has no branch per
+objective. The programs take two pytrees instead of long argument lists:
 
     Batch       the teacher-forced batch of one step (tokens, masks, advantages,
-                reference / old / sampler log-probs), built from a rollout by
-                `teacher_forced_batch`
+                reference / old / sampler log-probs), built on the host from a
+                rollout by `teacher_forced_batch` and uploaded once
     TrainState  what the optimizer changes (LoRA, optimizer state)
 
 The base params are an argument, never a closed-over constant: they are large and
@@ -61,14 +62,16 @@ class TrainState:
 
 def teacher_forced_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
                          completion_tokens: np.ndarray, lengths: np.ndarray, group: int,
-                         sample_logprobs=None) -> Batch:
-    """A rollout as the trainer reads it: each prompt row [B, P] repeated for its
-    `group` completions [B*G, T] (right-padded after `lengths` tokens), joined."""
+                         sample_logprobs=None, advantages=None) -> Batch:
+    """A rollout as the trainer reads it, as host (NumPy) arrays: each prompt row
+    [B, P] repeated for its `group` completions [B*G, T] (right-padded after
+    `lengths` tokens), joined. `sharding.put_batch` uploads it, once."""
     completion_mask = np.arange(completion_tokens.shape[1])[None, :] < lengths[:, None]
     tokens = np.concatenate([np.repeat(prompt_tokens, group, axis=0), completion_tokens], 1)
     input_mask = np.concatenate([np.repeat(prompt_mask, group, axis=0), completion_mask], 1)
-    return Batch(tokens=jnp.asarray(tokens), input_mask=jnp.asarray(input_mask),
-                 sample_logprobs=None if sample_logprobs is None else jnp.asarray(sample_logprobs),
+    return Batch(tokens=tokens, input_mask=input_mask,
+                 advantages=None if advantages is None else np.asarray(advantages, np.float32),
+                 sample_logprobs=None if sample_logprobs is None else np.asarray(sample_logprobs),
                  prompt_len=prompt_tokens.shape[1])
 
 
@@ -90,7 +93,7 @@ def _tree_all_finite(tree) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class StepFunctions:
-    """What `build_step` returns.
+    """What `build_update` returns.
 
     logprobs(params, lora, tokens, input_mask, prompt_len) -> [N, T] completion
         log-probs at the sampling temperature (lora=None: the reference policy);
@@ -111,7 +114,42 @@ class StepFunctions:
         return TrainState(lora=lora, opt_state=self.optimizer.init(lora))
 
 
-OBJECTIVES = ("grpo", "sft")
+# ---------------------------------------------------------------------------
+# Losses: what an update minimises on one micro-batch's token log-probs. Frozen
+# dataclasses (hashable by value), so equal configurations share compiled programs.
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLoss:
+    """The clipped GRPO-family surrogate + beta KL of `grpo` on the batch's advantages
+    and old / reference log-probs. Rows come in groups of one prompt, so the
+    log-prob pass may pack each group's shared prompt (`grpo.packing_group`)."""
+
+    grpo: GRPOConfig
+    shares_prompt = True
+
+    @property
+    def token_mean(self) -> bool:
+        return self.grpo.aggregation == "token-mean"
+
+    def __call__(self, logp: jax.Array, part: Batch):
+        g = self.grpo
+        return grpo.policy_loss(
+            logp, part.old_logprobs, part.ref_logprobs, part.advantages, part.completion_mask,
+            epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta,
+            kl_estimator=g.kl_estimator, aggregation=g.aggregation, ratio_level=g.ratio_level)
+
+
+@dataclasses.dataclass(frozen=True)
+class NLLLoss:
+    """SFT: the masked NLL of the completion tokens (`grpo.masked_nll`). Rows are
+    different problems: no shared prompt to pack."""
+
+    shares_prompt = False
+    token_mean = True
+
+    def __call__(self, logp: jax.Array, part: Batch):
+        return grpo.masked_nll(logp, part.completion_mask)
 
 
 def micro_batches(batch: Batch, micro: int, unit: int) -> Batch:
@@ -140,33 +178,32 @@ def state_shardings(plan: sharding.MeshPlan, model_cfg: ModelConfig,
 
 
 @functools.lru_cache(maxsize=32)
-def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig,
-               total_updates: int, temperature: float = 1.0,
-               objective: str = "grpo", plan: sharding.MeshPlan | None = None
-               ) -> StepFunctions:
+def build_update(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerConfig,
+                 total_updates: int, temperature: float = 1.0, objective: Any = None,
+                 plan: sharding.MeshPlan | None = None) -> StepFunctions:
     """The jitted log-prob pass and update for one static configuration (cached, so
     equal configurations share compiled programs).
 
-    objective "grpo": the clipped policy loss of grpo_cfg on the batch's advantages
-    and log-probs. "sft": the masked NLL of the completion tokens (`grpo.masked_nll`;
-    from grpo_cfg only micro_batch, logprob_chunk and share_prompt apply).
+    objective: the loss the update minimises (`GRPOLoss(grpo_cfg)` by default; `NLLLoss()` for
+    SFT, where only grpo_cfg's micro_batch and logprob_chunk apply).
 
     plan: a device mesh. The programs then take and give arrays laid out by
     `sharding.LOGICAL_RULES` (explicit in/out shardings: weights and adapters by
     their logical axes, batch rows over data x fsdp, metrics replicated) and trace
-    under the mesh; None is one device, as before.
+    under the mesh; None is one device.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    objective = GRPOLoss(grpo_cfg) if objective is None else objective
+    if not callable(objective) or not hasattr(objective, "token_mean"):
+        raise ValueError(f"objective must be a loss object (GRPOLoss, NLLLoss), got "
+                         f"{objective!r}")
     optimizer = make_optimizer(opt_cfg, total_updates)
 
     def token_logprobs(params, lora, tokens, input_mask, prompt_len):
         return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
                                        chunk_size=grpo_cfg.logprob_chunk,
                                        temperature=temperature,
-                                       # SFT rows are different problems: no shared prompt.
                                        group=(grpo_cfg.packing_group(tokens.shape[0])
-                                              if objective == "grpo" else 1))
+                                              if objective.shares_prompt else 1))
 
     def update(params, state: TrainState, batch: Batch):
         """One optimizer update of the LoRA weights on a sampled batch.
@@ -191,17 +228,9 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
         def loss_fn(lora, part: Batch):
             cmask = part.completion_mask
             logp = token_logprobs(params, lora, part.tokens, part.input_mask, part.prompt_len)
-            if objective == "sft":
-                loss, metrics = grpo.masked_nll(logp, cmask)
-            else:
-                loss, metrics = grpo.policy_loss(
-                    logp, part.old_logprobs, part.ref_logprobs, part.advantages, cmask,
-                    epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high,
-                    beta=grpo_cfg.beta, kl_estimator=grpo_cfg.kl_estimator,
-                    aggregation=grpo_cfg.aggregation, ratio_level=grpo_cfg.ratio_level)
+            value, metrics = objective(logp, part)
             share = jnp.sum(cmask) / total_tokens
-            token_mean = objective == "sft" or grpo_cfg.aggregation == "token-mean"
-            loss = loss * (share if token_mean else 1.0 / chunks)
+            value = value * (share if objective.token_mean else 1.0 / chunks)
             metrics = {k: v if k in grpo.EXTREME_METRICS else
                        v * (share if k in grpo.TOKEN_MEAN_METRICS else 1.0 / chunks)
                        for k, v in metrics.items()}
@@ -209,7 +238,7 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
                 diff = jnp.where(cmask, jnp.abs(jax.lax.stop_gradient(logp)
                                                 - part.sample_logprobs), 0.0)
                 metrics = {**metrics, "logprob_drift": jnp.sum(diff) / total_tokens}
-            return loss, metrics
+            return value, metrics
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -225,7 +254,7 @@ def build_step(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: OptimizerC
             return (grads, loss_sum + loss, metric_sums), None
 
         parts = micro_batches(batch, micro, grpo_cfg.packing_group(micro)
-                              if objective == "grpo" else 1)
+                              if objective.shares_prompt else 1)
         first = jax.tree.map(lambda x: x[0], parts)
         zero_metrics = jax.eval_shape(lambda: loss_fn(state.lora, first)[1])
         zero_metrics = {k: jnp.full(v.shape, reduction(k)[1], v.dtype)

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import online_softmax
-from kernels.target import interpret_params
+from grpo_jax.kernels import online_softmax
+from grpo_jax.kernels.target import interpret_params
 
 
 def _decode_kernel(kv_lengths, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.layout import Layout, visible
+from grpo_jax.kernels.layout import Layout, visible
 
 # Large negative instead of -inf: a fully masked row then stays finite (its output
 # is zeroed below, like the kernels').
