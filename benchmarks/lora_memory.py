@@ -14,7 +14,7 @@ import json
 import jax
 import optax
 
-from grpo_jax.config import LORA_TARGETS, LoraConfig, model_preset
+from grpo_jax.model.config import LORA_TARGETS, LoraConfig, model_preset
 from grpo_jax.model import gemma3, lora
 
 

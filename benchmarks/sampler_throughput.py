@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from grpo_jax.config import SamplerConfig, model_preset
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import model_preset
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.sampler import (check_group, decode, model_flops_per_token, prefill,
                               sample_uncached)

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.config import GRPOConfig, LoraConfig, OptimizerConfig
+from grpo_jax.config import GRPOConfig, OptimizerConfig
+from grpo_jax.model.config import LoraConfig
 from grpo_jax.model import lora as lora_lib
 from grpo_jax.sampler import model_flops_per_token
 from grpo_jax.update import Batch, build_update

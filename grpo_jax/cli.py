@@ -47,8 +47,8 @@ def log_to_stderr() -> None:
 def use_compilation_cache() -> str | None:
     """Keep compiled XLA programs on disk so a re-run or a resume skips compilation.
 
-    On the 270M CPU run, compiling the sampler, reference pass and update for each
-    new prompt-length bucket costs about 2 of its 20 minutes. JAX reads
+    Compiling the sampler, reference pass and update is a noticeable share of a CPU
+    run (docs/cpu_recipe.md). JAX reads
     JAX_COMPILATION_CACHE_DIR itself; where it is unset the CLIs use
     $XDG_CACHE_HOME/grpo_jax/xla (~/.cache by default). JAX_COMPILATION_CACHE_DIR=
     (empty) turns the cache off. Returns the directory in use, or None.

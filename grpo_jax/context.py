@@ -9,7 +9,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 
 from grpo_jax import sharding
-from grpo_jax.config import ModelConfig, TrainConfig
+from grpo_jax.config import TrainConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.update import StepFunctions
 
 

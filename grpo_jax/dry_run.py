@@ -1,4 +1,4 @@
-"""`python -m grpo_jax.train --dry-run [--preset ...]`: compile a run's programs for its
+"""`python -m grpo_jax.dry_run [--preset ...]` (or `train --dry-run`): compile a run's programs for its
 mesh on abstract shapes (no weights loaded) and report per-chip memory, FLOPs, bytes
 and the roofline time they imply.
 
@@ -17,17 +17,21 @@ Gemma 3 1B on data 8 it copies the 604 MB embedding, which the loop fuses away).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from grpo_jax import sampler, sharding, update
-from grpo_jax.config import ModelConfig, TrainConfig, model_preset
+from grpo_jax import presets, sampler, sharding, update
+from grpo_jax.cli import run_cli
+from grpo_jax.config import TrainConfig
+from grpo_jax.model.config import ATTENTION_IMPLS, ModelConfig, model_preset
 from grpo_jax.model import gemma3, kv_cache, lora as lora_lib
 from grpo_jax.model.load import with_dtype
 
@@ -184,10 +188,11 @@ def figures(compiled, chip: Chip | None) -> dict[str, Any]:
 
 
 def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] = PROGRAMS,
-            cost_twins: bool = True) -> dict:
+            cost_twins: bool = True, compare: tuple[str, ...] = ATTENTION_IMPLS) -> dict:
     """Compile the run's programs (`names`) for its mesh; print and return the figures.
     cost_twins: take the update's and reference pass's FLOPs and bytes from their
-    `loop_free` twins (two more compiles); without, those two count one loop iteration."""
+    `loop_free` twins (two more compiles); without, those two count one loop iteration.
+    compare: attention implementations compiled and reported beside the run's own."""
     model_cfg = run_model_config(cfg)
     if has_libtpu():
         # A compile-only device's executable cannot be loaded back: keep the CLIs'
@@ -216,7 +221,7 @@ def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] 
               "attention": cfg.attention, "by_attention": {}}
     # The run's own attention first; its figures are also the report's top level. On
     # CPU devices a Pallas TPU kernel is interpreted: only the run's own is compiled.
-    impls = (cfg.attention, *cfg.dry_run_attention) if chip is not None else (cfg.attention,)
+    impls = (cfg.attention, *compare) if chip is not None else (cfg.attention,)
     for impl in dict.fromkeys(impls):
         impl_cfg = dataclasses.replace(cfg, attention=impl)
         progs = compile_programs(impl_cfg, run_model_config(impl_cfg), plan, chip, names,
@@ -292,3 +297,47 @@ def write_report(report: dict, path: str) -> None:
     from grpo_jax.fileio import atomic_write_text
     atomic_write_text(path, json.dumps(report, indent=1))
 
+
+
+# ---------------------------------------------------------------------------
+# CLI: python -m grpo_jax.dry_run [--topology T] [--dry-run-json F]
+#      [--dry-run-attention IMPL ...] [any train flag]
+
+def _options_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpo_jax.dry_run", add_help=False,
+        description="Compile a run's programs for its mesh on abstract shapes (no weights "
+                    "loaded) and print per-chip memory, FLOPs, bytes and roofline times; for "
+                    "--topology's TPU when libtpu is installed (.[tpu-aot]), else for this "
+                    "machine's CPU devices. Nothing is trained or written. Every train flag "
+                    "(--preset, --mesh.*, ...) sets the run compiled.")
+    parser.add_argument("--topology", default="v5e:2x4",
+                        help="TPU topology to compile for (v5e:2x4 is a TPU v5e-8)")
+    parser.add_argument("--dry-run-json", default=None, metavar="FILE",
+                        help="also write the figures to this JSON file")
+    parser.add_argument("--dry-run-attention", nargs="*", default=list(ATTENTION_IMPLS),
+                        choices=ATTENTION_IMPLS, metavar="IMPL",
+                        help="attention implementations compiled beside the run's own "
+                             f"(--attention); of {', '.join(ATTENTION_IMPLS)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _options_parser()
+    if {"-h", "--help"} & set(argv):
+        parser.print_help()
+        print("\nThe run's own flags (python -m grpo_jax.train --help):")
+    options, run_argv = parser.parse_known_args(argv)
+
+    def body():
+        cfg = presets.parse_run_config(run_argv)
+        report = dry_run(cfg, options.topology, compare=tuple(options.dry_run_attention))
+        if options.dry_run_json:
+            write_report(report, options.dry_run_json)
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,8 @@ import tyro
 from grpo_jax import data, eval_metrics, fileio, runs, sampler, stream
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.cli import run_cli
-from grpo_jax.config import ModelConfig, SamplerConfig, TrainConfig
+from grpo_jax.config import SamplerConfig, TrainConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import load
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,8 @@ from safetensors.numpy import save_file
 
 from grpo_jax import fileio, gguf_export, runs
 from grpo_jax.cli import run_cli
-from grpo_jax.config import TINY, ModelConfig, TrainConfig, model_preset
+from grpo_jax.config import TrainConfig
+from grpo_jax.model.config import ModelConfig, TINY, model_preset
 from grpo_jax.model import gemma3, load, lora as lora_lib, weights
 from grpo_jax.model.hf_layout import hf_config_dict, hf_tensors_from_params
 

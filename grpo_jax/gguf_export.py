@@ -25,7 +25,7 @@ import gguf.quants
 import numpy as np
 
 from grpo_jax import fileio
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3, weights
 from grpo_jax.model.hf_layout import hf_config_dict, hf_tensors_from_params
 

@@ -11,14 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sharding
-from grpo_jax.config import ModelConfig
+# The choices, defined once in the config (default first). k3 and k2 are loss terms;
+# k1 is a penalty on the reward (`kl_reward_penalty`) and adds nothing to the loss.
+from grpo_jax.config import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
 from grpo_jax.model import gemma3, vocab_parallel
-
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-# Default first. k3 and k2 are loss terms; k1 is a penalty on the reward
-# (`kl_reward_penalty`) and adds nothing to the loss. See `policy_loss`.
-KL_ESTIMATORS = ("k3", "k2", "k1")
-RATIO_LEVELS = ("token", "sequence")
+from grpo_jax.model.config import ModelConfig
 
 
 def _is_concrete(x) -> bool:

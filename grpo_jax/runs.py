@@ -13,7 +13,7 @@ import jax
 
 from grpo_jax import data
 from grpo_jax.checkpoint import Checkpointer
-from grpo_jax.config import TrainConfig, changed_identity_fields, config_from_dict
+from grpo_jax.config import TrainConfig, config_from_dict
 from grpo_jax.fileio import atomic_write_text
 from grpo_jax.model import load, lora as lora_lib
 
@@ -21,6 +21,54 @@ CONFIG_FILE = "config.json"
 EVAL_FILE = "eval.json"
 # config.json and eval.json record the data source's versions under this key.
 DATA_SOURCE_KEY = "data_source"
+
+
+# TrainConfig fields (dotted paths) that a resumed run may change: they do not change
+# what a step computes. Evaluation, logging and checkpointing settings, and the
+# memory/speed knobs whose results agree to float rounding (micro-batches add up to
+# the whole batch; shared prompts and log-prob chunks compute the same numbers).
+# Every other field is the run's identity: a resume that changes it is refused.
+RESUMABLE_FIELDS = frozenset({
+    "preset", "output_dir", "save_every", "keep_checkpoints", "log_samples",
+    "max_consecutive_skips", "eval_problems", "eval_every", "eval_max_new_tokens",
+    "eval_batch_size", "tensorboard", "data.eval_dataset", "data.num_eval", "data.eval_seed",
+    "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt", "attention",
+    # Where it runs: a mesh or host count computes the same steps (to float rounding).
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.coordinator",
+    "distributed.num_processes", "distributed.process_id", "distributed.auto",
+})
+# Fields config.json files of earlier versions hold that are no longer the run's (the
+# dry run's options moved to its own command): read back without them.
+RETIRED_FIELDS = ("dry_run", "topology", "dry_run_json", "dry_run_attention")
+
+
+def flat_fields(cfg) -> dict[str, object]:
+    """A (nested) config dataclass as {"dotted.path": value}, tuples as lists (the
+    form config.json holds)."""
+    out: dict[str, object] = {}
+
+    def walk(prefix, value):
+        for key, v in value.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{key}.", v)
+            else:
+                out[prefix + key] = v
+
+    walk("", json.loads(json.dumps(dataclasses.asdict(cfg))))
+    return out
+
+
+def changed_identity_fields(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """The fields outside RESUMABLE_FIELDS whose values differ, as "name (old -> new)"."""
+    a, b = flat_fields(saved), flat_fields(new)
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)]
+
+
+def run_fingerprint(cfg: TrainConfig) -> dict:
+    """What a checkpoint's state means: resuming into anything else is refused."""
+    return {"model": cfg.model, "checkpoint": cfg.checkpoint, "gguf": cfg.gguf,
+            "lora": dataclasses.asdict(cfg.lora)}
 
 
 class ResumeMismatch(ValueError):
@@ -37,12 +85,14 @@ def run_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise FileNotFoundError(f"{path} not found: is {run_dir} a training run's output dir?")
     values = json.loads(path.read_text())
     values.pop(DATA_SOURCE_KEY, None)  # a record beside the config, not a field of it
+    for name in RETIRED_FIELDS:
+        values.pop(name, None)
     return config_from_dict(TrainConfig, values)
 
 
 def check_resume_config(run_dir: str | os.PathLike, cfg: TrainConfig) -> None:
     """Refuse, with one line naming the fields, to continue the run in `run_dir` with
-    a config that changes what its steps compute (see config.RESUMABLE_FIELDS)."""
+    a config that changes what its steps compute (see RESUMABLE_FIELDS)."""
     if not (Path(run_dir) / CONFIG_FILE).is_file():
         return
     changed = changed_identity_fields(run_config(run_dir), cfg)
@@ -74,7 +124,7 @@ def checkpoint_steps(run_dir: str | os.PathLike, cfg: TrainConfig,
                      step: int | None = None) -> list[int]:
     """The run's complete checkpoint steps; an error when there are none, or when
     `step` is given and is not one of them."""
-    ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, read_only=True)
+    ckpt = Checkpointer(run_dir, fingerprint=run_fingerprint(cfg), read_only=True)
     try:
         steps = ckpt.all_steps()
         if steps and step is not None:
@@ -126,7 +176,7 @@ def restore_adapters(run_dir: str | os.PathLike, cfg: TrainConfig, model_cfg,
     def abstract(at: int) -> dict:
         return {name: lora for name in checkpoint_items(cfg, at) if name != "opt_state"}
 
-    ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, read_only=True)
+    ckpt = Checkpointer(run_dir, fingerprint=run_fingerprint(cfg), read_only=True)
     try:
         # restore checks that `step` exists; restore_latest says None when none does.
         restored = (ckpt.restore_latest(abstract) if step is None

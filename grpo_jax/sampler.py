@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sharding, stop_strings as stop_strings_lib
-from grpo_jax.config import ModelConfig, SamplerConfig
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3, kv_cache, lora as lora_lib
 from grpo_jax.tokenizer import PAD_ID
 

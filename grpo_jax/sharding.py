@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from grpo_jax.config import MeshConfig, ModelConfig
+from grpo_jax.config import MeshConfig
+from grpo_jax.model.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from grpo_jax import sampler
-from grpo_jax.config import ModelConfig, SamplerConfig
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.tokenizer import PAD_ID
 

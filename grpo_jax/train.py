@@ -18,15 +18,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import tyro
 
-from grpo_jax import (data, dry_run, evaluate, fileio, rewards, rollout, runs, sharding, sft,
-                      stop_strings, update)
+from grpo_jax import (data, dry_run, evaluate, fileio, presets, rewards, rollout, runs, sharding,
+                      sft, stop_strings, update)
 from grpo_jax.cli import run_cli
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.context import StepContext
-from grpo_jax.config import (ModelConfig, TrainConfig, deferred_validation, train_preset,
-                             validate)
+from grpo_jax.config import TrainConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.metrics import MetricsLogger, Progress, format_duration
 from grpo_jax.model import gemma3, load, lora as lora_lib
 
@@ -104,11 +103,6 @@ class NullLogger:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) SFT then GRPO as configured, evaluating base, SFT-only and the
     trained policy on held-out problems; -> the last step's metrics."""
-    if cfg.dry_run:
-        report = dry_run.dry_run(cfg, cfg.topology)
-        if cfg.dry_run_json:
-            dry_run.write_report(report, cfg.dry_run_json)
-        return {}
     out_dir = Path(cfg.output_dir)
     # Everything the run will need is resolved before its first step, and every check
     # that can refuse comes before anything in the run directory changes.
@@ -123,7 +117,7 @@ def train(cfg: TrainConfig) -> dict:
     problems = data.load_problems(cfg.data, "train", need_solution=cfg.sft.steps > 0)
     held_out = evaluate.eval_problems(cfg) if cfg.eval_problems else []
     fileio.check_writable(out_dir)
-    ckpt = Checkpointer(out_dir, fingerprint=cfg.fingerprint, keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(out_dir, fingerprint=runs.run_fingerprint(cfg), keep=cfg.keep_checkpoints)
     try:
         ckpt.check_compatible()  # before any heavy loading: a foreign directory fails fast
         base = runs.load_run_base(cfg)
@@ -274,24 +268,12 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
 # CLI
 
 
-def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """--preset picks the defaults; every other flag overrides one field of it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    preset = "cpu-270m"
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-    base = train_preset(preset)
-    with deferred_validation():
-        cfg = tyro.cli(TrainConfig, default=base, args=argv)
-    validate(cfg)
-    return cfg
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(lambda: train(parse_config(argv)), TrainingError)
+    """`--dry-run` hands the whole command line to `python -m grpo_jax.dry_run`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dry-run" in argv:
+        return dry_run.main([a for a in argv if a != "--dry-run"])
+    return run_cli(lambda: train(presets.parse_run_config(argv)), TrainingError)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import numpy as np
 import optax
 
 from grpo_jax import grpo, sharding
-from grpo_jax.config import GRPOConfig, ModelConfig, OptimizerConfig
+from grpo_jax.config import GRPOConfig, OptimizerConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3, lora as lora_lib
 
 

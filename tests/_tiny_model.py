@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grpo_jax.config import LoraConfig, ModelConfig
+from grpo_jax.model.config import LoraConfig, ModelConfig
 from grpo_jax.model import gemma3, lora as lora_lib
 
 

@@ -30,7 +30,7 @@ def embedded_gguf_reader(embedded_gguf_path):
 @pytest.fixture(scope="session")
 def embedded_params(embedded_gguf_reader):
     """Canonical float32 params of the embedded Gemma 3 270M (dequantized GGUF)."""
-    from grpo_jax.config import GEMMA3_270M
+    from grpo_jax.model.config import GEMMA3_270M
     from grpo_jax.model import weights
 
     return weights.load_gguf(embedded_gguf_reader, GEMMA3_270M)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from grpo_jax import rewards, train
+from grpo_jax import presets, rewards, train
 from grpo_jax.cli import run_cli
 from grpo_jax.config import OptimizerConfig
 from grpo_jax.rewards import RewardConfig
@@ -18,7 +18,7 @@ def digit_fraction(completions, answers):
 def main(argv: list[str]) -> int:
     rewards.register_reward("digit_fraction", digit_fraction)
     cfg = dataclasses.replace(
-        train.parse_config(argv), rewards=RewardConfig(functions=(("digit_fraction", 1.0),)),
+        presets.parse_run_config(argv), rewards=RewardConfig(functions=(("digit_fraction", 1.0),)),
         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0, max_grad_norm=1.0))
     return run_cli(lambda: train.train(cfg), train.TrainingError)
 

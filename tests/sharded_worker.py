@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _tiny_model import random_lora, random_params  # noqa: E402
 
 from grpo_jax import grpo, sampler, sharding, update as step_lib  # noqa: E402
-from grpo_jax.config import (TINY, GRPOConfig, LoraConfig, MeshConfig,  # noqa: E402
-                             OptimizerConfig, SamplerConfig)
+from grpo_jax.config import GRPOConfig, MeshConfig, OptimizerConfig, SamplerConfig  # noqa: E402
+from grpo_jax.model.config import LoraConfig, TINY  # noqa: E402
 from grpo_jax.model import gemma3, kv_cache, lora as lora_lib  # noqa: E402
 
 # Gemma's shape in miniature: 4 query heads (so tensor 4 splits them), one KV head.

@@ -22,7 +22,7 @@ import optax
 import pytest
 
 from grpo_jax.checkpoint import Checkpointer, CheckpointMismatch
-from grpo_jax.config import TINY, LoraConfig
+from grpo_jax.model.config import LoraConfig, TINY
 from grpo_jax.model import lora as lora_lib
 
 FINGERPRINT = {"model": "tiny", "lora": [4, 8.0, ["q", "kv"]]}
@@ -151,7 +151,7 @@ def test_checkpoints_of_the_old_layout_still_restore(tmp_path):
     abstract_lora = lora_lib.init_lora(TINY, cfg.lora, jax.random.key(0))
     abstract = {"lora": abstract_lora,
                 "opt_state": make_optimizer(cfg.optimizer, cfg.total_updates).init(abstract_lora)}
-    restored = Checkpointer(run, fingerprint=cfg.fingerprint).restore(1, abstract)
+    restored = Checkpointer(run, fingerprint=runs.run_fingerprint(cfg)).restore(1, abstract)
     assert restored.meta["data_position"] == 2
     leaves = jax.tree.leaves(restored.state)
     assert len(leaves) == len(expected)

@@ -3,11 +3,13 @@ compile-only devices) within a chip's memory; bad input is one line before any c
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
-from grpo_jax import dry_run, sharding, train
-from grpo_jax.config import MeshConfig, train_preset
+from grpo_jax import dry_run, presets, sharding, train
+from grpo_jax.config import MeshConfig
+from grpo_jax.presets import train_preset
 
 pytestmark = pytest.mark.xdist_group("tpu-compile")
 V5E_HBM = 16e9  # bytes per chip (16 GB; the datasheet's 16 GiB is a little more)
@@ -19,9 +21,10 @@ def test_v5e8_preset_step_and_sampler_compile_for_the_v5e_topology_within_a_chip
     implementations side by side are the tiny CLI test's; the XLA path of this preset
     is docs/tpu.md's (compiling it too would add ~4 minutes to CI)."""
     pytest.importorskip("libtpu")
-    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), dry_run_attention=())
+    cfg = train_preset("v5e-8-gemma3-1b")
     assert cfg.attention == "pallas"
-    report = dry_run.dry_run(cfg, "v5e:2x4", names=("update", "decode"), cost_twins=False)
+    report = dry_run.dry_run(cfg, "v5e:2x4", names=("update", "decode"), cost_twins=False,
+                             compare=())
     assert "TPU v5" in report["target"]
     assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
     assert list(report["by_attention"]) == ["pallas"]
@@ -38,19 +41,34 @@ def test_v5e8_preset_step_and_sampler_compile_for_the_v5e_topology_within_a_chip
 
 def test_fsdp_splits_the_weights_over_chips():
     pytest.importorskip("libtpu")
-    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), mesh=MeshConfig(data=2, fsdp=4),
-                              dry_run_attention=())
-    report = dry_run.dry_run(cfg, "v5e:2x4", names=("decode_step",), cost_twins=False)
+    cfg = dataclasses.replace(train_preset("v5e-8-gemma3-1b"), mesh=MeshConfig(data=2, fsdp=4))
+    report = dry_run.dry_run(cfg, "v5e:2x4", names=("decode_step",), cost_twins=False,
+                             compare=())
     # The 2.0 GB of bf16 weights over fsdp 4: about 0.5 GB of arguments a chip.
     assert report["programs"]["decode_step"]["arguments"] < 1.0e9
 
 
-def test_tiny_dry_run_cli_prints_figures(capsys):
+def test_tiny_dry_run_cli_prints_figures(capsys, tmp_path):
     pytest.importorskip("libtpu")
     assert train.main(["--preset", "tiny", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "compile-only" in out and "decode_step" in out and "roofline" in out
     assert "attention xla (the run's own)" in out and "attention pallas:" in out
+    # Its own command, with its own options beside the run's flags.
+    report = tmp_path / "dry.json"
+    assert dry_run.main(["--preset", "tiny", "--dry-run-attention", "--dry-run-json",
+                         str(report), "--grpo.num-prompts", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "attention pallas:" not in out and json.loads(report.read_text())["batch"][
+        "prompts"] == 4
+
+
+def test_dry_run_help_names_its_options_and_the_run_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        dry_run.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--topology" in out and "--dry-run-attention" in out and "--grpo.num-prompts" in out
 
 
 def test_without_libtpu_it_compiles_for_cpu_devices_and_says_so(monkeypatch, capsys):
@@ -89,7 +107,7 @@ def test_shapes_the_mesh_cannot_divide_are_one_line_before_compiling(capsys):
         (["--mesh.fsdp", "2"], "= 16 devices, but this process has 8"),
     ]
     for flags, message in cases:
-        cfg = train.parse_config(["--preset", "v5e-8-gemma3-1b", *flags])
+        cfg = presets.parse_run_config(["--preset", "v5e-8-gemma3-1b", *flags])
         with pytest.raises(ValueError, match=None) as e:
             sharding.check_run(cfg, dry_run.run_model_config(cfg), 8)
         assert message in str(e.value), (flags, str(e.value))

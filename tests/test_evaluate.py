@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from grpo_jax import train
-from grpo_jax.config import TRAIN_PRESETS, TrainConfig, config_from_dict
+from grpo_jax import runs, train
+from grpo_jax.config import TrainConfig, config_from_dict
+from grpo_jax.presets import TRAIN_PRESETS
 
 FIGURES = ("format_accuracy", "exact_accuracy", "partial_accuracy", "lenient_accuracy")
 
@@ -22,6 +23,19 @@ FIGURES = ("format_accuracy", "exact_accuracy", "partial_accuracy", "lenient_acc
 def test_presets_round_trip_through_config_json():
     for name, cfg in TRAIN_PRESETS.items():
         assert config_from_dict(TrainConfig, json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+def test_config_json_of_an_earlier_version_reads_back(tmp_path):
+    """config.json written before the dry run had its own command held its options as
+    run fields; they are read back without them (and the data record beside them)."""
+    cfg = dataclasses.replace(TRAIN_PRESETS["tiny"], output_dir=str(tmp_path))
+    old = {**dataclasses.asdict(cfg), "dry_run": False, "topology": "v5e:2x4",
+           "dry_run_json": None, "dry_run_attention": ["xla", "pallas"]}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert runs.run_config(tmp_path) == cfg
+    (tmp_path / "config.json").write_text(json.dumps({**old, "no_such_field": 1}))
+    with pytest.raises(ValueError, match="unknown fields .'no_such_field'"):
+        runs.run_config(tmp_path)
 
 
 def test_evaluation_file_names():

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import export, runs, train
-from grpo_jax.config import TRAIN_PRESETS, model_preset
+from grpo_jax.model.config import model_preset
+from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.model import gemma3, hf_layout, lora as lora_lib, weights
 
 REPO = Path(__file__).resolve().parents[1]

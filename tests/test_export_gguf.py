@@ -18,7 +18,9 @@ import pytest
 
 from grpo_jax import export, gguf_export, runs
 from grpo_jax.checkpoint import Checkpointer
-from grpo_jax.config import GEMMA3_270M, TRAIN_PRESETS, LoraConfig, SamplerConfig, model_preset
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import GEMMA3_270M, LoraConfig, model_preset
+from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.model import gemma3, lora as lora_lib, weights
 from grpo_jax.sampler import left_pad, sample_prompts
 from grpo_jax.tokenizer import Tokenizer, chat_prompt
@@ -280,7 +282,7 @@ def _fake_run(run_dir, cfg, lora, step=1):
     """A run directory as training leaves it (config.json and a GRPO checkpoint of
     `lora`), without training: a real 270M run takes minutes."""
     runs.write_config_once(run_dir, cfg)
-    ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint)
+    ckpt = Checkpointer(run_dir, fingerprint=runs.run_fingerprint(cfg))
     try:
         ckpt.save(step, {"lora": lora, "opt_state": {"count": np.zeros((), np.int32)}},
                   {"data_position": 0, "phase": "grpo"})

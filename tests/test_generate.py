@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import generate
-from grpo_jax.config import GEMMA3_270M, TINY, SamplerConfig
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import GEMMA3_270M, TINY
 from grpo_jax.model import gemma3
 from grpo_jax.sampler import sample_prompts
 from grpo_jax.tokenizer import STOP_IDS, chat_prompt

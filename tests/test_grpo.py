@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import grpo
-from grpo_jax.config import TINY, LoraConfig
+from grpo_jax.model.config import LoraConfig, TINY
 from grpo_jax.model import gemma3
 
 from _tiny_model import random_lora, random_params

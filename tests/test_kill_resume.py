@@ -43,9 +43,9 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import train
+from grpo_jax import presets, runs, train
 from grpo_jax.checkpoint import Checkpointer
-from grpo_jax.config import model_preset
+from grpo_jax.model.config import model_preset
 from grpo_jax.metrics import read_metrics
 from grpo_jax.model import lora as lora_lib
 from grpo_jax.update import make_optimizer
@@ -143,7 +143,7 @@ def _abstract_state(cfg):
 
 
 def _restore(run_dir: Path, cfg):
-    ckpt = Checkpointer(run_dir, fingerprint=cfg.fingerprint, keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(run_dir, fingerprint=runs.run_fingerprint(cfg), keep=cfg.keep_checkpoints)
     try:
         return ckpt.restore_latest(_abstract_state(cfg))
     finally:
@@ -177,7 +177,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, started):
     env = _env(tmp_path / "jax-cache")
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     ref_argv, run_argv = _argv(ref_dir, data_file), _argv(run_dir, data_file)
-    cfg = train.parse_config(run_argv)  # what the CLI makes of these flags
+    cfg = presets.parse_run_config(run_argv)  # what the CLI makes of these flags
     batch = cfg.grpo.num_prompts
     timings: dict[str, float] = {}
 

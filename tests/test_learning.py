@@ -11,7 +11,8 @@ import dataclasses
 import json
 
 from grpo_jax import rewards, train
-from grpo_jax.config import TRAIN_PRESETS, OptimizerConfig
+from grpo_jax.config import OptimizerConfig
+from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.rewards import RewardConfig
 
 MAX_NEW = TRAIN_PRESETS["tiny"].sampler.max_new_tokens

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from grpo_jax import grpo
-from grpo_jax.config import GEMMA3_270M, TINY, LoraConfig
+from grpo_jax.model.config import GEMMA3_270M, LoraConfig, TINY
 from grpo_jax.model import gemma3, lora as lora_lib
 
 from _tiny_model import random_lora, random_params

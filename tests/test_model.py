@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.config import GEMMA3_270M, TINY, ModelConfig
+from grpo_jax.model.config import GEMMA3_270M, ModelConfig, TINY
 from grpo_jax.model import gemma3, weights
 
 _forward = jax.jit(gemma3.forward, static_argnums=4)

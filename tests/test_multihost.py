@@ -66,7 +66,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def _adapters(run: Path, step: int) -> list[np.ndarray]:
     from grpo_jax import runs
-    from grpo_jax.config import TINY
+    from grpo_jax.model.config import TINY
 
     cfg = runs.run_config(run)
     lora, _ = runs.restore_lora(run, cfg, TINY, step)

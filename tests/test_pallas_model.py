@@ -12,7 +12,8 @@ import pytest
 
 from _tiny_model import random_lora, random_params
 from grpo_jax import grpo, update as step_lib
-from grpo_jax.config import TINY, GRPOConfig, LoraConfig, OptimizerConfig, SamplerConfig
+from grpo_jax.config import GRPOConfig, OptimizerConfig, SamplerConfig
+from grpo_jax.model.config import LoraConfig, TINY
 from grpo_jax.sampler import left_pad, sample
 from test_grpo import make_groups
 from test_kernels import rel_err

@@ -23,9 +23,9 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors import safe_open
 
-from grpo_jax import rollout, runs, train
+from grpo_jax import presets, rollout, runs, train
 from grpo_jax.checkpoint import DAMAGED_DIR
-from grpo_jax.config import TRAIN_PRESETS
+from grpo_jax.presets import TRAIN_PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0,
@@ -254,7 +254,7 @@ def test_a_failing_save_is_one_line_and_loses_nothing(uninterrupted, tmp_path):
                     "the earlier checkpoints are intact")
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == \
         ["1", "2"]
-    train.train(train.parse_config(argv))
+    train.train(presets.parse_run_config(argv))
     a, b = _rows(uninterrupted), _rows(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):

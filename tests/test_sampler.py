@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import sampler
-from grpo_jax.config import TINY, SamplerConfig
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3, kv_cache
 from grpo_jax.sampler import left_pad, sample, sample_prompts, sample_uncached
 from grpo_jax.kernels import reference

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import grpo, runs, update as step_lib
-from grpo_jax.config import TRAIN_PRESETS, OptimizerConfig
+from grpo_jax.config import OptimizerConfig
+from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.model import gemma3, lora as lora_lib
 
 TINY = TRAIN_PRESETS["tiny"]

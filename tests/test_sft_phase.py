@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import data, rollout, runs, sft, train
-from grpo_jax.config import TINY
+from grpo_jax import data, presets, rollout, runs, sft, train
+from grpo_jax.model.config import TINY
 from grpo_jax.metrics import read_metrics
 from grpo_jax.model import gemma3, lora as lora_lib
 
@@ -117,7 +117,7 @@ def test_resume_across_the_boundary_equals_an_uninterrupted_run(
     with monkeypatch.context() as m:
         _stop_after(m, last_step)
         with pytest.raises(Interrupted):
-            train.train(train.parse_config(_argv(run, problems)))
+            train.train(presets.parse_run_config(_argv(run, problems)))
     assert runs.restore_adapters(run, runs.run_config(run), TINY).step == last_step
     assert train.main(_argv(run, problems)) == 0
     (want, want_rows, want_eval), (got, got_rows, got_eval) = _final(ref_run), _final(run)

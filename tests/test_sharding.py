@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import sharding
-from grpo_jax.config import GEMMA3_1B, TINY, MeshConfig
+from grpo_jax.config import MeshConfig
+from grpo_jax.model.config import GEMMA3_1B, TINY
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (2, 2, 2, "pallas"))
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -96,7 +97,7 @@ def test_arrays_come_back_with_the_rules_shardings(sharded_results, mesh):
 
 
 def test_every_logical_axis_of_the_model_has_a_rule():
-    from grpo_jax.config import LoraConfig
+    from grpo_jax.model.config import LoraConfig
     from grpo_jax.model import gemma3, lora as lora_lib
 
     for cfg in (TINY, GEMMA3_1B):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import sampler, stop_strings
-from grpo_jax.config import TINY, SamplerConfig
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3
 from grpo_jax.tokenizer import ByteTokenizer
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import sampler, stop_strings, stream
-from grpo_jax.config import TINY, SamplerConfig
+from grpo_jax.config import SamplerConfig
+from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3
 from grpo_jax.tokenizer import ByteTokenizer
 
@@ -72,7 +73,7 @@ def test_stream_equals_one_batch_of_every_prompt(temperature):
 
 def test_stream_with_stop_strings_and_lora_equals_one_batch():
     from tests._tiny_model import random_lora
-    from grpo_jax.config import LoraConfig
+    from grpo_jax.model.config import LoraConfig
 
     tok = ByteTokenizer()
     params = _params(flatten=0.05)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from grpo_jax import data, rollout, runs, train, update as step_lib
-from grpo_jax.config import TRAIN_PRESETS, GRPOConfig
+from grpo_jax.config import GRPOConfig
+from grpo_jax.presets import TRAIN_PRESETS
 
 TINY = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0)
 

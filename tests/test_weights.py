@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax.config import TINY
+from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3, weights
 from grpo_jax.model.weights import CheckpointError
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.kernels import reference
 from grpo_jax.kernels.decode_attention import decode_attention as pallas_decode
 from grpo_jax.kernels.flash_attention import flash_attention

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax import sharding
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import attention, vocab_parallel
 from grpo_jax.kernels.layout import Layout, packed_layout, self_layout
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax import sharding
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import attention, gemma3
 from grpo_jax.kernels.layout import self_layout
 

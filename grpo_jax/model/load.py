@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from grpo_jax.config import GEMMA3_270M, TINY, ModelConfig, model_preset
+from grpo_jax.model.config import GEMMA3_270M, ModelConfig, TINY, model_preset
 from grpo_jax.model import gemma3, weights
 from grpo_jax.model.weights import CheckpointError
 from grpo_jax.tokenizer import ByteTokenizer, Tokenizer

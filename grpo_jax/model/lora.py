@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax import sharding
-from grpo_jax.config import LoraConfig, ModelConfig
+from grpo_jax.model.config import LoraConfig, ModelConfig
 from grpo_jax.model import gemma3
 
 

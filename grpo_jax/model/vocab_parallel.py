@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 
 
 def _local_ids(ids: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.flax import load_file as load_flax_safetensors
 from safetensors.numpy import load_file
 
-from grpo_jax.config import ModelConfig
+from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3
 
 

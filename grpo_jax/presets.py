@@ -1,0 +1,79 @@
+"""Named run presets (`--preset`): the CPU recipe on the embedded Gemma 3 270M, its long
+version, the random tiny model for tests, and the TPU v5e-8 run of Gemma 3 1B."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Sequence
+
+import tyro
+
+from grpo_jax.config import (DataConfig, GRPOConfig, MeshConfig, OptimizerConfig,
+                             SamplerConfig, SFTConfig, TrainConfig)
+from grpo_jax.model.config import LoraConfig
+from grpo_jax.validation import deferred_validation, validate
+
+# The CPU recipe for the embedded Gemma 3 270M *base* model: a plain-text prompt whose
+# answer opens with '<reasoning>', an SFT warm-up on gold solutions of at most 128
+# tokens (which teaches the format), then GRPO from the SFT model, sampling until
+# '</answer>'. cpu-270m-long (40 SFT + 30 GRPO steps) is sized so that the run and its
+# 500-problem evaluation fit one 3-hour session on the slowest 2-core machine; the
+# budgets and measured times are in docs/cpu_recipe.md ("The machines", "Results").
+_CPU_RECIPE = TrainConfig(
+    steps=4, eval_problems=32, eval_max_new_tokens=200,
+    sampler=SamplerConfig(max_new_tokens=160, stop_strings=("</answer>",)),
+    sft=SFTConfig(steps=16, batch_size=8, learning_rate=1e-3, max_tokens=128),
+    data=DataConfig(prompt_style="plain", prefill="<reasoning>"))
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    "cpu-270m": _CPU_RECIPE,
+    "cpu-270m-long": dataclasses.replace(
+        _CPU_RECIPE, preset="cpu-270m-long", output_dir="runs/cpu-270m-long", steps=30,
+        save_every=10, eval_problems=64,
+        sft=dataclasses.replace(_CPU_RECIPE.sft, steps=40)),
+    "tiny": TrainConfig(
+        preset="tiny", model="tiny", output_dir="runs/tiny", steps=4, save_every=2,
+        eval_problems=4, eval_max_new_tokens=16, log_samples=1,
+        lora=LoraConfig(rank=4, alpha=8.0),
+        sampler=SamplerConfig(max_new_tokens=16, temperature=1.0, stop_ids=(1,),
+                              prompt_bucket=256),
+        grpo=GRPOConfig(num_prompts=2, group_size=4, logprob_chunk=64),
+        data=DataConfig(num_train=16, num_eval=8)),
+    "v5e-8-gemma3-1b": TrainConfig(
+        preset="v5e-8-gemma3-1b", model="gemma3-1b", dtype="bfloat16",
+        output_dir="runs/v5e-8-gemma3-1b", steps=500, save_every=50,
+        lora=LoraConfig(rank=64, alpha=64.0, targets=("q", "kv", "o", "gate", "up", "down")),
+        sampler=SamplerConfig(max_new_tokens=512, temperature=1.0),
+        grpo=GRPOConfig(num_prompts=16, group_size=4, micro_batch=32),
+        optimizer=OptimizerConfig(learning_rate=3e-6),
+        data=DataConfig(dataset="gsm8k", eval_dataset="gsm8k"),
+        mesh=MeshConfig(data=8),
+        # Compiled for v5e (docs/tpu.md): update peak 6.0 against 6.6 GiB a chip, the
+        # step's roofline 4.61 against 4.72 s. Estimates, not measurements: --attention
+        # xla is the fallback.
+        attention="pallas"),
+}
+
+
+def train_preset(name: str) -> TrainConfig:
+    try:
+        return TRAIN_PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown preset {name!r}; choose one of: {', '.join(TRAIN_PRESETS)}") from None
+
+
+def parse_run_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """--preset picks the defaults; every other flag overrides one field of it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preset = "cpu-270m"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+    base = train_preset(preset)
+    with deferred_validation():
+        cfg = tyro.cli(TrainConfig, default=base, args=argv)
+    validate(cfg)
+    return cfg
