@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -33,6 +36,28 @@ TINY_LLAMA = dataclasses.replace(model_preset("tiny"), name="tiny-llama", num_la
                                  global_every=6, rope_scale_global=8.0)
 PROMPTS = ("The capital of France is", "def fibonacci(n):", chat_prompt("What is 12 + 7?"))
 _forward = jax.jit(gemma3.forward, static_argnames="cfg")
+
+# The tests on the real 270M run in a process of their own (`test_270m_exports_in_their_
+# own_process`): merging, writing and reading back 1 GB of weights beside the embedded
+# model's session fixtures took a test worker to 13.6 GB and the OOM killer on a
+# 24 GiB machine; a process that exits gives all of it back.
+IN_OWN_PROCESS = os.environ.get("GRPO_JAX_GGUF_270M_PROCESS") == "1"
+own_process = pytest.mark.skipif(not IN_OWN_PROCESS,
+                                 reason="runs in test_270m_exports_in_their_own_process")
+OWN_PROCESS_TESTS = ("test_embedded_f16_export_reads_back", "test_cli_exports_a_270m_run_as_q8_0",
+                     "test_llama_cpp_greedy_matches_our_sampler")
+
+
+def test_270m_exports_in_their_own_process():
+    if IN_OWN_PROCESS:
+        pytest.skip("this is that process")
+    env = {**os.environ, "GRPO_JAX_GGUF_270M_PROCESS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+         "-k", " or ".join(OWN_PROCESS_TESTS)], cwd=Path(__file__).resolve().parents[1],
+        env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
 
 def _vocab_gguf(path, n_tokens: int, chat_template: str | None = None):
@@ -231,6 +256,7 @@ def _compare_logits(got, want, mask):
     return float(diff), float(diff / np.abs(want[mask]).max()), float(agree)
 
 
+@own_process
 def test_embedded_f16_export_reads_back(embedded_params, embedded_gguf_reader,
                                         embedded_tokenizer, tmp_path):
     cfg = GEMMA3_270M
@@ -298,6 +324,7 @@ def _one_line_error(capsys, argv) -> str:
     return lines[0]
 
 
+@own_process
 def test_cli_exports_a_270m_run_as_q8_0(embedded_params, embedded_tokenizer, tmp_path, capsys):
     base = TRAIN_PRESETS["cpu-270m"]
     cfg = dataclasses.replace(base, output_dir=str(tmp_path / "run"),  # GRPO only: no SFT
@@ -391,6 +418,7 @@ def test_vocabulary_source_of_each_base():
 # llama.cpp itself
 
 
+@own_process
 def test_llama_cpp_greedy_matches_our_sampler(embedded_params, embedded_gguf_reader,
                                               embedded_tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
