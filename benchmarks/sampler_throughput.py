@@ -25,12 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
+from grpo_jax import decode, sharding
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.config import model_preset
-from grpo_jax.model import gemma3, kv_cache
-from grpo_jax.sampler import (check_group, decode, model_flops_per_token, prefill,
-                              sample_uncached)
+from grpo_jax.model import gemma3
+from grpo_jax.sampler import check_group
 from grpo_jax.tokenizer import BOS_ID
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model_costs import cache_bytes, model_flops_per_token  # noqa: E402
+from tests.uncached_sampler import sample_uncached  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,24 +135,28 @@ def run(args: Args) -> dict:
     key = jax.random.key(args.seed)
     cache_len = args.prompt_len + args.new_tokens
 
+    # The engine's programs, compiled ahead so compile time is reported apart.
+    engine = decode.programs(cfg, sampling, cache_len, args.group, sharding.local_plan())
+    ids = jnp.arange(num_prompts, dtype=jnp.int32)
+    active, need = jnp.ones((args.batch,), bool), jnp.int32(args.batch)
     t0 = time.perf_counter()
-    prefill_c = prefill.lower(params, None, tokens, mask, cfg=cfg, cache_len=cache_len,
-                              group=args.group).compile()
-    logits_shape, cache_shape = jax.eval_shape(
-        lambda: prefill(params, None, tokens, mask, cfg=cfg, cache_len=cache_len,
-                        group=args.group))
-    decode_c = decode.lower(params, None, cache_shape, logits_shape, key, cfg=cfg,
-                            sampling=sampling).compile()
+    start_c = engine.start.lower(params, None, tokens, mask, ids, key, None).compile()
+    cache_shape, rows_shape = jax.eval_shape(
+        lambda: engine.start.fn(params, None, tokens, mask, ids, key, None))
+    decode_c = engine.decode.lower(params, None, cache_shape, rows_shape, active, need,
+                                   None).compile()
     compile_s = time.perf_counter() - t0
 
     prefill_s, decode_s, out = float("inf"), float("inf"), None
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        logits, cache = jax.block_until_ready(prefill_c(params, None, tokens, mask))
+        begin = time.perf_counter()
+        cache, rows = jax.block_until_ready(start_c(params, None, tokens, mask, ids, key, None))
         mid = time.perf_counter()
-        out, _ = jax.block_until_ready(decode_c(params, None, cache, logits, key))
+        _, rows, ran = jax.block_until_ready(decode_c(params, None, cache, rows, active, need,
+                                                      None))
         end = time.perf_counter()
-        prefill_s, decode_s = min(prefill_s, mid - start), min(decode_s, end - mid)
+        prefill_s, decode_s = min(prefill_s, mid - begin), min(decode_s, end - mid)
+        out = rows.output(ran + 1)
     generated = int(np.sum(out.lengths))
     steps = int(out.steps)
     total_s = prefill_s + decode_s
@@ -162,7 +171,7 @@ def run(args: Args) -> dict:
         args.prompt_len * model_flops_per_token(cfg, args.prompt_len / 2, logits=False)
         + 2.0 * cfg.vocab_size * cfg.embed_dim)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    cache_read = kv_cache.cache_bytes(cfg, args.batch, cache_len)
+    cache_read = cache_bytes(cfg, args.batch, cache_len)
     step_bytes = weight_bytes + cache_read
     decode_tps = (generated - args.batch) / decode_s
 

@@ -28,11 +28,11 @@ import numpy as np
 from grpo_jax.config import GRPOConfig, OptimizerConfig
 from grpo_jax.model.config import LoraConfig
 from grpo_jax.model import lora as lora_lib
-from grpo_jax.sampler import model_flops_per_token
 from grpo_jax.update import Batch, build_update
 from grpo_jax.tokenizer import BOS_ID
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from model_costs import model_flops_per_token  # noqa: E402
 from sampler_throughput import (best_time, cli_main, load_params,  # noqa: E402
                                 measure_matmul_flops)
 

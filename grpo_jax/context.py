@@ -32,6 +32,6 @@ class StepContext:
     fns: StepFunctions              # the phase's log-prob pass and update
     problems: Sequence[Any]         # the phase's problems (data.Problem), in stream order
     shapes: RunShapes
-    plan: sharding.MeshPlan | None  # None: one device, plain programs
+    plan: sharding.MeshPlan         # the run's mesh (one device: sharding.local_plan())
     sampling_key: jax.Array | None = None  # GRPO: step k samples with fold_in(key, k)
     stop_table: Any = None          # GRPO: the stop strings' automaton, built once

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from grpo_jax import presets, sampler, sharding, update
+from grpo_jax import decode, presets, sampling, sharding, update
 from grpo_jax.cli import run_cli
 from grpo_jax.config import TrainConfig
 from grpo_jax.model.config import ATTENTION_IMPLS, ModelConfig, model_preset
@@ -140,22 +140,23 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
     if "reference" in names:
         out["reference"] = fns.logprobs.lower(params, None, batch.tokens, batch.input_mask,
                                               PROMPT_LEN)
-    prefill, decode = sampler.sharded_programs(model_cfg, cfg.sampler, length, g.group_size,
-                                               plan)
+    engine = decode.programs(model_cfg, cfg.sampler, length, g.group_size, plan)
     prompts = rows((g.num_prompts, PROMPT_LEN), jnp.int32)
-    if "prefill" in names:
-        out["prefill"] = prefill.lower(params, lora, prompts, rows(prompts.shape, jnp.bool_))
-    cache = kv_cache.abstract_cache(model_cfg, n, length)
-    logits = rows((model_cfg.vocab_size, n), jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
+    if "prefill" in names:  # the engine's start: prefill, fan-out, first tokens
+        out["prefill"] = engine.start.lower(params, lora, prompts, rows(prompts.shape, jnp.bool_),
+                                            rows((g.num_prompts,), jnp.int32), key, None)
+    cache = kv_cache.abstract_cache(model_cfg, n, length)
     if "decode" in names:
-        out["decode"] = decode.lower(params, lora, cache, logits, key, None)
+        state = jax.eval_shape(lambda k: decode.empty_rows(steps, jax.random.split(k, n)), key)
+        out["decode"] = engine.decode.lower(params, lora, cache, state, rows((n,), jnp.bool_),
+                                            rows((), jnp.int32), None)
     if "decode_step" not in names:
         return out
 
     def one_step(params, lora, cache, token):
         hidden, cache = kv_cache.decode_step(params, cache, token, model_cfg, lora)
-        return sampler.vocab_major_logits(params, hidden, model_cfg), cache
+        return sampling.vocab_major_logits(params, hidden, model_cfg), cache
 
     cache_sh = kv_cache.cache_shardings(plan, model_cfg)
     step_program = sharding.sharded_jit(

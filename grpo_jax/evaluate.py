@@ -21,7 +21,7 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import data, eval_metrics, fileio, runs, sampler, stream
+from grpo_jax import data, eval_metrics, fileio, runs, sampler, sharding
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.cli import run_cli
 from grpo_jax.config import SamplerConfig, TrainConfig
@@ -34,19 +34,21 @@ log = logging.getLogger(__name__)
 def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
                    model_cfg: ModelConfig, *, max_new_tokens: int, stop_ids: tuple[int, ...],
                    batch_size: int = 16, prompt_bucket: int = 32, prompt_style: str = "chat",
-                   prefill: str = "", stop_strings: tuple[str, ...] = ()
-                   ) -> tuple[dict, list[dict]]:
+                   prefill: str = "", stop_strings: tuple[str, ...] = (),
+                   plan: sharding.MeshPlan | None = None) -> tuple[dict, list[dict]]:
     """Greedy completions for `problems` -> (summary figures, per-problem records);
-    a completion is scored and recorded with the `prefill` its prompt ends with."""
+    a completion is scored and recorded with the `prefill` its prompt ends with.
+    plan: the mesh the weights live on (default one device); every host of a
+    multi-host run calls this and gets the same results."""
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                              prompt_bucket=prompt_bucket, stop_strings=stop_strings)
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
     # Continuous batching: `batch_size` rows decode together and a row that stops takes
     # the next problem at once (greedy, so the answers equal batch-at-a-time decoding's).
-    out = stream.sample_stream(params, data.encode_prompts(tokenizer, problems, prompt_style,
-                                                           prefill),
-                               jax.random.key(0), cfg=model_cfg, sampling=sampling,
-                               slots=batch_size, lora=lora, stop_table=stop_table)
+    out = sampler.sample_stream(params, data.encode_prompts(tokenizer, problems, prompt_style,
+                                                            prefill),
+                                jax.random.key(0), cfg=model_cfg, sampling=sampling,
+                                slots=batch_size, lora=lora, stop_table=stop_table, plan=plan)
     completions = [prefill + c for c in sampler.decode_completions(tokenizer, out, stop_strings)]
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
@@ -90,8 +92,10 @@ class EvalFile:
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
-                 split: str = "eval", name: str | None = None):
+                 split: str = "eval", name: str | None = None,
+                 plan: sharding.MeshPlan | None = None):
         self.cfg, self.run_dir, self.problems = cfg, Path(run_dir), list(problems)
+        self.plan = plan
         self.name = name or runs.eval_file(split)
         self.setup = {"dataset": cfg.data.eval_dataset or cfg.data.dataset, "split": split,
                       "num_problems": len(self.problems),
@@ -111,7 +115,7 @@ class EvalFile:
         if column not in COLUMNS:
             raise ValueError(f"column must be one of {COLUMNS}, got {column!r}")
         figures, records = evaluate_model(params, lora, tokenizer, self.problems, model_cfg,
-                                          **eval_options(self.cfg))
+                                          **eval_options(self.cfg), plan=self.plan)
         r = self.result or {"setup": self.setup, "num_problems": len(self.problems),
                             "dataset": self.setup["dataset"], "split": self.setup["split"]}
         r[column] = figures
@@ -121,7 +125,8 @@ class EvalFile:
         if column == "trained":
             r["step"] = step
         self.result = r
-        runs.write_eval(self.run_dir, r, self.name)
+        if jax.process_index() == 0:  # every host computes the same figures
+            runs.write_eval(self.run_dir, r, self.name)
         return figures
 
     def table(self) -> str:

@@ -69,7 +69,7 @@ def grpo_step(ctx: StepContext, params, state: update.TrainState, step: int):
 
     chosen, prompt_tokens, prompt_mask = step_problems(cfg, ctx.tokenizer, ctx.problems, step,
                                                        ctx.shapes)
-    rollout = sampler.sample(params, *sharding.put_batch(plan, (prompt_tokens, prompt_mask)),
+    rollout = sampler.sample(params, prompt_tokens, prompt_mask,
                              jax.random.fold_in(ctx.sampling_key, step), cfg=ctx.model_cfg,
                              sampling=cfg.sampler, group=g.group_size, lora=state.lora,
                              stop_table=ctx.stop_table, plan=plan)

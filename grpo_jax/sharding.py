@@ -20,11 +20,11 @@ replicated over `tensor`, the cache is sharded on its batch rows).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -120,6 +120,16 @@ class MeshPlan:
         return NamedSharding(self.mesh, P())
 
     @property
+    def config(self) -> MeshConfig:
+        shape = self.mesh.shape
+        return MeshConfig(shape["data"], shape["fsdp"], shape["tensor"])
+
+    @property
+    def row_devices(self) -> int:
+        """How many ways batch rows are split (data x fsdp)."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    @property
     def rows(self) -> NamedSharding:
         """Leading axis over data x fsdp, the rest replicated: a prefix for any batch
         array (tokens, masks, advantages, log-probs, sampled records)."""
@@ -128,6 +138,13 @@ class MeshPlan:
 
 def plan_for(mesh_cfg: MeshConfig, devices: Sequence | None = None) -> MeshPlan:
     return MeshPlan(make_mesh(mesh_cfg, devices))
+
+
+@functools.lru_cache(maxsize=1)
+def local_plan() -> MeshPlan:
+    """The 1 x 1 x 1 mesh of this process's first device: what every program runs on
+    when no mesh is asked for (it traces the plain single-device program)."""
+    return plan_for(MeshConfig(), jax.local_devices()[:1])
 
 
 # ---------------------------------------------------------------------------
@@ -222,12 +239,10 @@ def put_rows(plan: MeshPlan, local_rows, global_rows: int | None = None) -> jax.
     return jax.make_array_from_process_local_data(plan.rows, local_rows, global_shape)
 
 
-def put_batch(plan: MeshPlan | None, tree):
+def put_batch(plan: MeshPlan, tree):
     """A batch pytree held whole on every host (each computes the same rollout and
     rewards) -> global arrays with rows over data x fsdp, each process feeding only
-    its own rows (`process_rows`). Without a plan: device arrays, as before."""
-    if plan is None:
-        return jax.tree.map(jnp.asarray, tree)
+    its own rows (`process_rows`)."""
 
     def one(x):
         x = np.asarray(x)
@@ -261,9 +276,11 @@ def process_rows(rows: int) -> slice:
 
 
 def active_mesh():
-    """The mesh set by `jax.set_mesh` around the current trace, or None."""
+    """The mesh set by `jax.set_mesh` around the current trace when it spans more than
+    one device, else None: on one device (`local_plan`) the model traces its plain
+    program, with no sharding constraints or shard_maps to lower."""
     mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else mesh
+    return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None] = ("batch",)) -> jax.Array:

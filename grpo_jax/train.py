@@ -51,31 +51,29 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def step_functions(cfg: TrainConfig, model_cfg: ModelConfig,
-                   plan: sharding.MeshPlan | None = None) -> update.StepFunctions:
+                   plan: sharding.MeshPlan) -> update.StepFunctions:
     return update.build_update(model_cfg, cfg.grpo, cfg.optimizer, cfg.total_updates,
                                cfg.sampler.temperature, update.GRPOLoss(cfg.grpo), plan)
 
 
 def sft_step_functions(cfg: TrainConfig, model_cfg: ModelConfig,
-                       plan: sharding.MeshPlan | None = None) -> update.StepFunctions:
+                       plan: sharding.MeshPlan) -> update.StepFunctions:
     """The SFT phase's update: masked NLL, its own optimizer schedule over sft.steps."""
     return update.build_update(model_cfg, cfg.grpo, cfg.sft.optimizer(cfg.optimizer),
                                cfg.sft.steps, 1.0, update.NLLLoss(), plan)
 
 
-def run_plan(cfg: TrainConfig) -> sharding.MeshPlan | None:
-    """The run's device mesh; None for one device in one process (the plain programs)."""
+def run_plan(cfg: TrainConfig) -> sharding.MeshPlan:
+    """The run's device mesh (one process on one device: `sharding.local_plan`)."""
     if cfg.mesh.size == 1 and jax.process_count() == 1:
-        return None
+        return sharding.local_plan()
     return sharding.plan_for(cfg.mesh)
 
 
-def place_state(plan: sharding.MeshPlan | None, fns: update.StepFunctions, model_cfg,
+def place_state(plan: sharding.MeshPlan, fns: update.StepFunctions, model_cfg,
                 state: update.TrainState) -> update.TrainState:
     """Adapters and optimizer state laid out by the rules (restores then read into the
     same layout)."""
-    if plan is None:
-        return state
     return sharding.put_tree(state, update.state_shardings(plan, model_cfg, fns.optimizer,
                                                              state.lora))
 
@@ -109,10 +107,6 @@ def train(cfg: TrainConfig) -> dict:
     runs.check_resume_config(out_dir, cfg)
     sharding.initialize_distributed(cfg.distributed)
     sharding.check_run(cfg, dry_run.run_model_config(cfg), jax.device_count())
-    if cfg.eval_problems and jax.process_count() > 1:
-        raise ValueError("the end-of-run evaluation runs in one process: pass "
-                         "--eval-problems 0 to a multi-host run and evaluate its checkpoint "
-                         "with python -m grpo_jax.evaluate")
     rewards.check_rewards(cfg.rewards)
     problems = data.load_problems(cfg.data, "train", need_solution=cfg.sft.steps > 0)
     held_out = evaluate.eval_problems(cfg) if cfg.eval_problems else []
@@ -123,8 +117,9 @@ def train(cfg: TrainConfig) -> dict:
         base = runs.load_run_base(cfg)
         if jax.process_index() == 0:
             runs.write_config_once(out_dir, cfg)
-        evals = evaluate.EvalFile(cfg, out_dir, held_out) if held_out else None
-        metrics = _train_loop(cfg, ckpt, base, problems, evals)
+        plan = run_plan(cfg)
+        evals = evaluate.EvalFile(cfg, out_dir, held_out, plan=plan) if held_out else None
+        metrics = _train_loop(cfg, ckpt, base, problems, evals, plan)
     finally:
         ckpt.close()
     if evals is not None and jax.process_index() == 0:
@@ -162,7 +157,7 @@ def _restore(cfg: TrainConfig, ckpt: Checkpointer, sft_state: update.TrainState 
 
 
 def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, problems,
-                evals: evaluate.EvalFile | None) -> dict:
+                evals: evaluate.EvalFile | None, plan: sharding.MeshPlan) -> dict:
     """SFT steps 1..sft.steps, then GRPO steps to total_steps, from the newest checkpoint.
 
     At the boundary the SFT adapters are merged into the base weights: the merged
@@ -173,9 +168,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
     out_dir, sft_steps = Path(cfg.output_dir), cfg.sft.steps
     model_cfg, params, tokenizer = base
     del base  # after the merge the base weights are not held twice
-    plan = run_plan(cfg)
-    if plan is not None:
-        params = sharding.put_tree(params, gemma3.param_shardings(plan, model_cfg))
+    params = sharding.put_tree(params, gemma3.param_shardings(plan, model_cfg))
     lora_key, sampling_key = run_keys(cfg.seed)
     fns = step_functions(cfg, model_cfg, plan)
     grpo_state = place_state(plan, fns, model_cfg, fns.init_state(
@@ -239,9 +232,8 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             else:
                 sft_lora = restored["lora" if start == sft_steps else "sft_lora"]
             evaluate_column("sft", sft_steps, sft_lora)
-            params = lora_lib.merge(params, sft_lora)
-            if plan is not None:
-                params = sharding.put_tree(params, gemma3.param_shardings(plan, model_cfg))
+            params = sharding.put_tree(lora_lib.merge(params, sft_lora),
+                                       gemma3.param_shardings(plan, model_cfg))
         if start > sft_steps:
             grpo_state = update.TrainState(restored["lora"], restored["opt_state"])
         state = grpo_state
@@ -254,7 +246,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                     and step < cfg.total_steps:
                 figures, _ = evaluate.evaluate_model(params, state.lora, tokenizer,
                                                      evals.problems, model_cfg,
-                                                     **evaluate.eval_options(cfg))
+                                                     **evaluate.eval_options(cfg), plan=plan)
                 metrics.update({f"eval/{k}": v for k, v in figures.items()
                                 if k.endswith("_accuracy")})
             items = {"lora": state.lora, "opt_state": state.opt_state}

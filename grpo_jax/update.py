@@ -188,11 +188,12 @@ def build_update(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: Optimize
     objective: the loss the update minimises (`GRPOLoss(grpo_cfg)` by default; `NLLLoss()` for
     SFT, where only grpo_cfg's micro_batch and logprob_chunk apply).
 
-    plan: a device mesh. The programs then take and give arrays laid out by
-    `sharding.LOGICAL_RULES` (explicit in/out shardings: weights and adapters by
-    their logical axes, batch rows over data x fsdp, metrics replicated) and trace
-    under the mesh; None is one device.
+    plan: the device mesh (default: one device, `sharding.local_plan`). The programs
+    take and give arrays laid out by `sharding.LOGICAL_RULES` (explicit in/out
+    shardings: weights and adapters by their logical axes, batch rows over data x
+    fsdp, metrics replicated) and trace under the mesh.
     """
+    plan = plan or sharding.local_plan()
     objective = GRPOLoss(grpo_cfg) if objective is None else objective
     if not callable(objective) or not hasattr(objective, "token_mean"):
         raise ValueError(f"objective must be a loss object (GRPOLoss, NLLLoss), got "
@@ -270,12 +271,6 @@ def build_update(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: Optimize
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "finite": finite}
         return new, metrics
-
-    # On the arrays alone (not the Batch), so filling in a batch's log-probs or
-    # advantages never makes a second program.
-    if plan is None:
-        return StepFunctions(logprobs=jax.jit(token_logprobs, static_argnums=4),
-                             update=jax.jit(update, donate_argnums=(1,)), optimizer=optimizer)
 
     params_sh = gemma3.param_shardings(plan, model_cfg)
 

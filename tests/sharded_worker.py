@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from _tiny_model import random_lora, random_params  # noqa: E402
 
-from grpo_jax import grpo, sampler, sharding, update as step_lib  # noqa: E402
+from grpo_jax import decode, grpo, sampler, sharding, update as step_lib  # noqa: E402
 from grpo_jax.config import GRPOConfig, MeshConfig, OptimizerConfig, SamplerConfig  # noqa: E402
 from grpo_jax.model.config import LoraConfig, TINY  # noqa: E402
 from grpo_jax.model import gemma3, kv_cache, lora as lora_lib  # noqa: E402
@@ -121,8 +121,10 @@ def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
     }
     if plan is not None:
         cfg_len = PROMPT_LEN + STEPS
-        prefill, _ = sampler.sharded_programs(model_cfg, SAMPLING, cfg_len, GROUP, plan)
-        _, cache = prefill(params, lora, prompt_tokens, prompt_mask)
+        start = decode.programs(model_cfg, SAMPLING, cfg_len, GROUP, plan).start
+        cache, _ = start(params, lora, prompt_tokens, prompt_mask,
+                         np.arange(prompt_tokens.shape[0], dtype=np.int32),
+                         jax.random.key(0), None)
         specs.update({f"cache_keys_{i}": spec_of(x) for i, x in enumerate(cache.keys)})
         specs["cache_lengths"] = spec_of(cache.lengths)
         # The shardings the rules give, to compare with what came back.

@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices under `jax.distributed` on localhost train the same
-steps as one process on one device, and save and restore sharded checkpoints."""
+steps as one process on one device, evaluate on the mesh to the same answers, and
+save and restore sharded checkpoints."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ import pytest
 
 pytestmark = pytest.mark.xdist_group("multihost")
 
+# 8 held-out problems through 4 decode slots: the refill stream inserts on the mesh.
 COMMON = ["--preset", "tiny", "--steps", "2", "--save-every", "1", "--grpo.num-prompts", "4",
-          "--eval-problems", "0", "--no-tensorboard"]
+          "--eval-problems", "8", "--eval-batch-size", "4", "--no-tensorboard"]
 # The tiny model's digit reward (a learning signal: non-zero advantages and gradients).
 TRAIN = Path(__file__).with_name("digit_reward_train.py")
 COMPARED = ("loss", "reward/mean", "kl", "grad_norm", "completion_len/mean", "logprob_drift")
@@ -88,6 +90,14 @@ def test_two_hosts_train_save_and_restore_like_one_device(tmp_path):
         assert a["grad_norm"] > 1e-3 and a["reward/mean"] > 0, a  # something to learn
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    # The end-of-run evaluation ran on the mesh in both processes (process 0 wrote it):
+    # the same greedy answers as one device, base and trained columns.
+    one, two = (json.loads((run / "eval.json").read_text()) for run in (single, multi))
+    for column in ("base", "trained"):
+        assert one[column] == two[column], column
+        answers = [[r["index"], r["completion"]] for r in one["records"][column]]
+        assert answers == [[r["index"], r["completion"]] for r in two["records"][column]]
+        assert len(answers) == 8
 
     # Restore: drop checkpoint 2, rerun; the processes restore step 1's sharded state and
     # redo step 2, which must give step 2's adapters again.

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import sampler
+from grpo_jax import decode, sampler, sampling as sampling_lib, sharding
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3, kv_cache
-from grpo_jax.sampler import left_pad, sample, sample_prompts, sample_uncached
+from grpo_jax.sampler import left_pad, sample, sample_prompts
 from grpo_jax.kernels import reference
+from tests.uncached_sampler import sample_uncached
 
 NO_STOP = ()
 GREEDY = SamplerConfig(max_new_tokens=12, temperature=0.0, stop_ids=NO_STOP, prompt_bucket=8)
@@ -114,16 +115,19 @@ def test_fan_out_equals_separate_prefills():
 
 
 def test_fan_out_prefills_each_prompt_once():
-    """The prefill program's batch is the number of distinct prompts, not P x G."""
+    """The start program's prefill batch is the number of distinct prompts, not P x G."""
     params = _tiny_params(0)
     tokens, mask = left_pad([[2, 3, 4], [2, 5]], multiple=8)
-    jaxpr = jax.make_jaxpr(lambda p, t, m: sampler.prefill(
-        p, None, t, m, cfg=TINY, cache_len=20, group=4))(params, tokens, mask)
+    ids, key = jnp.arange(2, dtype=jnp.int32), jax.random.key(0)
+    start = decode.programs(TINY, GREEDY, 20, 4, sharding.local_plan()).start
+    jaxpr = jax.make_jaxpr(start.fn)(params, None, tokens, mask, ids, key, None)
     text = str(jaxpr)
     assert "f32[2,8,64]" in text  # embeddings of 2 prompts x 8 tokens
     assert "f32[8,8,64]" not in text
-    logits, cache = sampler.prefill(params, None, tokens, mask, cfg=TINY, cache_len=20, group=4)
-    assert logits.shape == (TINY.vocab_size, 8) and cache.lengths.tolist() == [3] * 4 + [2] * 4
+    cache, rows = start(params, None, tokens, mask, ids, key, None)
+    assert rows.rec.tokens.shape == (8, GREEDY.max_new_tokens)
+    assert cache.lengths.tolist() == [3] * 4 + [2] * 4
+    assert rows.rec.lengths.tolist() == [1] * 8  # each row's first token is chosen
 
 
 def test_stop_tokens_end_rows_and_the_loop_exits_early():
@@ -165,7 +169,7 @@ def _draws(logits_row: np.ndarray, sampling: SamplerConfig, n: int, seed: int):
     """n independent draws from one logits row (as n batch rows)."""
     logits = jnp.asarray(np.repeat(logits_row[:, None], n, axis=1), jnp.float32)
     keys = jax.random.split(jax.random.key(seed), n)
-    return jax.jit(lambda l, k: sampler.choose_tokens(l, k, sampling))(logits, keys)
+    return jax.jit(lambda l, k: sampling_lib.choose_tokens(l, k, sampling))(logits, keys)
 
 
 def _expected_probs(logits_row, temperature, top_k=0, top_p=1.0):
@@ -210,7 +214,7 @@ def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
 def test_top_p_nucleus_wider_than_the_candidate_list(monkeypatch):
     """A flat distribution: the nucleus holds ~90% of 512 tokens, far beyond the
     first candidate list, so the full-sort fallback must take over."""
-    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", 16)
+    monkeypatch.setattr(sampling_lib, "TOP_P_CANDIDATES", 16)
     logits_row = np.zeros(512)
     token, _, sampling_lp = (np.asarray(x) for x in
                              _draws(logits_row, SamplerConfig(top_p=0.9), 4000, 0))
@@ -223,8 +227,8 @@ def test_greedy_choice_breaks_ties_to_the_first_token():
     logits = np.zeros((512, 2), np.float32)
     logits[[40, 300], 0] = 5.0
     logits[[511, 7], 1] = 3.0
-    token, _, _ = sampler.choose_tokens(jnp.asarray(logits), jax.random.split(jax.random.key(0), 2),
-                                        SamplerConfig(temperature=0.0))
+    token, _, _ = sampling_lib.choose_tokens(
+        jnp.asarray(logits), jax.random.split(jax.random.key(0), 2), SamplerConfig(temperature=0.0))
     assert token.tolist() == [40, 7] == np.argmax(logits, axis=0).tolist()
 
 

@@ -12,6 +12,7 @@ from grpo_jax.config import SamplerConfig
 from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3
 from grpo_jax.tokenizer import ByteTokenizer
+from tests.uncached_sampler import sample_uncached
 
 
 def _first_stop(pieces, ids, strings) -> int | None:
@@ -89,7 +90,7 @@ def _stop_run(strings, temperature=1.0, uncached=False):
     prompts = [[2] + list(range(3 + r, 9 + r)) for r in range(8)]
     if uncached:
         tokens, mask = sampler.left_pad(prompts, multiple=8)
-        out = sampler.sample_uncached(params, tokens, mask, jax.random.key(5), cfg=TINY,
+        out = sample_uncached(params, tokens, mask, jax.random.key(5), cfg=TINY,
                                       sampling=sampling, stop_table=table)
         return tok, jax.device_get(out)
     return tok, sampler.sample_prompts(params, prompts, jax.random.key(5), cfg=TINY,

@@ -15,7 +15,6 @@ when that is negative.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -75,12 +74,6 @@ def abstract_cache(cfg: ModelConfig, batch: int, cache_len: int) -> KVCache:
 def cache_shardings(plan: sharding.MeshPlan, cfg: ModelConfig) -> KVCache:
     """Where each buffer lives on the plan's mesh (the axes do not depend on sizes)."""
     return _from_specs(lambda s: plan.sharding(s.logical_axes), cache_specs(cfg, 1, 1))
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
-    """Bytes of the key and value buffers."""
-    specs = cache_specs(cfg, batch, cache_len)
-    return sum(math.prod(s.shape) * s.dtype.itemsize for s in specs.keys + specs.values)
 
 
 def _slot_index(buf: jax.Array, rows: jax.Array, slots: jax.Array, keys: bool):

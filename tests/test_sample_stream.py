@@ -1,4 +1,4 @@
-"""Continuous batching (`stream.sample_stream`) against one batch of every prompt
+"""Continuous batching (`sampler.sample_stream`) against one batch of every prompt
 (`sampler.sample_prompts`): the same tokens, log-probs, lengths and stop flags, greedy
 and sampled, with stop tokens and stop strings, through a sliding-window ring buffer,
 with fewer decode steps; and bad input."""
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from grpo_jax import sampler, stop_strings, stream
+from grpo_jax import sampler, stop_strings
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.config import TINY
 from grpo_jax.model import gemma3
@@ -63,7 +63,7 @@ def test_stream_equals_one_batch_of_every_prompt(temperature):
     # All 11 prompts in one batch of 16 rows: row r draws with fold_in(key, r).
     whole = sampler.sample_prompts(params, prompts, key, cfg=TINY, sampling=sampling)
     assert 0 < whole.stopped.sum() < len(prompts), "the stop ids should stop some rows only"
-    streamed = stream.sample_stream(params, prompts, key, cfg=TINY, sampling=sampling,
+    streamed = sampler.sample_stream(params, prompts, key, cfg=TINY, sampling=sampling,
                                     slots=4, refill=2)
     _assert_same(streamed, whole)
     # 11 prompts through 4 slots: at least ceil(11 / 4) budgets' worth of steps in
@@ -87,7 +87,7 @@ def test_stream_with_stop_strings_and_lora_equals_one_batch():
     whole = sampler.sample_prompts(params, prompts, key, cfg=TINY, sampling=sampling, lora=lora,
                                    stop_table=table)
     assert 0 < whole.stopped.sum() < len(prompts)
-    streamed = stream.sample_stream(params, prompts, key, cfg=TINY, sampling=sampling, slots=3,
+    streamed = sampler.sample_stream(params, prompts, key, cfg=TINY, sampling=sampling, slots=3,
                                     refill=1, lora=lora, stop_table=table)
     _assert_same(streamed, whole)
 
@@ -99,7 +99,7 @@ def test_stream_of_fewer_prompts_than_slots_and_a_refill_larger_than_what_is_lef
     key = jax.random.key(0)
     whole = sampler.sample_prompts(params, prompts, key, cfg=TINY, sampling=sampling)
     for slots, refill in ((64, None), (4, 3)):
-        out = stream.sample_stream(params, prompts, key, cfg=TINY, sampling=sampling,
+        out = sampler.sample_stream(params, prompts, key, cfg=TINY, sampling=sampling,
                                    slots=slots, refill=refill)
         _assert_same(out, whole)
         assert (out.lengths == 8).all() and not out.stopped.any()
@@ -109,13 +109,13 @@ def test_stream_rejects_bad_input():
     params = _params()
     sampling = SamplerConfig(max_new_tokens=4, temperature=0.0, stop_ids=(), prompt_bucket=8)
     with pytest.raises(ValueError, match="no prompts"):
-        stream.sample_stream(params, [], jax.random.key(0), cfg=TINY, sampling=sampling)
+        sampler.sample_stream(params, [], jax.random.key(0), cfg=TINY, sampling=sampling)
     with pytest.raises(ValueError, match="must be positive"):
-        stream.sample_stream(params, [[2, 5]], jax.random.key(0), cfg=TINY, sampling=sampling,
+        sampler.sample_stream(params, [[2, 5]], jax.random.key(0), cfg=TINY, sampling=sampling,
                              slots=0)
     with pytest.raises(ValueError, match="stop_table"):
-        stream.sample_stream(params, [[2, 5]], jax.random.key(0), cfg=TINY,
+        sampler.sample_stream(params, [[2, 5]], jax.random.key(0), cfg=TINY,
                              sampling=SamplerConfig(max_new_tokens=4, stop_strings=("a",)))
     with pytest.raises(ValueError, match="empty prompt"):
-        stream.sample_stream(params, [[2, 5], []], jax.random.key(0), cfg=TINY,
+        sampler.sample_stream(params, [[2, 5], []], jax.random.key(0), cfg=TINY,
                              sampling=sampling)
