@@ -1,7 +1,9 @@
 """Shared fixtures: the embedded GGUF and its weights are loaded once per session."""
 from __future__ import annotations
 
+import gc
 import os
+import resource
 
 import pytest
 
@@ -76,3 +78,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("embedded-270m"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each module, drop every compiled program. A program that closes over
+    weights (a jit of a lambda over the 270M's params) holds them as constants for as
+    long as JAX caches it: without this a worker grew past 12 GB by the end of a run."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
+_RSS_LOG = os.environ.get("GRPO_TEST_RSS_LOG")
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """GRPO_TEST_RSS_LOG=FILE: a line per test with the worker's resident and peak memory
+    (GB) after it, to find what fills a 24 GiB machine."""
+    if _RSS_LOG:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(_RSS_LOG, "a") as f:
+            f.write(f"{worker} {_rss_gb():.2f} {peak:.2f} {item.nodeid}\n")
