@@ -150,10 +150,10 @@ def _insert(params, lora, cache, rows, prompt_tokens, prompt_mask, prompt_ids, s
                                 stop_table, cfg=cfg, sampling=sampling, cache_len=cache_len,
                                 group=group)
 
-    def put(old, new):
+    def write(old, new):
         return old.at[slot_ids].set(new.astype(old.dtype), mode="drop")
 
-    return jax.tree.map(put, cache, fresh_cache), jax.tree.map(put, rows, fresh)
+    return jax.tree.map(write, cache, fresh_cache), jax.tree.map(write, rows, fresh)
 
 
 def _decode(params, lora, cache, rows: Rows, active, need, stop_table, *, cfg: ModelConfig,

@@ -170,15 +170,21 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
     prompt_len = left_pad(prompts, multiple=sampling.prompt_bucket)[0].shape[1]
     steps = sampling.max_new_tokens
     progs = decode.programs(cfg, sampling, prompt_len + steps, 1, plan)
+
+    def filled(chosen: list[int], rows: int) -> list[jax.Array]:
+        """Prompts `chosen` and filler (copies of the last, id n) up to `rows` rows ->
+        tokens, mask and prompt ids, placed as rows."""
+        pad = rows - len(chosen)
+        tokens, mask = left_pad([prompts[i] for i in chosen] + [prompts[chosen[-1]]] * pad,
+                                prompt_len)
+        ids = np.asarray(chosen + [n] * pad, np.int32)
+        return [sharding.put(x, plan.rows) for x in (tokens, mask, ids)]
+
     # The first fill starts the state (its cache and rows come out of prefill); filler
-    # prompts keep the rows beyond the prompts idle.
+    # rows beyond the prompts stay idle until a refill takes them.
     owner = np.full(slots, -1)  # the prompt each slot holds (-1: free)
     first = list(range(min(slots, n)))
-    tokens, mask = left_pad([prompts[i] for i in first] + [prompts[first[-1]]] * (slots - len(first)),
-                            prompt_len)
-    ids = np.asarray(first + [n] * (slots - len(first)), np.int32)
-    cache, rows = progs.start(params, lora, *(sharding.put(x, plan.rows) for x in (tokens, mask, ids)),
-                              key, stop_table)
+    cache, rows = progs.start(params, lora, *filled(first, slots), key, stop_table)
     owner[:len(first)] = first
     next_prompt = len(first)
     out = SampleOutput(np.full((n, steps), PAD_ID, np.int32), np.zeros((n, steps), np.float32),
@@ -209,15 +215,11 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
         while next_prompt < n and np.sum(owner < 0) >= min(refill, n - next_prompt):
             chosen = list(range(next_prompt, min(next_prompt + refill, n)))
             free = np.flatnonzero(owner < 0)[:len(chosen)]
-            pad = refill - len(chosen)
-            tokens, mask = left_pad([prompts[i] for i in chosen] + [prompts[chosen[-1]]] * pad,
-                                    prompt_len)
-            slot_ids = np.concatenate([free, np.full(pad, slots)]).astype(np.int32)
-            cache, rows = progs.insert(
-                params, lora, cache, rows,
-                *(sharding.put(x, plan.rows) for x in (
-                    tokens, mask, np.asarray(chosen + [n] * pad, np.int32), slot_ids)),
-                key, stop_table)
+            # Filler rows go to slot id `slots`, out of range: the insert drops them.
+            slot_ids = np.concatenate([free, np.full(refill - len(chosen), slots)])
+            cache, rows = progs.insert(params, lora, cache, rows, *filled(chosen, refill),
+                                       sharding.put(slot_ids.astype(np.int32), plan.rows),
+                                       key, stop_table)
             owner[free] = chosen
             next_prompt += len(chosen)
     return out._replace(steps=np.asarray(decode_steps, np.int32))
