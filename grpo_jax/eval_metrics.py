@@ -9,6 +9,10 @@
 
 `partial` includes `exact`; `lenient` measures arithmetic apart from format-following,
 so base and trained models can be compared even when the base model ignores the tags.
+Beside them, `step_accuracy`: of all the arithmetic steps the completions state
+(`a op b = c`, `grpo_jax.arithmetic`), the fraction that are right, pooled over the
+problems; its interval treats steps as independent draws, which they are not
+quite (one answer's steps share its mistakes), so it is narrower than it should be.
 Parsing is `grpo_jax.rewards`'s, so evaluation and training rewards read numbers alike.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from grpo_jax import arithmetic
 from grpo_jax.rewards import (all_numbers, as_text, check_lengths, extract_answer, first_number,
                               match_format_exactly)
 
@@ -23,7 +28,8 @@ FIGURES = ("format", "exact", "partial", "lenient")
 
 # summary key -> table row label
 _ROWS = (("format_accuracy", "format"), ("exact_accuracy", "exact"),
-         ("partial_accuracy", "partial (within 10%)"), ("lenient_accuracy", "lenient (last number)"))
+         ("partial_accuracy", "partial (within 10%)"), ("lenient_accuracy", "lenient (last number)"),
+         ("step_accuracy", "arithmetic steps right"))
 
 
 def _within_10pct(guess: float, ref: float) -> bool:
@@ -56,8 +62,16 @@ def eval_scores(completions: Sequence[str], answers: Sequence[str]) -> dict[str,
     return {"format": fmt, "exact": exact, "partial": partial, "lenient": lenient}
 
 
-def summarize(scores: Mapping[str, Sequence[bool]]) -> dict[str, float]:
-    """eval_scores output -> {"<figure>_accuracy": fraction in [0, 1], "num_problems": n}."""
+def step_counts(completions: Sequence[str]) -> list[arithmetic.StepCounts]:
+    """Per completion: the arithmetic steps it states and how many are right."""
+    return [arithmetic.count_steps(as_text(c)) for c in completions]
+
+
+def summarize(scores: Mapping[str, Sequence[bool]],
+              steps: Sequence[arithmetic.StepCounts] | None = None) -> dict[str, float]:
+    """eval_scores output -> {"<figure>_accuracy": fraction in [0, 1], "num_problems": n};
+    with `steps` (step_counts output) also step_accuracy, its interval and the count
+    of steps stated (step_accuracy is absent when no completion states a step)."""
     missing = [f for f in FIGURES if f not in scores]
     if missing:
         raise ValueError(f"scores lack {missing}; expected the keys of eval_scores: {FIGURES}")
@@ -71,6 +85,14 @@ def summarize(scores: Mapping[str, Sequence[bool]]) -> dict[str, float]:
     out.update({f"{f}_ci95": list(wilson_interval(sum(map(bool, scores[f])), n))
                 for f in FIGURES})
     out["num_problems"] = n
+    if steps is not None:
+        if len(steps) != n:
+            raise ValueError(f"{len(steps)} step counts for {n} completions")
+        stated, right = sum(c.stated for c in steps), sum(c.right for c in steps)
+        out["steps_stated"] = stated
+        if stated:
+            out["step_accuracy"] = right / stated
+            out["step_ci95"] = list(wilson_interval(right, stated))
     return out
 
 
@@ -98,6 +120,8 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     lines = ["| metric | " + " | ".join(labels) + " |",
              "|---|" + "---:|" * len(labels)]
     for key, name in _ROWS:
+        if key == "step_accuracy" and not any(key in r for r in results.values()):
+            continue  # files written before the figure existed
         cells = []
         for label in labels:
             v = results[label].get(key)

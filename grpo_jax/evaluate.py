@@ -3,7 +3,8 @@
 Greedy answers to held-out problems, scored four ways (see `eval_metrics`):
 format accuracy, exact accuracy (first number in <answer>), partial accuracy
 (within 10%), and a lenient accuracy that ignores the format (last number
-anywhere), each with its 95% Wilson interval, for the base model, the SFT-only
+anywhere), each with its 95% Wilson interval, and the fraction of the arithmetic
+steps written that are right (step_accuracy), for the base model, the SFT-only
 model (runs with an SFT warm-up) and the trained policy side by side. Writes
 eval.json (held-out templates) or eval_same_template.json, or with --num-problems
 other than the run's own count eval[_same_template]_n<N>.json, and prints a
@@ -52,11 +53,13 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     completions = [prefill + c for c in sampler.decode_completions(tokenizer, out, stop_strings)]
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
+    steps = eval_metrics.step_counts(completions)
     records = [{"index": p.index, "template": p.template, "question": p.question,
                 "answer": p.answer, "completion": c,
-                **{k: bool(v[i]) for k, v in scores.items()}}
+                **{k: bool(v[i]) for k, v in scores.items()},
+                "steps_stated": steps[i].stated, "steps_right": steps[i].right}
                for i, (p, c) in enumerate(zip(problems, completions))]
-    return eval_metrics.summarize(scores), records
+    return eval_metrics.summarize(scores, steps), records
 
 
 def eval_problems(cfg: TrainConfig, split: str = "eval") -> list[data.Problem]:

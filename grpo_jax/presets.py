@@ -11,6 +11,7 @@ import tyro
 from grpo_jax.config import (DataConfig, GRPOConfig, MeshConfig, OptimizerConfig,
                              SamplerConfig, SFTConfig, TrainConfig)
 from grpo_jax.model.config import LoraConfig
+from grpo_jax.rewards import DEFAULT_REWARD_CONFIG, RewardConfig
 from grpo_jax.validation import deferred_validation, validate
 
 # The CPU recipe for the embedded Gemma 3 270M *base* model: a plain-text prompt whose
@@ -23,7 +24,10 @@ _CPU_RECIPE = TrainConfig(
     steps=4, eval_problems=32, eval_max_new_tokens=200,
     sampler=SamplerConfig(max_new_tokens=160, stop_strings=("</answer>",)),
     sft=SFTConfig(steps=16, batch_size=8, learning_rate=1e-3, max_tokens=128),
-    data=DataConfig(prompt_style="plain", prefill="<reasoning>"))
+    data=DataConfig(prompt_style="plain", prefill="<reasoning>"),
+    # check_steps at 2: a right answer (check_answer 3 + check_numbers 1.5) beats a
+    # wrong one within 10% (0.5) with every step right (2) by 2.
+    rewards=RewardConfig(functions=DEFAULT_REWARD_CONFIG.functions + (("check_steps", 2.0),)))
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "cpu-270m": _CPU_RECIPE,

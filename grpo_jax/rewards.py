@@ -1,8 +1,8 @@
 """Rule-based rewards for the reasoning format and the numeric answer.
 
-Each reward function is `fn(completions, answers, *, cfg=RewardConfig()) -> list[float]`:
-pure, one score per completion, and it never raises on any text (the model
-can write anything). Scores live in `RewardConfig`; which functions run, and
+Each reward function is `fn(completions, answers, *, cfg=RewardConfig()) -> list[float]`
+(`questions=` too for a reward registered as reading them): pure, one score per
+completion, and it never raises on any text (the model can write anything). Scores live in `RewardConfig`; which functions run, and
 with which weights, is `RewardConfig.functions`, resolved through a registry so
 new rewards plug in by name (`register_reward`).
 
@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from grpo_jax import arithmetic
+
 TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 
 
@@ -33,7 +35,12 @@ class RewardConfig:
         ("check_answer", 1.0),
         ("check_numbers", 1.0),
     )
-    """(registered reward name, weight) pairs; the total reward is the weighted sum."""
+    """(registered reward name, weight) pairs; the total reward is the weighted sum.
+    Registered: match_format_exactly, match_format_approximately, check_answer,
+    check_numbers, and check_steps (the fraction of the arithmetic steps in the
+    reasoning that are right and built from the question's numbers: it varies among
+    wrong answers, where the answer rewards give a group no signal; weight it below
+    check_answer's gap so a right answer always beats any steps)."""
     format_exact: float = 3.0
     """match_format_exactly: the whole completion is the reasoning block then the answer block."""
     tag_once: float = 0.5
@@ -54,6 +61,8 @@ class RewardConfig:
     """check_answer: no <answer>...</answer> block at all."""
     number_match: float = 1.5
     """check_numbers: the first number inside <answer> equals the reference."""
+    step_credit: float = 1.0
+    """check_steps: the score of a completion all of whose stated steps earn credit."""
 
     def __post_init__(self):
         if not self.functions:
@@ -214,6 +223,31 @@ def check_numbers(completions: Sequence[str], answers: Sequence[str], *,
     return scores
 
 
+def check_steps(completions: Sequence[str], answers: Sequence[str], *,
+                questions: Sequence[str], cfg: RewardConfig = DEFAULT_REWARD_CONFIG
+                ) -> list[float]:
+    """cfg.step_credit x the fraction of the arithmetic steps (`a op b = c`, chains, see
+    `grpo_jax.arithmetic`) in the reasoning block that earn credit: right in exact
+    arithmetic, not a repeat, and with every operand from the question, an earlier
+    step's result or a conventional constant (100, 12, 60, ...), not constants alone.
+    0 unless the completion is in the exact format with a non-empty answer, and 0
+    without steps. Why: the answer rewards are equal across wrong answers, so a group
+    of wrong answers gives no signal; right arithmetic varies among them. Padding
+    with `1 + 1 = 2` or a repeated step lowers the fraction instead of raising it."""
+    check_lengths(completions, answers)
+    check_lengths(completions, questions)
+    scores = []
+    for c, q in zip(map(as_text, completions), map(as_text, questions)):
+        m = _EXACT.match(c)
+        if m is None or not m.group("answer").strip() or any(c.count(t) != 1 for t in TAGS):
+            scores.append(0.0)
+            continue
+        counts = arithmetic.count_steps(m.group("reasoning"), q)
+        scores.append(cfg.step_credit * counts.credited / counts.stated if counts.stated
+                      else 0.0)
+    return scores
+
+
 # ---------------------------------------------------------------------------
 # Registry and scoring
 
@@ -222,18 +256,24 @@ RewardFn = Callable[..., list]
 _REGISTRY: dict[str, RewardFn] = {}
 # Built-ins read their scores from the config; plugged-in rewards may not take one.
 _TAKES_CFG: set[str] = set()
+# Rewards that read each completion's question (keyword `questions`).
+_TAKES_QUESTIONS: set[str] = set()
 
 
-def register_reward(name: str, fn: RewardFn, *, takes_cfg: bool = False) -> None:
-    """Make `fn(completions, answers[, cfg=...]) -> list[float]` available by name."""
+def register_reward(name: str, fn: RewardFn, *, takes_cfg: bool = False,
+                    takes_questions: bool = False) -> None:
+    """Make `fn(completions, answers[, questions=...][, cfg=...]) -> list[float]`
+    available by name."""
     if not callable(fn):
         raise ValueError(f"reward {name!r} is not callable")
     _REGISTRY[name] = fn
     (_TAKES_CFG.add if takes_cfg else _TAKES_CFG.discard)(name)
+    (_TAKES_QUESTIONS.add if takes_questions else _TAKES_QUESTIONS.discard)(name)
 
 
 for _fn in (match_format_exactly, match_format_approximately, check_answer, check_numbers):
     register_reward(_fn.__name__, _fn, takes_cfg=True)
+register_reward("check_steps", check_steps, takes_cfg=True, takes_questions=True)
 
 
 def reward_names() -> tuple[str, ...]:
@@ -249,9 +289,11 @@ def check_rewards(cfg: RewardConfig) -> None:
 
 
 def score_completions(completions: Sequence[str], answers: Sequence[str],
-                      cfg: RewardConfig = DEFAULT_REWARD_CONFIG
+                      cfg: RewardConfig = DEFAULT_REWARD_CONFIG,
+                      questions: Sequence[str] | None = None
                       ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Total weighted reward [N] and each function's unweighted rewards [N], float64."""
+    """Total weighted reward [N] and each function's unweighted rewards [N], float64.
+    `questions` (one per completion) is required when a configured reward reads them."""
     check_lengths(completions, answers)
     n = len(completions)
     total = np.zeros(n, np.float64)
@@ -259,7 +301,12 @@ def score_completions(completions: Sequence[str], answers: Sequence[str],
     check_rewards(cfg)
     for name, weight in cfg.functions:
         fn = _REGISTRY[name]
-        out = fn(completions, answers, cfg=cfg) if name in _TAKES_CFG else fn(completions, answers)
+        kwargs = {"cfg": cfg} if name in _TAKES_CFG else {}
+        if name in _TAKES_QUESTIONS:
+            if questions is None:
+                raise ValueError(f"reward {name!r} reads the questions: pass questions=")
+            kwargs["questions"] = questions
+        out = fn(completions, answers, **kwargs)
         values = np.asarray(out, np.float64).reshape(-1)
         if values.shape != (n,):
             raise ValueError(f"reward {name!r} returned {values.size} scores for {n} completions")

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from grpo_jax import data, grpo, rewards, sampler, sharding, update
+from grpo_jax import data, eval_metrics, grpo, rewards, sampler, sharding, update
 from grpo_jax.config import TrainConfig
 from grpo_jax.context import RunShapes, StepContext
 
@@ -80,7 +80,8 @@ def grpo_step(ctx: StepContext, params, state: update.TrainState, step: int):
     texts = [cfg.data.prefill + t for t in
              sampler.decode_completions(ctx.tokenizer, rollout, cfg.sampler.stop_strings)]
     answers = [p.answer for p in chosen for _ in range(g.group_size)]
-    total, per_function = rewards.score_completions(texts, answers, cfg.rewards)
+    questions = [p.question for p in chosen for _ in range(g.group_size)]
+    total, per_function = rewards.score_completions(texts, answers, cfg.rewards, questions)
     in_reward = penalty_in_reward(cfg)
     batch = sharding.put_batch(plan, update.teacher_forced_batch(
         prompt_tokens, prompt_mask, rollout.tokens, rollout.lengths, g.group_size,
@@ -134,11 +135,16 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
     formatted = _scores("match_format_exactly", rewards.match_format_exactly, per_function,
                         texts, answers)
     correct = _scores("check_numbers", rewards.check_numbers, per_function, texts, answers)
+    steps = eval_metrics.step_counts(texts)
+    stated = sum(c.stated for c in steps)
     metrics = {
         "reward/mean": float(total.mean()),
         **{f"reward/{name}": float(v.mean()) for name, v in per_function.items()},
         "format_rate": float(np.mean(formatted > 0)),
         "accuracy": float(np.mean(correct > 0)),
+        # Of the arithmetic steps the samples state, the fraction that are right.
+        "step_accuracy": sum(c.right for c in steps) / stated if stated else 0.0,
+        "steps_stated/mean": stated / len(steps),
         "kl": float(last.get("kl_mean", 0.0)),
         "loss": float(last["loss"]),
         "clip_frac": float(last["clip_frac"]),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grpo_jax.eval_metrics import eval_scores, format_table, summarize, wilson_interval
+from grpo_jax.eval_metrics import (eval_scores, format_table, step_counts, summarize,
+                                   wilson_interval)
 
 
 def fmt(reasoning: str, answer: str) -> str:
@@ -119,3 +120,20 @@ def test_wilson_interval_matches_scipy(k, n):
 def test_table_shows_intervals():
     table = format_table({"m": {"exact_accuracy": 0.25, "exact_ci95": [0.0456, 0.6994]}})
     assert "25.0% (4.6-69.9)" in table
+
+
+def test_step_accuracy_is_pooled_over_stated_steps():
+    completions = [fmt("160 - 48 = 112, 112 * 5 = 560", "560"),  # 2 right
+                   "so 3 + 4 = 8 and 2 * 2 = 4 and 1 + 1 = 2",   # 2 right of 3, no format
+                   fmt("no arithmetic here", "1"), ""]
+    steps = step_counts(completions)
+    assert [(c.stated, c.right) for c in steps] == [(2, 2), (3, 2), (0, 0), (0, 0)]
+    got = summarize(eval_scores(completions, ["560"] * 4), steps)
+    assert got["steps_stated"] == 5 and got["step_accuracy"] == pytest.approx(4 / 5)
+    np.testing.assert_allclose(got["step_ci95"], wilson_interval(4, 5))
+    none = summarize(eval_scores(completions[2:], ["1"] * 2), steps[2:])
+    assert none["steps_stated"] == 0 and "step_accuracy" not in none
+    with pytest.raises(ValueError, match="step counts"):
+        summarize(eval_scores(completions, ["560"] * 4), steps[:2])
+    table = format_table({"a": got, "b": none}).splitlines()
+    assert "| arithmetic steps right | 80.0% (37.6-96.4) | - |" in table
