@@ -215,12 +215,21 @@ class SFTConfig:
     """Longest SFT target in tokens (stop token included): problems with longer targets
     are left out of SFT, since a cut target never shows the closing tags. Targets are
     padded to the longest kept one (one program for the whole phase)."""
+    pack_length: int = 0
+    """0: one problem per row, the prompt left-padded and the target right-padded. N > 0:
+    each step's problems (prompt, then target) packed end to end into rows of N tokens,
+    each attending to itself only (segment ids), so no compute goes to padding; the rows
+    per step are the most any step of the run needs. Problems whose prompt and target
+    exceed N are left out."""
 
     @validated
     def __post_init__(self):
         for field in ("batch_size", "max_tokens"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"sft.{field} must be positive, got {getattr(self, field)}")
+        if self.pack_length < 0:
+            raise ValueError(f"sft.pack_length must be >= 0 (0: no packing), got "
+                             f"{self.pack_length}")
         if self.steps < 0:
             raise ValueError(f"sft.steps must be >= 0, got {self.steps}")
         if not self.learning_rate > 0:

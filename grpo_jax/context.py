@@ -22,6 +22,10 @@ class RunShapes(NamedTuple):
 
     prompt_len: int      # prompts (with the prefill) left-padded to this, in both phases
     sft_target_len: int  # SFT targets (with their stop token) right-padded to this
+    # Packed SFT (sft.pack_length > 0): rows per step and target slots per row, the
+    # most any step of the run needs.
+    sft_rows: int = 0
+    sft_targets: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -129,7 +129,38 @@ def per_token_logprobs(params: gemma3.Params, lora, tokens: jax.Array, input_mas
         hidden = gemma3.hidden_states(params, tokens, positions, input_mask, cfg, lora)
         # Position p's hidden state predicts token p + 1.
         hidden = hidden[:, prompt_len - 1:length - 1]
-    targets = tokens[:, prompt_len:]
+    return projected_logprobs(params, hidden, tokens[:, prompt_len:], cfg, chunk_size,
+                              temperature, return_entropy)
+
+
+def packed_logprobs(params: gemma3.Params, lora, tokens: jax.Array, positions: jax.Array,
+                    segments: jax.Array, index: jax.Array, targets: jax.Array,
+                    cfg: ModelConfig, *, chunk_size: int = 256,
+                    temperature: float = 1.0) -> jax.Array:
+    """Log p(targets[r, k] | the tokens of its sequence up to position index[r, k])
+    [R, K], float32, for rows [R, L] of several sequences packed end to end
+    (`segments`: each token's sequence, PAD for padding; `positions` restart with
+    each sequence). Only the K gathered positions reach the vocabulary projection,
+    so prompt tokens cost no logits. Padded (index, target) slots get finite
+    garbage: mask them downstream."""
+    if tokens.shape != positions.shape or tokens.shape != segments.shape:
+        raise ValueError(f"tokens {tokens.shape}, positions {positions.shape} and segments "
+                         f"{segments.shape} must be the same [R, L] shape")
+    if index.shape != targets.shape or index.shape[0] != tokens.shape[0]:
+        raise ValueError(f"index {index.shape} and targets {targets.shape} must be [R, K] "
+                         f"with the tokens' {tokens.shape[0]} rows")
+    hidden = gemma3.hidden_states(params, tokens, positions, segments != 0, cfg, lora,
+                                  segments=segments)
+    hidden = jnp.take_along_axis(hidden, index[:, :, None], axis=1)
+    return projected_logprobs(params, hidden, targets, cfg, chunk_size, temperature)
+
+
+def projected_logprobs(params: gemma3.Params, hidden: jax.Array, targets: jax.Array,
+                       cfg: ModelConfig, chunk_size: int, temperature: float,
+                       return_entropy: bool = False):
+    """log p(targets) [N, T] from the hidden states [N, T, D] that predict them, the
+    vocabulary projection in chunks under jax.checkpoint (see per_token_logprobs)."""
+    n, steps = targets.shape
     # Chunks run over time, every row in each: the rows axis (sharded over data x fsdp
     # on a mesh) is never the looped one. ~chunk_size positions per chunk in all.
     span = max(1, min(steps, chunk_size // n))

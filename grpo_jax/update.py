@@ -56,6 +56,25 @@ class Batch:
 
 
 @flax.struct.dataclass
+class PackedBatch:
+    """SFT rows of several (prompt, target) sequences packed end to end: tokens,
+    positions (restarting with each sequence) and segments (each token's sequence,
+    0 for padding) [R, L]; the positions whose next token is a target, those targets
+    and their mask [R, K]. Built on the host by `sft.pack_rows`."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    segments: jax.Array
+    index: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+
+    @property
+    def completion_mask(self) -> jax.Array:
+        return self.mask
+
+
+@flax.struct.dataclass
 class TrainState:
     lora: Any        # model.lora.LoraWeights
     opt_state: Any   # optax state of `make_optimizer`
@@ -200,6 +219,14 @@ def build_update(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: Optimize
                          f"{objective!r}")
     optimizer = make_optimizer(opt_cfg, total_updates)
 
+    def part_logprobs(params, lora, part):
+        if isinstance(part, PackedBatch):
+            return grpo.packed_logprobs(params, lora, part.tokens, part.positions,
+                                        part.segments, part.index, part.targets, model_cfg,
+                                        chunk_size=grpo_cfg.logprob_chunk,
+                                        temperature=temperature)
+        return token_logprobs(params, lora, part.tokens, part.input_mask, part.prompt_len)
+
     def token_logprobs(params, lora, tokens, input_mask, prompt_len):
         return grpo.per_token_logprobs(params, lora, tokens, input_mask, prompt_len, model_cfg,
                                        chunk_size=grpo_cfg.logprob_chunk,
@@ -229,14 +256,14 @@ def build_update(model_cfg: ModelConfig, grpo_cfg: GRPOConfig, opt_cfg: Optimize
 
         def loss_fn(lora, part: Batch):
             cmask = part.completion_mask
-            logp = token_logprobs(params, lora, part.tokens, part.input_mask, part.prompt_len)
+            logp = part_logprobs(params, lora, part)
             value, metrics = objective(logp, part)
             share = jnp.sum(cmask) / total_tokens
             value = value * (share if objective.token_mean else 1.0 / chunks)
             metrics = {k: v if k in grpo.EXTREME_METRICS else
                        v * (share if k in grpo.TOKEN_MEAN_METRICS else 1.0 / chunks)
                        for k, v in metrics.items()}
-            if part.sample_logprobs is not None:
+            if getattr(part, "sample_logprobs", None) is not None:
                 diff = jnp.where(cmask, jnp.abs(jax.lax.stop_gradient(logp)
                                                 - part.sample_logprobs), 0.0)
                 metrics = {**metrics, "logprob_drift": jnp.sum(diff) / total_tokens}

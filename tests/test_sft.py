@@ -4,13 +4,14 @@ add up to the whole batch, and updates that lower it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import grpo, runs, update as step_lib
+from grpo_jax import grpo, runs, sampler, sft, update as step_lib
 from grpo_jax.config import OptimizerConfig
 from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.model import gemma3, lora as lora_lib
@@ -106,3 +107,101 @@ def test_sft_updates_lower_the_nll(model):
         state, metrics = fns.update(base.params, state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------
+# Packed SFT: several (prompt, target) sequences end to end in one row.
+
+
+def _examples(rng, n=7, prompt_len=7, t=5):
+    return [(rng.integers(3, 250, rng.integers(1, prompt_len + 1)).tolist(),
+             rng.integers(3, 250, rng.integers(1, t + 1)).tolist()) for _ in range(n)]
+
+
+def _unpacked(examples, prompt_len=7, t=5):
+    prompts, mask = sampler.left_pad([p for p, _ in examples], prompt_len)
+    lengths = np.asarray([len(x) for _, x in examples])
+    targets = np.zeros((len(examples), t), np.int32)
+    for row, (_, x) in enumerate(examples):
+        targets[row, :len(x)] = x
+    return step_lib.teacher_forced_batch(prompts, mask, targets, lengths, group=1)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _packed_logprobs(params, lora, b, cfg):
+    return grpo.packed_logprobs(params, lora, b.tokens, b.positions, b.segments, b.index,
+                                b.targets, cfg)
+
+
+def test_pack_rows_layout():
+    examples = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13]), ([14, 15], [16])]
+    b = sft.pack_rows(examples, rows=2, length=8, width=5)
+    # First fit by size: (3+2) and (1+3) do not share 8 slots with each other... 5 + 4 > 8,
+    # so row 0 holds the first (5 tokens) then the third (3); row 1 the second.
+    np.testing.assert_array_equal(b.tokens, [[5, 6, 7, 8, 9, 14, 15, 16],
+                                             [10, 11, 12, 13, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.positions, [[0, 1, 2, 3, 4, 0, 1, 2],
+                                                [0, 1, 2, 3, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.segments, [[2, 2, 2, 2, 2, 3, 3, 3],
+                                               [2, 2, 2, 2, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b.index, [[2, 3, 6, 0, 0], [0, 1, 2, 0, 0]])
+    np.testing.assert_array_equal(b.targets, [[8, 9, 16, 0, 0], [11, 12, 13, 0, 0]])
+    np.testing.assert_array_equal(b.mask.sum(1), [3, 3])
+    # The target at each slot is the token one after its predicting position.
+    for r in range(2):
+        for k in np.flatnonzero(b.mask[r]):
+            assert b.tokens[r, b.index[r, k] + 1] == b.targets[r, k]
+    with pytest.raises(ValueError, match="rows"):
+        sft.pack_rows(examples, rows=1, length=8, width=5)
+    with pytest.raises(ValueError, match="target tokens"):
+        sft.pack_rows(examples, rows=2, length=8, width=2)
+    assert sft.first_fit([3, 5, 3, 2], 6) == [[1], [0, 2], [3]]
+
+
+def test_packed_sft_loss_and_update_equal_unpacked_rows(model):
+    base, lora = model
+    seed = np.random.SeedSequence().entropy
+    examples = _examples(np.random.default_rng(seed))
+    unpacked = _unpacked(examples)
+    packed = sft.pack_rows(examples, rows=4, length=16, width=12)
+    fns = _fns(base)
+    new_u, m_u = fns.update(base.params, fns.init_state(jax.tree.map(jnp.copy, lora)), unpacked)
+    new_p, m_p = fns.update(base.params, fns.init_state(jax.tree.map(jnp.copy, lora)), packed)
+    want = _numpy_nll(base.params, lora, unpacked, base.cfg)  # float64, one example a row
+    np.testing.assert_allclose(float(m_p["loss"]), want, rtol=2e-5, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(float(m_p["loss"]), float(m_u["loss"]), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 new_p.lora, new_u.lora)
+    # Per example: its packed target log-probs are its unpacked ones.
+    logp_u = np.asarray(jax.jit(grpo.per_token_logprobs, static_argnums=(4, 5))(
+        base.params, lora, unpacked.tokens, unpacked.input_mask, unpacked.prompt_len, base.cfg))
+    logp_p = np.asarray(_packed_logprobs(base.params, lora, packed, base.cfg))
+    got = {}
+    for r in range(packed.tokens.shape[0]):
+        for k in np.flatnonzero(packed.mask[r]):
+            seg, pos = packed.segments[r, packed.index[r, k]], packed.positions[r, packed.index[r, k]]
+            got.setdefault((r, seg), []).append((pos, logp_p[r, k]))
+    per_example = sorted(np.mean([v for _, v in vals]) for vals in got.values())
+    want_rows = sorted(logp_u[i, :len(x)].mean() for i, (_, x) in enumerate(examples))
+    np.testing.assert_allclose(per_example, want_rows, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_examples_do_not_see_each_other(model):
+    base, lora = model
+    examples = _examples(np.random.default_rng(3), n=4)
+    packed = sft.pack_rows(examples, rows=1, length=48, width=24)
+    assert len(set(packed.segments[0][packed.segments[0] > 0])) == 4
+
+    def logp(b):
+        return np.asarray(_packed_logprobs(base.params, lora, b, base.cfg))
+
+    before = logp(packed)
+    first = packed.segments[0, 0]
+    changed = packed.replace(tokens=packed.tokens.copy())
+    changed.tokens[0, 0] = (changed.tokens[0, 0] + 1) % 250 + 3  # the first example's first token
+    after = logp(changed)
+    own = packed.segments[0, packed.index[0]] == first
+    others = packed.mask[0] & ~own
+    assert others.any() and not np.allclose(before[0, own & packed.mask[0]],
+                                            after[0, own & packed.mask[0]])
+    np.testing.assert_array_equal(before[0, others], after[0, others])

@@ -60,6 +60,14 @@ def self_layout(positions: jax.Array, valid: jax.Array) -> Layout:
     return Layout(positions, segments, positions, segments)
 
 
+def segment_layout(positions: jax.Array, segments: jax.Array) -> Layout:
+    """Rows [B, T] of several sequences packed end to end (SFT): `segments` gives each
+    token's sequence (ids >= 2, so none is SHARED; PAD for padding) and `positions`
+    restart at 0 with each sequence, so a token sees only its own sequence's past."""
+    positions, segments = positions.astype(jnp.int32), segments.astype(jnp.int32)
+    return Layout(positions, segments, positions, segments)
+
+
 def packed_layout(positions: jax.Array, valid: jax.Array, prefix_len: int,
                   group: int) -> Layout:
     """Rows [prompt of P | completion 1 | ... | completion G]: the prompt SHARED,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from grpo_jax import sharding
 from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import attention, vocab_parallel
-from grpo_jax.kernels.layout import Layout, packed_layout, self_layout
+from grpo_jax.kernels.layout import Layout, packed_layout, segment_layout, self_layout
 
 Params = dict[str, Any]
 
@@ -252,7 +252,8 @@ def sequence_attend(layout: Layout, cfg: ModelConfig):
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
                   input_mask: jax.Array, cfg: ModelConfig, lora=None,
-                  shared_prefix: tuple[int, int] | None = None) -> jax.Array:
+                  shared_prefix: tuple[int, int] | None = None,
+                  segments: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, D] for tokens [B, T].
 
     positions [B, T] int: each token's position in its own sequence (left padding
@@ -260,10 +261,16 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
     attends to. lora: optional `LoraWeights` (grpo_jax.model.lora); None is the base.
     shared_prefix (P, G): each row is a prefix of P tokens then G continuations of
     (T - P) / G tokens, each seeing the prefix and itself only
-    (`kernels.layout.packed_layout`).
+    (`kernels.layout.packed_layout`). segments [B, T]: each row holds several
+    sequences end to end, each token seeing its own sequence only
+    (`kernels.layout.segment_layout`; input_mask is then unused).
     """
-    layout = (self_layout(positions, input_mask) if shared_prefix is None
-              else packed_layout(positions, input_mask, *shared_prefix))
+    if segments is not None:
+        layout = segment_layout(positions, segments)
+    elif shared_prefix is not None:
+        layout = packed_layout(positions, input_mask, *shared_prefix)
+    else:
+        layout = self_layout(positions, input_mask)
     x, _ = decoder_stack(params, embed_tokens(params, tokens, cfg), positions, cfg,
                          sequence_attend(layout, cfg), lora)
     return rms_norm(x, params["final_norm"], cfg.rms_eps)
