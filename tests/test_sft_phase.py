@@ -151,3 +151,21 @@ def test_rows_without_a_worked_solution_are_malformed_for_sft(tmp_path, caplog, 
     path = tmp_path / "bare.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows[1:]) + "\n")
     assert train.main(_argv(tmp_path / "run", path)) != 0
+
+
+def test_packed_sft_run_matches_the_unpacked_run(tmp_path):
+    """sft.pack_length through the trainer: the same problems and first loss as one
+    problem a row (the same update, to float rounding), with fuller batches."""
+    problems = _problems(tmp_path / "problems.jsonl")
+    found = {}
+    for name, extra in (("rows", ()), ("packed", ("--sft.pack-length", "1024"))):
+        run = tmp_path / name
+        assert train.main(_argv(run, problems, "--steps", "1", "--eval-problems", "0",
+                                *extra)) == 0
+        found[name] = [m for m in read_metrics(run / "metrics.jsonl") if "sft/loss" in m]
+    rows, packed = found["rows"], found["packed"]
+    assert len(rows) == len(packed) == SFT_STEPS
+    for a, b in zip(rows, packed):
+        assert a["sft/target_tokens"] == b["sft/target_tokens"]
+        np.testing.assert_allclose(b["sft/loss"], a["sft/loss"], rtol=1e-4)
+        assert b["sft/fill"] > a["sft/fill"]
