@@ -70,11 +70,11 @@ def run(args: Args) -> dict:
     ctx = StepContext(cfg, base.cfg, base.tokenizer, fns, sft_problems, shapes, plan)
     rows = []
     for step in range(1, args.steps + 1):
-        host = sft.sft_batch(cfg, base.tokenizer, sft_problems, step, shapes)
-        real = int((host.segments > 0).sum() if cfg.sft.pack_length else host.input_mask.sum())
+        host = sft.sft_batch(cfg, base.tokenizer, sft_problems, step, shapes)  # its shapes
         began = time.perf_counter()
         state, m = sft.sft_step(ctx, params, state, step)
-        rows.append({"step_s": time.perf_counter() - began, "real_tokens": real,
+        rows.append({"step_s": time.perf_counter() - began,
+                     "real_tokens": m["sft/fill"] * host.tokens.size,
                      "target_tokens": m["sft/target_tokens"], "fill": m["sft/fill"],
                      "slots": int(host.tokens.size), "loss": m["sft/loss"]})
     steady = rows[1:]

@@ -124,7 +124,7 @@ def steps(text: str) -> list[Step]:
             found.append(Step(tuple(operands), tuple(ops), result[0]))
             i = result[1]  # the result may open the next step of a running chain
         else:
-            i = max(i + 1, j if ops else i + 1)
+            i = j if ops else i + 1  # an expression without a result: read on after it
     return found
 
 

@@ -2,9 +2,10 @@
 
 Each reward function is `fn(completions, answers, *, cfg=RewardConfig()) -> list[float]`
 (`questions=` too for a reward registered as reading them): pure, one score per
-completion, and it never raises on any text (the model can write anything). Scores live in `RewardConfig`; which functions run, and
-with which weights, is `RewardConfig.functions`, resolved through a registry so
-new rewards plug in by name (`register_reward`).
+completion, and it never raises on any text (the model can write anything). Scores
+live in `RewardConfig`; which functions run, and with which weights, is
+`RewardConfig.functions`, resolved through a registry so new rewards plug in by name
+(`register_reward`).
 
 The expected completion is
 
@@ -120,6 +121,18 @@ def first_number(text: str) -> float | None:
     return found[0] if found else None
 
 
+def exact_blocks(completion: str) -> re.Match | None:
+    """The match of `completion` (groups "reasoning", "answer") when it is exactly one
+    non-empty reasoning block then one non-empty answer block, else None."""
+    m = _EXACT.match(completion)
+    ok = (m is not None and m.group("reasoning").strip() != ""
+          and m.group("answer").strip() != ""
+          # a tag nested in a block ("<answer>1</answer><answer>2</answer>" parses as
+          # one block by the lazy regex) means doubled tags, not the format
+          and all(completion.count(t) == 1 for t in TAGS))
+    return m if ok else None
+
+
 def extract_answer(completion: str) -> str | None:
     """The text inside the first <answer>...</answer>, or None."""
     m = _ANSWER.search(completion)
@@ -150,16 +163,7 @@ def match_format_exactly(completions: Sequence[str], answers: Sequence[str], *,
     """cfg.format_exact when the completion is exactly one non-empty reasoning block then
     one non-empty answer block (whitespace around and between allowed), else 0."""
     check_lengths(completions, answers)
-    scores = []
-    for c in map(as_text, completions):
-        m = _EXACT.match(c)
-        ok = (m is not None and m.group("reasoning").strip() != ""
-              and m.group("answer").strip() != ""
-              # a tag nested in a block ("<answer>1</answer><answer>2</answer>" parses as
-              # one block by the lazy regex) means doubled tags, not the format
-              and all(c.count(t) == 1 for t in TAGS))
-        scores.append(cfg.format_exact if ok else 0.0)
-    return scores
+    return [cfg.format_exact if exact_blocks(c) else 0.0 for c in map(as_text, completions)]
 
 
 def match_format_approximately(completions: Sequence[str], answers: Sequence[str], *,
@@ -230,16 +234,16 @@ def check_steps(completions: Sequence[str], answers: Sequence[str], *,
     `grpo_jax.arithmetic`) in the reasoning block that earn credit: right in exact
     arithmetic, not a repeat, and with every operand from the question, an earlier
     step's result or a conventional constant (100, 12, 60, ...), not constants alone.
-    0 unless the completion is in the exact format with a non-empty answer, and 0
-    without steps. Why: the answer rewards are equal across wrong answers, so a group
+    0 unless the completion is in the exact format (`exact_blocks`), and 0 without
+    steps. Why: the answer rewards are equal across wrong answers, so a group
     of wrong answers gives no signal; right arithmetic varies among them. Padding
     with `1 + 1 = 2` or a repeated step lowers the fraction instead of raising it."""
     check_lengths(completions, answers)
     check_lengths(completions, questions)
     scores = []
     for c, q in zip(map(as_text, completions), map(as_text, questions)):
-        m = _EXACT.match(c)
-        if m is None or not m.group("answer").strip() or any(c.count(t) != 1 for t in TAGS):
+        m = exact_blocks(c)
+        if m is None:
             scores.append(0.0)
             continue
         counts = arithmetic.count_steps(m.group("reasoning"), q)
