@@ -141,6 +141,15 @@ class GRPOConfig:
     """Run each prompt once per group in the log-prob and update passes (its G
     completions packed behind it) instead of once per completion: same numbers,
     less compute. Applies when micro_batch is 0 or a multiple of group_size."""
+    filter_zero_variance: bool = False
+    """Dynamic sampling (DAPO): leave out groups whose G rewards are all equal (zero
+    advantage: no policy gradient) and sample num_prompts more prompts, round after round,
+    until the step holds num_prompts groups with a signal or max_resample_rounds extra
+    rounds are spent; a batch still short is topped up with the left-out groups. Every
+    round uses up num_prompts problems of the stream; shapes and programs are unchanged."""
+    max_resample_rounds: int = 2
+    """Extra sampling rounds a step may draw when filter_zero_variance is on (each costs
+    one sampler pass over num_prompts prompts)."""
 
     @validated
     def __post_init__(self):
@@ -161,6 +170,9 @@ class GRPOConfig:
                                  f"{getattr(self, name)!r}")
         if self.beta < 0 or self.epsilon_low < 0 or self.epsilon_high < 0:
             raise ValueError("grpo.beta and the epsilons must be >= 0")
+        if self.max_resample_rounds < 0:
+            raise ValueError(f"grpo.max_resample_rounds must be >= 0, got "
+                             f"{self.max_resample_rounds}")
 
     @property
     def batch_size(self) -> int:
@@ -393,6 +405,19 @@ class TrainConfig:
         GRPO then continues the same stream with num_prompts a step."""
         sft = min(step, self.sft.steps)
         return sft * self.sft.batch_size + (step - sft) * self.grpo.num_prompts
+
+    @property
+    def rounds_per_step(self) -> int:
+        """The most sampling rounds one GRPO step may draw."""
+        g = self.grpo
+        return 1 + (g.max_resample_rounds if g.filter_zero_variance else 0)
+
+    def data_position_bounds(self, step: int) -> tuple[int, int]:
+        """The least and most problems used up after `step`: equal unless dynamic
+        sampling lets a GRPO step draw extra rounds, whose count depends on the rewards."""
+        least = self.data_position(step)
+        extra = (self.rounds_per_step - 1) * self.grpo.num_prompts
+        return least, least + max(step - self.sft.steps, 0) * extra
 
 
 def config_from_dict(cls, values: dict):

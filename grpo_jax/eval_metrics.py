@@ -136,3 +136,77 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
                  for r in results.values()]
         lines.append("| problems | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def mcnemar(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """Paired comparison of one figure on the same problems: how many only `after`
+    gets right, how many only `before`, and McNemar's exact two-sided p-value (a
+    binomial test of the discordant pairs at 1/2; 1.0 when there are none)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired figures need the same problems: {len(before)} vs {len(after)}")
+    gained = sum(bool(b) and not bool(a) for a, b in zip(before, after))
+    lost = sum(bool(a) and not bool(b) for a, b in zip(before, after))
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n if n else 0.5
+    return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail)}
+
+
+def step_accuracy_difference(before: Sequence[arithmetic.StepCounts],
+                             after: Sequence[arithmetic.StepCounts], *,
+                             resamples: int = 10_000, seed: int = 0) -> dict:
+    """after's pooled step accuracy minus before's on the same problems, with a 95%
+    interval and a one-sided p-value (the share of resamples with no gain) from a
+    paired bootstrap over problems: one answer's steps share its mistakes, so problems,
+    not steps, are the independent draws."""
+    import numpy as np
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired step counts need the same problems: {len(before)} vs "
+                         f"{len(after)}")
+    counts = np.asarray([[b.right, b.stated, a.right, a.stated] for b, a in zip(before, after)],
+                        np.float64)
+    if not counts[:, 1].sum() or not counts[:, 3].sum():
+        raise ValueError("a column states no arithmetic steps: no step accuracy to compare")
+
+    def difference(rows: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return rows[..., 2].sum(-1) / rows[..., 3].sum(-1) - \
+                rows[..., 0].sum(-1) / rows[..., 1].sum(-1)
+
+    draws = np.random.default_rng(seed).integers(0, len(counts), (resamples, len(counts)))
+    boot = difference(counts[draws])
+    boot = boot[np.isfinite(boot)]
+    return {"difference": float(difference(counts)),
+            "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "p_no_gain": float(np.mean(boot <= 0))}
+
+
+def compare_columns(records: Mapping[str, Sequence[Mapping]], before: str = "sft",
+                    after: str = "trained") -> dict | None:
+    """exact (McNemar) and step accuracy (paired bootstrap) of `after` against `before`
+    from an evaluation file's per-problem records; None unless both columns hold the
+    same problems."""
+    a, b = records.get(before), records.get(after)
+    if not a or not b or [r["index"] for r in a] != [r["index"] for r in b]:
+        return None
+    out = {"exact": mcnemar([r["exact"] for r in a], [r["exact"] for r in b])}
+    if all("steps_stated" in r for r in (*a, *b)):
+        def counts(rows):
+            return [arithmetic.StepCounts(r["steps_stated"], r["steps_right"], 0) for r in rows]
+        try:
+            out["step_accuracy"] = step_accuracy_difference(counts(a), counts(b))
+        except ValueError:
+            pass  # a column without steps: nothing to compare
+    return out
+
+
+def format_comparison(comparison: Mapping, before: str, after: str) -> str:
+    """One line per figure of compare_columns' result."""
+    e = comparison["exact"]
+    lines = [f"{after} vs {before}, same problems: exact {e['gained']} gained, {e['lost']} "
+             f"lost (McNemar p = {e['p']:.3g})"]
+    s = comparison.get("step_accuracy")
+    if s:
+        lines.append(f"{after} vs {before}: step accuracy {100 * s['difference']:+.1f} points "
+                     f"({100 * s['ci95'][0]:+.1f} to {100 * s['ci95'][1]:+.1f}, paired "
+                     f"bootstrap over problems; p(no gain) = {s['p_no_gain']:.3g})")
+    return "\n".join(lines)

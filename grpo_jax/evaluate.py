@@ -62,6 +62,43 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     return eval_metrics.summarize(scores, steps), records
 
 
+def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
+                     model_cfg: ModelConfig, *, k: int, temperature: float, key: jax.Array,
+                     max_new_tokens: int, stop_ids: tuple[int, ...], batch_size: int = 16,
+                     prompt_bucket: int = 32, prompt_style: str = "chat", prefill: str = "",
+                     stop_strings: tuple[str, ...] = (),
+                     plan: sharding.MeshPlan | None = None) -> dict:
+    """k samples per problem at `temperature` -> pass@k (the fraction of problems with at
+    least one exact sample: what GRPO can amplify), the per-sample rates, their Wilson
+    intervals, and how many problems had 0..k exact samples."""
+    if k <= 0 or temperature <= 0:
+        raise ValueError(f"pass@k needs k > 0 and a temperature > 0, got k={k}, "
+                         f"temperature={temperature}")
+    sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                             stop_ids=stop_ids, prompt_bucket=prompt_bucket,
+                             stop_strings=stop_strings)
+    stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
+    prompts = data.encode_prompts(tokenizer, problems, prompt_style, prefill)
+    # Each problem k times in a row: every row draws from its own stream (its index).
+    out = sampler.sample_stream(params, [p for p in prompts for _ in range(k)], key,
+                                cfg=model_cfg, sampling=sampling, slots=batch_size,
+                                lora=lora, stop_table=stop_table, plan=plan)
+    completions = [prefill + c for c in sampler.decode_completions(tokenizer, out, stop_strings)]
+    scores = eval_metrics.eval_scores(completions, [p.answer for p in problems
+                                                    for _ in range(k)])
+    exact = [sum(scores["exact"][i * k:(i + 1) * k]) for i in range(len(problems))]
+    solved = sum(e > 0 for e in exact)
+    per_sample = eval_metrics.summarize(scores, eval_metrics.step_counts(completions))
+    return {"k": k, "temperature": temperature, "num_problems": len(problems),
+            f"pass_at_{k}": solved / len(problems),
+            f"pass_at_{k}_ci95": list(eval_metrics.wilson_interval(solved, len(problems))),
+            "samples": per_sample,
+            "exact_samples_per_problem": [exact.count(j) for j in range(k + 1)],
+            "records": [{"index": p.index, "exact_samples": e,
+                         "completions": completions[i * k:(i + 1) * k]}
+                        for i, (p, e) in enumerate(zip(problems, exact))]}
+
+
 def eval_problems(cfg: TrainConfig, split: str = "eval") -> list[data.Problem]:
     """The run's held-out problems (disjoint from its training questions)."""
     return data.held_out_problems(cfg.data, split, cfg.eval_problems)
@@ -127,6 +164,10 @@ class EvalFile:
         r.setdefault("records", {})[column] = records
         if column == "trained":
             r["step"] = step
+        # SFT+GRPO against SFT-only on the same problems, paired (None until both exist).
+        comparison = eval_metrics.compare_columns(r["records"])
+        if comparison is not None:
+            r["comparison"] = comparison
         self.result = r
         if jax.process_index() == 0:  # every host computes the same figures
             runs.write_eval(self.run_dir, r, self.name)
@@ -134,8 +175,13 @@ class EvalFile:
 
     def table(self) -> str:
         labels = column_labels(self.cfg)
-        return eval_metrics.format_table({labels[c]: self.result[c] for c in COLUMNS
-                                          if c in self.result})
+        table = eval_metrics.format_table({labels[c]: self.result[c] for c in COLUMNS
+                                           if c in self.result})
+        comparison = eval_metrics.compare_columns(self.result.get("records", {}))
+        if comparison is None:
+            return table
+        return table + "\n\n" + eval_metrics.format_comparison(comparison, labels["sft"],
+                                                                labels["trained"])
 
 
 def evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
@@ -182,6 +228,14 @@ class EvaluateArgs:
     """eval: templates held out of training (the headline; writes eval.json);
     eval_same_template: new problems of the training templates (eval_same_template.json).
     Datasets without templates (gsm8k, files) evaluate their test problems for both."""
+    pass_at: int = 0
+    """Instead of the greedy columns: K samples per problem at --temperature from the
+    SFT-only and trained models -> pass@K (problems with at least one exact sample) and
+    per-sample rates, written to pass_at_<K>[_<split>]_n<N>.json."""
+    temperature: float = 1.0
+    """Sampling temperature for --pass-at."""
+    seed: int = 0
+    """Sampling seed for --pass-at."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +267,42 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
     fileio.check_writable(args.run_dir)
     base = runs.load_run_base(cfg)
     adapters = runs.restore_adapters(args.run_dir, cfg, base.cfg, args.step)
+    if args.pass_at:
+        return pass_at_k_columns(cfg, args, problems, base, adapters)
     return evaluate_checkpoint(cfg, args.run_dir, problems, base, adapters, args.split, name)
+
+
+def pass_at_k_columns(cfg: TrainConfig, args: EvaluateArgs, problems, base: load.LoadedModel,
+                      adapters: runs.Adapters) -> dict:
+    """sampled_accuracy of the SFT-only and trained models (those the checkpoint has),
+    each with the same sampling key, written and printed."""
+    model_cfg, params, tokenizer = base
+    columns = {}
+    if adapters.sft is not None:
+        columns["sft"] = (params, adapters.sft)
+    if adapters.grpo is not None:
+        columns["trained"] = adapters.policy(params)
+    if not columns:
+        raise ValueError(f"{args.run_dir} has no trained adapters to sample from")
+    options = eval_options(cfg)
+    result = {"setup": {"indices": [p.index for p in problems], "split": args.split,
+                        "seed": args.seed, **json.loads(json.dumps(options))},
+              "steps": {"sft": cfg.sft.steps, "trained": adapters.step}}
+    name = f"pass_at_{args.pass_at}" + ("" if args.split == "eval" else f"_{args.split}") \
+        + f"_n{len(problems)}.json"
+    for column, (p, lora) in columns.items():
+        result[column] = sampled_accuracy(p, lora, tokenizer, problems, model_cfg,
+                                          k=args.pass_at, temperature=args.temperature,
+                                          key=jax.random.key(args.seed), plan=None, **options)
+        if jax.process_index() == 0:
+            runs.write_eval(args.run_dir, result, name)
+        figures = result[column]
+        print(f"{column}: pass@{args.pass_at} {figures[f'pass_at_{args.pass_at}']:.1%} "
+              f"({', '.join(f'{x:.1%}' for x in figures[f'pass_at_{args.pass_at}_ci95'])}), "
+              f"exact per sample {figures['samples']['exact_accuracy']:.1%}, format per "
+              f"sample {figures['samples']['format_accuracy']:.1%} "
+              f"-> {args.run_dir / name}")
+    return result
 
 
 if __name__ == "__main__":

@@ -128,10 +128,10 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _restore(cfg: TrainConfig, ckpt: Checkpointer, sft_state: update.TrainState | None,
-             grpo_state: update.TrainState) -> tuple[int, dict]:
-    """The newest good checkpoint's step and items (0 and {} without one; damaged
-    newer ones are set aside); its recorded data position must be the one this
-    config computes."""
+             grpo_state: update.TrainState) -> tuple[int, dict, int]:
+    """The newest good checkpoint's step, items and data position (0, {} and 0
+    without one; damaged newer ones are set aside); its recorded data position must
+    be one this config can reach at that step."""
     def template(step: int) -> dict:
         state = sft_state if cfg.sft.steps and cfg.is_sft_step(step) else grpo_state
         items = {"lora": state.lora, "opt_state": state.opt_state}
@@ -140,20 +140,23 @@ def _restore(cfg: TrainConfig, ckpt: Checkpointer, sft_state: update.TrainState 
 
     restored = ckpt.restore_latest(template)
     if restored is None:
-        return 0, {}
+        return 0, {}, 0
     for damaged in restored.skipped:  # out of the kept ones, and of their steps' next saves
         log.warning("moved damaged checkpoint %d to %s", damaged.step,
                     ckpt.set_aside(damaged.step))
     position = restored.meta.get("data_position")
-    expected = cfg.data_position(restored.step)
-    if position is not None and position != expected:
+    least, most = cfg.data_position_bounds(restored.step)
+    if position is not None and not least <= position <= most:
+        expected = f"{least}" if least == most else f"{least}..{most}"
         raise runs.ResumeMismatch(
             f"checkpoint {restored.step} in {ckpt.directory} was saved at data position "
             f"{position}, but this config puts step {restored.step} at {expected} "
-            f"(sft.batch_size={cfg.sft.batch_size}, grpo.num_prompts={cfg.grpo.num_prompts}); "
-            "use the run's own config.json")
+            f"(sft.batch_size={cfg.sft.batch_size}, grpo.num_prompts={cfg.grpo.num_prompts}, "
+            f"{cfg.rounds_per_step} sampling round(s) a step at most); use the run's own "
+            "config.json")
     log.info("resuming from step %d in %s", restored.step, cfg.output_dir)
-    return restored.step, restored.state
+    # Checkpoints from before dynamic sampling recorded no position of their own choosing.
+    return restored.step, restored.state, least if position is None else position
 
 
 def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, problems,
@@ -177,7 +180,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
     sft_state = place_state(plan, sft_fns, model_cfg, sft_fns.init_state(lora_lib.init_lora(
         model_cfg, cfg.lora, jax.random.fold_in(lora_key, 1)))) if sft_steps else None
     # Checkpoints restore into the layout of these templates (sharded on a mesh).
-    start, restored = _restore(cfg, ckpt, sft_state, grpo_state)
+    start, restored, restored_position = _restore(cfg, ckpt, sft_state, grpo_state)
     shapes, sft_problems = sft.run_shapes(cfg, tokenizer, problems)
     sft_ctx = StepContext(cfg, model_cfg, tokenizer, sft_fns, sft_problems, shapes,
                           plan) if sft_steps else None
@@ -203,7 +206,8 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             Progress(total=cfg.total_steps, initial=start,
                      enabled=None if main else False) as progress:
 
-        def finish_step(step: int, metrics: dict, samples=(), items=None) -> None:
+        def finish_step(step: int, metrics: dict, samples=(), items=None,
+                        position: int | None = None) -> None:
             nonlocal skips_in_a_row
             logger.log(step, metrics)
             logger.log_samples(step, samples)
@@ -214,7 +218,8 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                                     f"gradient (last at step {step}); stopping")
             # The SFT -> GRPO boundary is always saved: GRPO starts from it.
             if step % cfg.save_every == 0 or step in (sft_steps, cfg.total_steps):
-                ckpt.save(step, items, {"data_position": cfg.data_position(step),
+                ckpt.save(step, items, {"data_position": cfg.data_position(step)
+                                        if position is None else position,
                                         "phase": "sft" if cfg.is_sft_step(step) else "grpo"})
 
         evaluate_column("base", 0, None)
@@ -237,11 +242,15 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
         if start > sft_steps:
             grpo_state = update.TrainState(restored["lora"], restored["opt_state"])
         state = grpo_state
+        # The GRPO stream position is state: with dynamic sampling a step may use up
+        # more than num_prompts problems, so it comes from the checkpoint.
+        position = restored_position if start > sft_steps else cfg.data_position(sft_steps)
         if max(start, sft_steps) < cfg.total_steps:
             progress.note(f"GRPO: steps {max(start, sft_steps) + 1}-{cfg.total_steps} of "
                           f"{cfg.total_steps}")
         for step in range(max(start, sft_steps) + 1, cfg.total_steps + 1):
-            state, metrics, samples = rollout.grpo_step(grpo_ctx, params, state, step)
+            state, metrics, samples, position = rollout.grpo_step(grpo_ctx, params, state,
+                                                                  step, position)
             if evals is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step < cfg.total_steps:
                 figures, _ = evaluate.evaluate_model(params, state.lora, tokenizer,
@@ -251,7 +260,8 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                                 if k.endswith("_accuracy")})
             items = {"lora": state.lora, "opt_state": state.opt_state}
             finish_step(step, metrics, samples,
-                        {"sft_lora": sft_lora, **items} if sft_lora is not None else items)
+                        {"sft_lora": sft_lora, **items} if sft_lora is not None else items,
+                        position)
     evaluate_column("trained", cfg.total_steps, state.lora)
     return metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from grpo_jax import eval_metrics
 from grpo_jax.eval_metrics import (eval_scores, format_table, step_counts, summarize,
                                    wilson_interval)
 
@@ -137,3 +138,60 @@ def test_step_accuracy_is_pooled_over_stated_steps():
         summarize(eval_scores(completions, ["560"] * 4), steps[:2])
     table = format_table({"a": got, "b": none}).splitlines()
     assert "| arithmetic steps right | 80.0% (37.6-96.4) | - |" in table
+
+
+def test_mcnemar_matches_scipys_binomial_test():
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(0)
+    for gained, lost in ((0, 0), (3, 5), (9, 65), (12, 2), (0, 7), (40, 40)):
+        before = [False] * gained + [True] * lost + [True] * 30 + [False] * 20
+        after = [True] * gained + [False] * lost + [True] * 30 + [False] * 20
+        order = rng.permutation(len(before))
+        got = eval_metrics.mcnemar([before[i] for i in order], [after[i] for i in order])
+        assert (got["gained"], got["lost"]) == (gained, lost)
+        want = 1.0 if gained + lost == 0 else binomtest(gained, gained + lost, 0.5).pvalue
+        assert got["p"] == pytest.approx(want, rel=1e-9), (gained, lost)
+    with pytest.raises(ValueError, match="same problems"):
+        eval_metrics.mcnemar([True], [True, False])
+
+
+def test_step_accuracy_difference_is_a_paired_bootstrap_over_problems():
+    from grpo_jax.arithmetic import StepCounts
+
+    # 200 problems of 3 steps: before gets 1 right of 3, after 2 of 3: +33 points.
+    before = [StepCounts(3, 1, 0)] * 200
+    after = [StepCounts(3, 2, 0)] * 200
+    got = eval_metrics.step_accuracy_difference(before, after, resamples=500)
+    assert got["difference"] == pytest.approx(1 / 3)
+    assert got["ci95"] == pytest.approx([1 / 3, 1 / 3]) and got["p_no_gain"] == 0.0
+    # The same accuracies, but the gain carried by a few problems with many steps: the
+    # pooled difference is the same as in a float64 restatement, the interval wide.
+    rng = np.random.default_rng(1)
+    before = [StepCounts(int(s), int(r), 0) for s, r in zip(rng.integers(1, 6, 100),
+                                                              rng.integers(0, 2, 100))]
+    after = list(before)
+    after[0] = StepCounts(40, 40, 0)
+    got = eval_metrics.step_accuracy_difference(before, after, resamples=2000)
+    want = sum(a.right for a in after) / sum(a.stated for a in after) - \
+        sum(b.right for b in before) / sum(b.stated for b in before)
+    assert got["difference"] == pytest.approx(want, rel=1e-12)
+    assert got["ci95"][0] <= 0.0 < got["ci95"][1] and 0.2 < got["p_no_gain"] < 0.5
+    with pytest.raises(ValueError, match="states no arithmetic steps"):
+        eval_metrics.step_accuracy_difference([StepCounts(0, 0, 0)], [StepCounts(1, 1, 0)])
+
+
+def test_compare_columns_pairs_records_by_problem():
+    def rows(exact, steps):
+        return [{"index": i, "exact": e, "steps_stated": s, "steps_right": r}
+                for i, (e, (s, r)) in enumerate(zip(exact, steps))]
+
+    records = {"sft": rows([True, False, False, False], [(2, 1), (2, 0), (1, 0), (0, 0)]),
+               "trained": rows([True, True, True, False], [(2, 2), (2, 1), (1, 1), (1, 0)])}
+    got = eval_metrics.compare_columns(records)
+    assert (got["exact"]["gained"], got["exact"]["lost"]) == (2, 0)
+    assert got["step_accuracy"]["difference"] == pytest.approx(4 / 6 - 1 / 5)
+    text = eval_metrics.format_comparison(got, "SFT", "SFT+GRPO")
+    assert "exact 2 gained, 0 lost (McNemar p = 0.5)" in text and "+46.7 points" in text
+    records["trained"] = records["trained"][:3]
+    assert eval_metrics.compare_columns(records) is None  # not the same problems

@@ -143,3 +143,55 @@ def test_evaluate_missing_run_dir(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'none' / 'config.json'} not found: is {tmp_path / 'none'} a "
         "training run's output dir?"]
+
+
+def test_pass_at_k_counts_problems_with_an_exact_sample(tmp_path, monkeypatch):
+    """evaluate --pass-at K: each problem sampled K times (consecutive rows, each its
+    own stream); pass@K is the fraction of problems with at least one exact sample.
+    First on scripted completions (known counts), then on a real tiny run."""
+    import types
+
+    import numpy as np
+
+    from grpo_jax import data, evaluate, sampler
+    from grpo_jax.decode import SampleOutput
+
+    problems = [data.Problem(question=f"q{i}", answer=str(i), index=i) for i in range(3)]
+    # Problem 0: two of three samples exact; problem 1: none; problem 2: the last one.
+    texts = ["<answer>0</answer>", "x", "<answer>0</answer>", "<answer>9</answer>", "", "y",
+             "", "", "<reasoning>2 + 0 = 2</reasoning>\n<answer>2</answer>"]
+    seen = {}
+
+    def scripted_stream(params, prompts, key, **kw):
+        seen["prompts"], seen["temperature"] = list(prompts), kw["sampling"].temperature
+        n = len(prompts)
+        return SampleOutput(np.zeros((n, 1), np.int32), np.zeros((n, 1)), np.zeros((n, 1)),
+                            np.ones(n, np.int32), np.ones(n, bool), np.int32(1))
+
+    monkeypatch.setattr(sampler, "sample_stream", scripted_stream)
+    monkeypatch.setattr(sampler, "decode_completions", lambda tok, out, stops: texts)
+    monkeypatch.setattr(data, "encode_prompts", lambda tok, ps, style, prefill:
+                        [[p.index + 10] for p in ps])
+    got = evaluate.sampled_accuracy(None, None, None, problems, types.SimpleNamespace(vocab_size=300), k=3,
+                                    temperature=0.7, key=None, max_new_tokens=4, stop_ids=(1,))
+    assert seen["prompts"] == [[10]] * 3 + [[11]] * 3 + [[12]] * 3
+    assert seen["temperature"] == 0.7
+    assert got["pass_at_3"] == pytest.approx(2 / 3)
+    assert got["exact_samples_per_problem"] == [1, 1, 1, 0]
+    assert got["samples"]["exact_accuracy"] == pytest.approx(3 / 9)
+    assert [r["exact_samples"] for r in got["records"]] == [2, 0, 1]
+    with pytest.raises(ValueError, match="temperature > 0"):
+        evaluate.sampled_accuracy(None, None, None, problems, types.SimpleNamespace(vocab_size=300), k=3,
+                                  temperature=0.0, key=None, max_new_tokens=4, stop_ids=(1,))
+    monkeypatch.undo()
+
+    run = tmp_path / "run"
+    train.train(dataclasses.replace(TRAIN_PRESETS["tiny"], output_dir=str(run), steps=1,
+                                    eval_problems=2, tensorboard=False))
+    result = evaluate.evaluate_run_dir(evaluate.EvaluateArgs(run_dir=run, num_problems=2,
+                                                             pass_at=3))
+    trained = json.loads((run / "pass_at_3_n2.json").read_text())["trained"]
+    assert trained == json.loads(json.dumps(result["trained"]))
+    assert sum(trained["exact_samples_per_problem"]) == 2
+    completions = [c for r in trained["records"] for c in r["completions"]]
+    assert len(completions) == 6 and len(set(completions)) > 2  # fresh draws, not copies

@@ -95,10 +95,10 @@ def three_steps(tmp_path_factory):
     run = tmp_path_factory.mktemp("three") / "run"
     real = rollout.grpo_step
 
-    def stop_before_step_4(ctx, params, state, step):
+    def stop_before_step_4(ctx, params, state, step, position):
         if step == 4:
             raise KeyboardInterrupt
-        return real(ctx, params, state, step)
+        return real(ctx, params, state, step, position)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(rollout, "grpo_step", stop_before_step_4)

@@ -46,10 +46,10 @@ def _stop_after(monkeypatch, last_step: int) -> None:
     for module, name in ((sft, "sft_step"), (rollout, "grpo_step")):
         real = getattr(module, name)
 
-        def wrapped(ctx, params, state, step, _real=real):
+        def wrapped(ctx, params, state, step, *position, _real=real):
             if step > last_step:
                 raise Interrupted(step)
-            return _real(ctx, params, state, step)
+            return _real(ctx, params, state, step, *position)
 
         monkeypatch.setattr(module, name, wrapped)
 

@@ -31,10 +31,10 @@ def _interrupt_before(monkeypatch, step: int):
     """Make rollout.grpo_step raise before running `step`: a run stopped there."""
     real = rollout.grpo_step
 
-    def grpo_step(ctx, params, state, at):
+    def grpo_step(ctx, params, state, at, position):
         if at == step:
             raise Interrupted(f"stopped before step {step}")
-        return real(ctx, params, state, at)
+        return real(ctx, params, state, at, position)
 
     monkeypatch.setattr(rollout, "grpo_step", grpo_step)
 
