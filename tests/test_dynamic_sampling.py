@@ -203,10 +203,3 @@ def test_filtered_run_trains_on_informative_groups_and_resumes_exactly(tmp_path,
                     "dynamic/informative_groups", "grad_norm"):
             assert a[key] == pytest.approx(b_[key], abs=1e-5), (a["step"], key)
 
-
-def test_unfiltered_run_uses_num_prompts_a_step(tmp_path):
-    cfg = dataclasses.replace(_cfg(tmp_path / "run"), steps=2)
-    train.train(cfg)
-    rows = _rows(tmp_path / "run")
-    assert [r["data_position"] for r in rows] == [cfg.data_position(s) for s in (1, 2)]
-    assert all(r["dynamic/rounds"] == 1 and r["dynamic/dropped_groups"] == 0 for r in rows)

@@ -77,7 +77,7 @@ def test_train_then_evaluate_run_dir(tmp_path):
 def test_evaluate_keeps_columns_it_already_has(tmp_path, monkeypatch):
     """A second evaluation of the same checkpoint and setup recomputes nothing (greedy
     repeats it: a stopped evaluation goes on where it was); a column whose file entry
-    was removed, or is for another step, is computed again."""
+    was removed, or is for another step, is computed again. Then --pass-at on it."""
     from grpo_jax import evaluate
 
     run = tmp_path / "run"
@@ -122,6 +122,14 @@ def test_evaluate_keeps_columns_it_already_has(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="base models differ"):
         seed.seed(run / "eval_n3.json", other)
 
+    # --pass-at: K samples a problem from the run's policy, fresh draws, not copies.
+    result = evaluate.evaluate_run_dir(dataclasses.replace(args, num_problems=2, pass_at=3))
+    trained = json.loads((run / "pass_at_3_n2.json").read_text())["trained"]
+    assert trained == json.loads(json.dumps(result["trained"]))
+    assert sum(trained["exact_samples_per_problem"]) == 2
+    completions = [c for r in trained["records"] for c in r["completions"]]
+    assert len(completions) == 6 and len(set(completions)) > 2
+
 
 def _load_script(name: str):
     path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
@@ -147,8 +155,8 @@ def test_evaluate_missing_run_dir(tmp_path):
 
 def test_pass_at_k_counts_problems_with_an_exact_sample(tmp_path, monkeypatch):
     """evaluate --pass-at K: each problem sampled K times (consecutive rows, each its
-    own stream); pass@K is the fraction of problems with at least one exact sample.
-    First on scripted completions (known counts), then on a real tiny run."""
+    own stream); pass@K is the fraction of problems with at least one exact sample
+    (scripted completions, known counts; a real tiny run in the test above)."""
     import types
 
     import numpy as np
@@ -183,15 +191,3 @@ def test_pass_at_k_counts_problems_with_an_exact_sample(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="temperature > 0"):
         evaluate.sampled_accuracy(None, None, None, problems, types.SimpleNamespace(vocab_size=300), k=3,
                                   temperature=0.0, key=None, max_new_tokens=4, stop_ids=(1,))
-    monkeypatch.undo()
-
-    run = tmp_path / "run"
-    train.train(dataclasses.replace(TRAIN_PRESETS["tiny"], output_dir=str(run), steps=1,
-                                    eval_problems=2, tensorboard=False))
-    result = evaluate.evaluate_run_dir(evaluate.EvaluateArgs(run_dir=run, num_problems=2,
-                                                             pass_at=3))
-    trained = json.loads((run / "pass_at_3_n2.json").read_text())["trained"]
-    assert trained == json.loads(json.dumps(result["trained"]))
-    assert sum(trained["exact_samples_per_problem"]) == 2
-    completions = [c for r in trained["records"] for c in r["completions"]]
-    assert len(completions) == 6 and len(set(completions)) > 2  # fresh draws, not copies

@@ -169,3 +169,31 @@ def test_packed_sft_run_matches_the_unpacked_run(tmp_path):
         assert a["sft/target_tokens"] == b["sft/target_tokens"]
         np.testing.assert_allclose(b["sft/loss"], a["sft/loss"], rtol=1e-4)
         assert b["sft/fill"] > a["sft/fill"]
+
+
+def test_branch_grpo_starts_from_the_same_sft_model(reference_run, tmp_path):
+    """scripts/branch_grpo.py: a GRPO variant from the source run's SFT boundary. Its
+    SFT rows and SFT-only column are the source's, its first GRPO step samples what
+    the source's did (same SFT model, same key), and a flag that changes SFT is refused."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "branch_grpo.py"
+    spec = importlib.util.spec_from_file_location("branch_grpo", path)
+    branch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(branch)
+
+    run, other = reference_run[0], tmp_path / "branch"
+    with pytest.raises(ValueError, match="these flags change it: sft.steps"):
+        branch.branch(run, other, ["--sft.steps", "3"])
+    assert not other.exists()
+    assert branch.main([str(run), str(other), "--optimizer.learning-rate", "0.05"]) == 0
+    assert runs.run_config(other).optimizer.learning_rate == 0.05
+    a, b = read_metrics(run / "metrics.jsonl"), read_metrics(other / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert b[:SFT_STEPS] == a[:SFT_STEPS]
+    assert b[SFT_STEPS]["reward/mean"] == a[SFT_STEPS]["reward/mean"]
+    ea, eb = (json.loads((d / "eval.json").read_text()) for d in (run, other))
+    assert eb["sft"] == ea["sft"] and eb["base"] == ea["base"]
+    assert eb["steps"]["trained"] == 4 and "comparison" in eb
+    with pytest.raises(ValueError, match="exists; a branch starts in a new directory"):
+        branch.branch(run, other, [])

@@ -52,6 +52,9 @@ def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path, monkeypa
                 "tokens_per_s", "step_time_s", "skipped", "logprob_drift", "time/sample_s",
                 "time/update_s"):
         assert key in rows[0], key
+    # Without dynamic sampling a step uses up num_prompts problems, one round.
+    assert [r["data_position"] for r in rows] == [cfg.data_position(s) for s in (1, 2, 3)]
+    assert all(r["dynamic/rounds"] == 1 and r["dynamic/dropped_groups"] == 0 for r in rows)
     # The sampler's log-probs and the trainer's agree (float32, same weights).
     assert all(r["logprob_drift"] < 1e-4 for r in rows), [r["logprob_drift"] for r in rows]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
