@@ -91,7 +91,6 @@ def pick_groups(rounds: Sequence[Round], group: int, wanted: int,
 
 def gather_groups(rounds: Sequence[Round], picks, group: int) -> Round:
     """The picked groups of several rounds as one Round of len(picks) prompts."""
-    prompts = [(r, i) for r, i in picks]
     rows = [(r, i * group + j) for r, i in picks for j in range(group)]
 
     def take(get, index):
@@ -101,9 +100,9 @@ def gather_groups(rounds: Sequence[Round], picks, group: int) -> Round:
         take(lambda d, f=f: getattr(d.rollout, f), rows) if f != "steps"
         else np.max([np.asarray(d.rollout.steps) for d in rounds])
         for f in rounds[0].rollout._fields))
-    return Round([rounds[r].problems[i] for r, i in prompts],
-                 take(lambda d: d.prompt_tokens, prompts),
-                 take(lambda d: d.prompt_mask, prompts), out,
+    return Round([rounds[r].problems[i] for r, i in picks],
+                 take(lambda d: d.prompt_tokens, picks),
+                 take(lambda d: d.prompt_mask, picks), out,
                  [rounds[r].texts[k] for r, k in rows], take(lambda d: d.total, rows),
                  {name: take(lambda d, n=name: d.per_function[n], rows)
                   for name in rounds[0].per_function})
@@ -254,7 +253,7 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
         "grad_norm": float(last["grad_norm"]),
         "completion_len/mean": float(lengths.mean()),
         # Groups whose G rewards are all equal: zero advantage, no learning signal.
-        "zero_variance_groups": float(np.mean(np.ptp(total.reshape(-1, group), axis=1) == 0)),
+        "zero_variance_groups": float(np.mean(~informative_groups(total, group))),
         "stopped_frac": float(np.mean(np.asarray(rollout.stopped))),
         "logprob_drift": float(updates[0]["logprob_drift"]),
         "tokens_per_s": int(lengths.sum()) / elapsed,

@@ -40,8 +40,9 @@ def branch_config(source: TrainConfig, flags: list[str], new_dir: Path) -> Train
         cfg = tyro.cli(TrainConfig, default=dataclasses.replace(
             source, output_dir=str(new_dir)), args=flags)
     validate(cfg)
+    before = runs.flat_fields(source)
     changed = [k for k, v in runs.flat_fields(cfg).items()
-               if runs.flat_fields(source).get(k) != v and not k.startswith(GRPO_PHASE)]
+               if before.get(k) != v and not k.startswith(GRPO_PHASE)]
     if changed:
         raise ValueError(f"a branch keeps the SFT phase; these flags change it: "
                          f"{', '.join(changed)}")
