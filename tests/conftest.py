@@ -1,17 +1,27 @@
 """Shared fixtures: the embedded GGUF and its weights are loaded once per session."""
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import resource
+import shutil
+import tempfile
 
 import pytest
 
 # Tests run on CPU in float32; keep XLA from grabbing every core's worth of threads twice.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The CLIs keep compiled programs in ~/.cache by default; tests (and the CLIs they
-# start) stay off it unless a test names a cache of its own.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
+# One compilation cache a test session, in a temporary directory: both xdist workers
+# and every CLI a test starts inherit it (the controller sets it before the workers
+# start), so a program compiled once (the tiny model's update, sampler, reference pass)
+# is read back, not compiled again, in the next module, worker or subprocess. The
+# user's ~/.cache is never touched; a test that checks cache behaviour sets its own.
+if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="grpo-jax-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

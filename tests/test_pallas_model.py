@@ -54,7 +54,8 @@ def test_logprobs_and_gradients_equal_xla(model, group):
 
 def test_training_step_equals_xla(model):
     params, lora = model
-    rng = np.random.default_rng()
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)
     prompt_len, group = 6, 4
     tokens, input_mask, cmask = make_groups(rng, TINY, group=group, prompt_len=prompt_len)
     n, steps = cmask.shape
@@ -76,7 +77,12 @@ def test_training_step_equals_xla(model):
     xla, pallas = results
     for name in ("loss", "grad_norm"):
         assert np.isfinite(xla[name]) and xla[name] != 0, name
-        assert abs(pallas[name] - xla[name]) <= 1e-5 * abs(xla[name]), name
+    # The loss is a mean of O(1) terms (standard-normal advantages times ratios near 1)
+    # of either sign: summed in another order it differs by ulps of those terms, not of
+    # the mean they cancel down to (CI saw 1.8e-5 relative to a loss of 0.21). The
+    # gradient norm sums squares, so nothing cancels there.
+    assert abs(pallas["loss"] - xla["loss"]) <= 1e-5 * max(abs(xla["loss"]), 1.0), seed
+    assert abs(pallas["grad_norm"] - xla["grad_norm"]) <= 1e-5 * xla["grad_norm"], seed
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
