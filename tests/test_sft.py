@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _compare import assert_same_gradient
 from grpo_jax import grpo, runs, sampler, sft, update as step_lib
 from grpo_jax.config import OptimizerConfig
 from grpo_jax.presets import TRAIN_PRESETS
@@ -84,23 +85,6 @@ def test_sft_loss_is_the_masked_nll_of_the_targets(model):
         step_lib.build_update(base.cfg, TINY.grpo, TINY.optimizer, 4, 1.0, objective="dpo")
 
 
-def _assert_same_gradient(got, want, msg=""):
-    """Two first updates from the same state saw the same gradient: compared through
-    Adam's moments (linear and quadratic in it), not the new weights, whose first Adam
-    step is lr * g / (|g| + eps) and so turns float32 noise on a near-zero gradient
-    element into a visible weight difference (CI: 3e-4 relative on one of 256)."""
-    (state_g, m_g), (state_w, m_w) = got, want
-    np.testing.assert_allclose(float(m_g["grad_norm"]), float(m_w["grad_norm"]), rtol=1e-5,
-                               err_msg=msg)
-    for a, b in zip(jax.tree.leaves(state_g.opt_state), jax.tree.leaves(state_w.opt_state)):
-        a, b = np.asarray(a), np.asarray(b)
-        if np.issubdtype(b.dtype, np.floating):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
-                                       err_msg=msg)
-        else:
-            np.testing.assert_array_equal(a, b, err_msg=msg)
-
-
 def test_sft_micro_batches_add_up_to_the_whole_batch(model):
     base, lora = model
     batch = _batch(np.random.default_rng(7))
@@ -110,7 +94,8 @@ def test_sft_micro_batches_add_up_to_the_whole_batch(model):
     micro = micro_fns.update(base.params, micro_fns.init_state(jax.tree.map(jnp.copy, lora)),
                              batch)
     np.testing.assert_allclose(float(micro[1]["loss"]), float(whole[1]["loss"]), rtol=1e-5)
-    _assert_same_gradient(micro, whole)
+    assert_same_gradient(micro[0].opt_state, whole[0].opt_state, micro[1]["grad_norm"],
+                         whole[1]["grad_norm"])
 
 
 def test_sft_updates_lower_the_nll(model):
@@ -186,7 +171,8 @@ def test_packed_sft_loss_and_update_equal_unpacked_rows(model):
     want = _numpy_nll(base.params, lora, unpacked, base.cfg)  # float64, one example a row
     np.testing.assert_allclose(float(m_p["loss"]), want, rtol=2e-5, err_msg=f"seed {seed}")
     np.testing.assert_allclose(float(m_p["loss"]), float(m_u["loss"]), rtol=1e-5)
-    _assert_same_gradient((new_p, m_p), (new_u, m_u), f"seed {seed}")
+    assert_same_gradient(new_p.opt_state, new_u.opt_state, m_p["grad_norm"], m_u["grad_norm"],
+                         f"seed {seed}")
     # Per example: its packed target log-probs are its unpacked ones.
     logp_u = np.asarray(jax.jit(grpo.per_token_logprobs, static_argnums=(4, 5))(
         base.params, lora, unpacked.tokens, unpacked.input_mask, unpacked.prompt_len, base.cfg))

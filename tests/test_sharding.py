@@ -59,8 +59,9 @@ def _mesh_name(mesh) -> str:
 def _close(a: np.ndarray, b: np.ndarray, what: str, tol: float = 1e-5) -> None:
     """Equal to float32 rounding: |a - b| <= tol * (|a| + max|a|), relative to each
     element and to the array's scale (sums in another order differ by a few ulps of
-    their largest terms)."""
-    scale = np.abs(a) + np.max(np.abs(a))
+    their largest terms). A scalar (the losses) is a mean of O(1) terms that cancel, so
+    its scale is |a| + 1: a loss near 0 still carries its terms' rounding."""
+    scale = np.abs(a) + (np.max(np.abs(a)) if a.ndim else 1.0)
     bad = np.abs(a - b) > tol * scale
     assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} differ, worst "
                            f"{np.max(np.abs(a - b))} (max |x| {np.max(np.abs(a))})")
