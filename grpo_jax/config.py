@@ -34,6 +34,20 @@ class SamplerConfig:
     in the completion, which ends with the token that completes it."""
     prompt_bucket: int = 32
     """Prompt lengths are padded up to a multiple of this, to bound recompiles."""
+    tools: tuple[str, ...] = ()
+    """A tool the policy may call while it writes (`calculator`; `tools.register_tool`
+    adds others): its results are written into the completion as context and left out
+    of every loss term. Empty: no tool."""
+    tool_call: tuple[str, str, str] = ("<<", "=", ">>")
+    """The call's markers: the policy writes OPEN call CLOSE, the tool writes its result
+    and RESULT_CLOSE (GSM8K's `<<28*4=` then `112>>`)."""
+    max_tool_calls: int = 8
+    """Calls answered per completion; a later call gets no result (the policy writes on)."""
+    tool_result_tokens: int = 24
+    """The most tokens a result takes (closing marker included); a longer one is
+    replaced by an error text."""
+    tool_timeout_s: float = 2.0
+    """A call that runs longer is answered with an error text."""
 
     @validated
     def __post_init__(self):
@@ -49,6 +63,19 @@ class SamplerConfig:
             raise ValueError(f"prompt_bucket must be positive, got {self.prompt_bucket}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop strings must be non-empty, got {list(self.stop_strings)}")
+        if len(self.tools) > 1:
+            raise ValueError(f"sampler.tools takes one tool (one set of call markers), got "
+                             f"{list(self.tools)}")
+        if len(self.tool_call) != 3 or any(not isinstance(m, str) or not m
+                                           for m in self.tool_call):
+            raise ValueError(f"sampler.tool_call must be three non-empty markers (open, "
+                             f"close, result close), got {list(self.tool_call)}")
+        if self.max_tool_calls < 0 or self.tool_result_tokens <= 0:
+            raise ValueError("sampler.max_tool_calls must be >= 0 and "
+                             "sampler.tool_result_tokens positive")
+        if not 0 < self.tool_timeout_s < float("inf"):
+            raise ValueError(f"sampler.tool_timeout_s must be positive and finite, got "
+                             f"{self.tool_timeout_s}")
 
     @property
     def greedy(self) -> bool:

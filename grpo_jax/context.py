@@ -39,3 +39,4 @@ class StepContext:
     plan: sharding.MeshPlan         # the run's mesh (one device: sharding.local_plan())
     sampling_key: jax.Array | None = None  # GRPO: step k samples with fold_in(key, k)
     stop_table: Any = None          # GRPO: the stop strings' automaton, built once
+    toolbox: Any = None             # GRPO with sampler.tools: tools.Toolbox, built once

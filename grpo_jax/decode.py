@@ -46,6 +46,10 @@ class SampleOutput(NamedTuple):
     lengths: jax.Array            # [B] int32 completion length, stop token included
     stopped: jax.Array            # [B] bool: ended on a stop token or string (False: hit the budget)
     steps: jax.Array              # [] int32 decode steps run (the loop exits once all rows stop)
+    # With a tool (None without): [B, N] bool, True where the policy chose the token
+    # (False: a tool wrote it, or past the row's length), and [B] int32 calls answered.
+    policy_mask: jax.Array | None = None
+    tool_calls: jax.Array | None = None
 
 
 class Record(NamedTuple):
@@ -58,20 +62,39 @@ class Record(NamedTuple):
     stop_state: jax.Array         # [S] int32: each row's stop-string automaton state
 
 
+class ToolRows(NamedTuple):
+    """Each row's side of the tool protocol (`tools.py`), when the sampler has a tool."""
+    policy: jax.Array      # [S, N] bool: the policy chose the column's token
+    queue: jax.Array       # [S, Q] int32: a tool result's tokens, written from queue_at
+    queue_at: jax.Array    # [S] int32
+    queue_len: jax.Array   # [S] int32
+    call_state: jax.Array  # [S] int32: the call automaton's state
+    pending: jax.Array     # [S] bool: completed a call, waits for the host's result
+    calls: jax.Array       # [S] int32: calls answered
+
+
 class Rows(NamedTuple):
     """The per-row half of a decode state (the cache is the other)."""
     rec: Record
     last: jax.Array  # [S] int32: the token to feed next
     keys: jax.Array  # [S] the row's key: fold_in(key, row id)
+    tool: ToolRows | None = None
 
     def finished(self) -> jax.Array:
         """[S] bool: stopped, or reached the token budget."""
         return self.rec.done | (self.rec.lengths >= self.rec.tokens.shape[1])
 
+    def waiting(self) -> jax.Array:
+        """[S] bool: unfinished rows that wait for a tool's result."""
+        if self.tool is None:
+            return jnp.zeros(self.last.shape, bool)
+        return self.tool.pending & ~self.finished()
+
     def output(self, steps) -> SampleOutput:
-        rec = self.rec
+        rec, tool = self.rec, self.tool
         return SampleOutput(rec.tokens, rec.logprobs, rec.sampling_logprobs, rec.lengths,
-                            rec.done, steps)
+                            rec.done, steps, None if tool is None else tool.policy,
+                            None if tool is None else tool.calls)
 
 
 def empty_record(batch: int, steps: int) -> Record:
@@ -81,21 +104,33 @@ def empty_record(batch: int, steps: int) -> Record:
                   jnp.zeros((batch,), jnp.int32))
 
 
-def empty_rows(steps: int, keys: jax.Array) -> Rows:
-    return Rows(empty_record(keys.shape[0], steps),
-                jnp.full((keys.shape[0],), PAD_ID, jnp.int32), keys)
+def empty_tool_rows(batch: int, steps: int, queue: int) -> ToolRows:
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return ToolRows(jnp.zeros((batch, steps), bool), jnp.full((batch, queue), PAD_ID, jnp.int32),
+                    zeros, zeros, zeros, jnp.zeros((batch,), bool), zeros)
+
+
+def empty_rows(sampling: SamplerConfig, keys: jax.Array) -> Rows:
+    batch, steps = keys.shape[0], sampling.max_new_tokens
+    return Rows(empty_record(batch, steps), jnp.full((batch,), PAD_ID, jnp.int32), keys,
+                empty_tool_rows(batch, steps, sampling.tool_result_tokens)
+                if sampling.tools else None)
 
 
 def record_choice(rec: Record, logits: jax.Array, keys: jax.Array, live: jax.Array,
-                  sampling: SamplerConfig, stop_table: jax.Array | None
-                  ) -> tuple[Record, jax.Array]:
+                  sampling: SamplerConfig, stop_table: jax.Array | None,
+                  forced: jax.Array | None = None) -> tuple[Record, jax.Array]:
     """Each `live` row chooses its next token from `logits` [V, S] with the key
     fold_in(its key, its length) and writes it at its own column; the other rows get
     PAD and keep their record. A row is done after a stop token, or a token that
-    completes a stop string."""
+    completes a stop string. forced [S]: a token to write instead (>= 0; its
+    log-probs are recorded as 0), for tool results."""
     steps = rec.tokens.shape[1]
     step_keys = jax.vmap(jax.random.fold_in)(keys, rec.lengths)
     token, lp, slp = sampling_lib.choose_tokens(logits, step_keys, sampling)
+    if forced is not None:
+        token = jnp.where(forced >= 0, forced, token)
+        lp, slp = (jnp.where(forced >= 0, 0.0, x) for x in (lp, slp))
     token = jnp.where(live, token, PAD_ID)
     stops = jnp.isin(token, jnp.asarray(sampling.stop_ids, jnp.int32))
     stop_state = rec.stop_state
@@ -114,18 +149,49 @@ def record_choice(rec: Record, logits: jax.Array, keys: jax.Array, live: jax.Arr
 
 
 def choose(rows: Rows, logits: jax.Array, live: jax.Array, sampling: SamplerConfig,
-           stop_table: jax.Array | None) -> Rows:
-    """Each live row chooses its next token from `logits` [V, S] and writes it down."""
-    rec, token = record_choice(rows.rec, logits, rows.keys, live, sampling, stop_table)
-    return rows._replace(rec=rec, last=jnp.where(live, token, rows.last))
+           stop_table: jax.Array | None, call_table: jax.Array | None = None) -> Rows:
+    """Each live row chooses its next token from `logits` [V, S] and writes it down;
+    with a tool, a row with a result queued writes its next token instead, and a row
+    whose chosen token completes a call (within the call bound) starts waiting."""
+    tool = rows.tool
+    if tool is None:
+        rec, token = record_choice(rows.rec, logits, rows.keys, live, sampling, stop_table)
+        return rows._replace(rec=rec, last=jnp.where(live, token, rows.last))
+    live = live & ~tool.pending
+    forcing = tool.queue_at < tool.queue_len
+    queued = jnp.take_along_axis(
+        tool.queue, jnp.minimum(tool.queue_at, tool.queue.shape[1] - 1)[:, None], axis=1)[:, 0]
+    rec, token = record_choice(rows.rec, logits, rows.keys, live, sampling, stop_table,
+                               jnp.where(forcing, queued, -1))
+    sampled = live & ~forcing
+    row = jnp.arange(token.shape[0])
+    column = jnp.where(live, rows.rec.lengths, rec.tokens.shape[1])
+    state, called = stop_strings_lib.advance(call_table, tool.call_state, token)
+    tool = tool._replace(
+        policy=tool.policy.at[row, column].set(sampled, mode="drop"),
+        queue_at=tool.queue_at + (live & forcing).astype(jnp.int32),
+        call_state=jnp.where(sampled, state, tool.call_state),
+        pending=tool.pending | (sampled & called & (tool.calls < sampling.max_tool_calls)))
+    return rows._replace(rec=rec, last=jnp.where(live, token, rows.last), tool=tool)
+
+
+def feed(rows: Rows, chosen: jax.Array, queue: jax.Array, queue_len: jax.Array) -> Rows:
+    """Hand tool results to rows `chosen` [S] bool: their queues [S, Q] of
+    queue_len [S] tokens; they stop waiting and write them next. Rows donated."""
+    tool = rows.tool
+    pick = functools.partial(jnp.where, chosen)
+    return rows._replace(tool=tool._replace(
+        queue=jnp.where(chosen[:, None], queue, tool.queue),
+        queue_at=pick(0, tool.queue_at), queue_len=pick(queue_len, tool.queue_len),
+        pending=pick(False, tool.pending), calls=tool.calls + chosen.astype(jnp.int32)))
 
 
 # ---------------------------------------------------------------------------
 # The three programs' bodies
 
 
-def _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key, stop_table, *,
-           cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, group: int
+def _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key, stop_table,
+           call_table=None, *, cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, group: int
            ) -> tuple[kv_cache.KVCache, Rows]:
     """Prefill prompts [P, L] once each, fan cache and logits out to `group` rows per
     prompt (prompt-major), choose each row's first token. Row g of prompt p is keyed
@@ -136,18 +202,19 @@ def _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key, stop_table
     if group > 1:
         cache = kv_cache.repeat_rows(cache, group)
         logits = jnp.repeat(logits, group, axis=1)
-    rows = empty_rows(sampling.max_new_tokens, sampling_lib.row_keys(key, row_ids))
-    rows = choose(rows, logits, jnp.ones(row_ids.shape, bool), sampling, stop_table)
+    rows = empty_rows(sampling, sampling_lib.row_keys(key, row_ids))
+    rows = choose(rows, logits, jnp.ones(row_ids.shape, bool), sampling, stop_table,
+                  call_table)
     return cache, rows
 
 
 def _insert(params, lora, cache, rows, prompt_tokens, prompt_mask, prompt_ids, slot_ids, key,
-            stop_table, *, cfg: ModelConfig, sampling: SamplerConfig, cache_len: int,
+            stop_table, call_table=None, *, cfg: ModelConfig, sampling: SamplerConfig, cache_len: int,
             group: int) -> tuple[kv_cache.KVCache, Rows]:
     """`_start` for R prompts, written into rows `slot_ids` [R*group] of a running
     state (an id >= S is filler and dropped)."""
     fresh_cache, fresh = _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key,
-                                stop_table, cfg=cfg, sampling=sampling, cache_len=cache_len,
+                                stop_table, call_table, cfg=cfg, sampling=sampling, cache_len=cache_len,
                                 group=group)
 
     def write(old, new):
@@ -156,22 +223,26 @@ def _insert(params, lora, cache, rows, prompt_tokens, prompt_mask, prompt_ids, s
     return jax.tree.map(write, cache, fresh_cache), jax.tree.map(write, rows, fresh)
 
 
-def _decode(params, lora, cache, rows: Rows, active, need, stop_table, *, cfg: ModelConfig,
-            sampling: SamplerConfig) -> tuple[kv_cache.KVCache, Rows, jax.Array]:
-    """Decode the `active` rows until `need` of them have finished (or all have).
-    -> cache, rows, decode steps run. The cache and rows are donated."""
+def _decode(params, lora, cache, rows: Rows, active, need, stop_table, call_table=None, *,
+            cfg: ModelConfig, sampling: SamplerConfig
+            ) -> tuple[kv_cache.KVCache, Rows, jax.Array]:
+    """Decode the `active` rows until `need` of them have finished (or all have), or
+    some row waits for a tool's result. -> cache, rows, decode steps run. The cache
+    and rows are donated. A waiting row leaves the loop before its next step, so
+    its cache position never moves while it waits."""
 
     def cond(state):
         _, rows, _ = state
         finished = rows.finished()
-        return jnp.any(active & ~finished) & (jnp.sum(active & finished) < need)
+        return (jnp.any(active & ~finished) & (jnp.sum(active & finished) < need)
+                & ~jnp.any(active & rows.waiting()))
 
     def body(state):
         cache, rows, steps = state
         hidden, cache = kv_cache.decode_step(params, cache, rows.last, cfg, lora)
         logits = sampling_lib.vocab_major_logits(params, hidden, cfg)
-        return (cache, choose(rows, logits, active & ~rows.finished(), sampling, stop_table),
-                steps + 1)
+        return (cache, choose(rows, logits, active & ~rows.finished(), sampling, stop_table,
+                              call_table), steps + 1)
 
     return jax.lax.while_loop(cond, body, (cache, rows, jnp.int32(0)))
 
@@ -181,16 +252,19 @@ def _decode(params, lora, cache, rows: Rows, active, need, stop_table, *, cfg: M
 
 
 class Programs(NamedTuple):
-    start: sharding.ShardedJit   # (params, lora, tokens, mask, prompt_ids, key, table)
+    start: sharding.ShardedJit   # (params, lora, tokens, mask, prompt_ids, key, table,
+                                 #  call_table)
     insert: sharding.ShardedJit  # (params, lora, cache, rows, tokens, mask, prompt_ids,
-                                 #  slot_ids, key, table); cache and rows donated
-    decode: sharding.ShardedJit  # (params, lora, cache, rows, active, need, table);
-                                 # cache and rows donated
+                                 #  slot_ids, key, table, call_table); cache, rows donated
+    decode: sharding.ShardedJit  # (params, lora, cache, rows, active, need, table,
+                                 #  call_table); cache and rows donated
+    feed: sharding.ShardedJit    # (rows, chosen, queue, queue_len); rows donated (tools)
 
 
-def rows_shardings(plan: sharding.MeshPlan) -> Rows:
+def rows_shardings(plan: sharding.MeshPlan, tools: bool = False) -> Rows:
     """Every per-row array over data x fsdp (a prefix sharding for the [S, N] ones)."""
-    return Rows(Record(*[plan.rows] * 6), plan.rows, plan.rows)
+    return Rows(Record(*[plan.rows] * 6), plan.rows, plan.rows,
+                ToolRows(*[plan.rows] * 7) if tools else None)
 
 
 @functools.lru_cache(maxsize=32)
@@ -201,25 +275,30 @@ def programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, group: i
     static = dict(cfg=cfg, sampling=sampling)
     params_sh = gemma3.param_shardings(plan, cfg)
     cache_sh = kv_cache.cache_shardings(plan, cfg)
-    rows_sh, rows, rep = rows_shardings(plan), plan.rows, plan.replicated
+    rows_sh, rows, rep = rows_shardings(plan, bool(sampling.tools)), plan.rows, plan.replicated
 
-    def common(lora, stop_table):
+    def common(lora, stop_table, call_table):
         return (params_sh, lora_lib.lora_shardings(plan, cfg, lora),
-                None if stop_table is None else rep)
+                None if stop_table is None else rep, None if call_table is None else rep)
 
-    def start_shardings(params, lora, tokens, mask, ids, key, stop_table):
-        p_sh, l_sh, t_sh = common(lora, stop_table)
-        return (p_sh, l_sh, rows, rows, rows, rep, t_sh), (cache_sh, rows_sh)
+    def start_shardings(params, lora, tokens, mask, ids, key, stop_table, call_table):
+        p_sh, l_sh, t_sh, c_sh = common(lora, stop_table, call_table)
+        return (p_sh, l_sh, rows, rows, rows, rep, t_sh, c_sh), (cache_sh, rows_sh)
 
     def insert_shardings(params, lora, cache, state, tokens, mask, ids, slots, key,
-                         stop_table):
-        p_sh, l_sh, t_sh = common(lora, stop_table)
-        return ((p_sh, l_sh, cache_sh, rows_sh, rows, rows, rows, rows, rep, t_sh),
+                         stop_table, call_table):
+        p_sh, l_sh, t_sh, c_sh = common(lora, stop_table, call_table)
+        return ((p_sh, l_sh, cache_sh, rows_sh, rows, rows, rows, rows, rep, t_sh, c_sh),
                 (cache_sh, rows_sh))
 
-    def decode_shardings(params, lora, cache, state, active, need, stop_table):
-        p_sh, l_sh, t_sh = common(lora, stop_table)
-        return (p_sh, l_sh, cache_sh, rows_sh, rows, rep, t_sh), (cache_sh, rows_sh, rep)
+    def decode_shardings(params, lora, cache, state, active, need, stop_table,
+                         call_table):
+        p_sh, l_sh, t_sh, c_sh = common(lora, stop_table, call_table)
+        return ((p_sh, l_sh, cache_sh, rows_sh, rows, rep, t_sh, c_sh),
+                (cache_sh, rows_sh, rep))
+
+    def feed_shardings(state, chosen, queue, queue_len):
+        return (rows_sh, rows, rows, rows), rows_sh
 
     return Programs(
         sharding.sharded_jit(plan, functools.partial(
@@ -228,4 +307,5 @@ def programs(cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, group: i
             _insert, **static, cache_len=cache_len, group=group), insert_shardings,
             donate_argnums=(2, 3)),
         sharding.sharded_jit(plan, functools.partial(_decode, **static), decode_shardings,
-                             donate_argnums=(2, 3)))
+                             donate_argnums=(2, 3)),
+        sharding.sharded_jit(plan, feed, feed_shardings, donate_argnums=(0,)))

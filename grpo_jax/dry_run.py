@@ -145,12 +145,13 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
     key = jax.eval_shape(lambda: jax.random.key(0))
     if "prefill" in names:  # the engine's start: prefill, fan-out, first tokens
         out["prefill"] = engine.start.lower(params, lora, prompts, rows(prompts.shape, jnp.bool_),
-                                            rows((g.num_prompts,), jnp.int32), key, None)
+                                            rows((g.num_prompts,), jnp.int32), key, None,
+                                            None)
     cache = kv_cache.abstract_cache(model_cfg, n, length)
     if "decode" in names:
-        state = jax.eval_shape(lambda k: decode.empty_rows(steps, jax.random.split(k, n)), key)
+        state = jax.eval_shape(lambda k: decode.empty_rows(cfg.sampler, jax.random.split(k, n)), key)
         out["decode"] = engine.decode.lower(params, lora, cache, state, rows((n,), jnp.bool_),
-                                            rows((), jnp.int32), None)
+                                            rows((), jnp.int32), None, None)
     if "decode_step" not in names:
         return out
 

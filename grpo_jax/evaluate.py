@@ -22,7 +22,7 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import data, eval_metrics, fileio, runs, sampler, sharding
+from grpo_jax import data, eval_metrics, fileio, runs, sampler, sharding, tools as tools_lib
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.cli import run_cli
 from grpo_jax.config import SamplerConfig, TrainConfig
@@ -36,20 +36,27 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
                    model_cfg: ModelConfig, *, max_new_tokens: int, stop_ids: tuple[int, ...],
                    batch_size: int = 16, prompt_bucket: int = 32, prompt_style: str = "chat",
                    prefill: str = "", stop_strings: tuple[str, ...] = (),
-                   plan: sharding.MeshPlan | None = None) -> tuple[dict, list[dict]]:
+                   plan: sharding.MeshPlan | None = None,
+                   tools: SamplerConfig | None = None) -> tuple[dict, list[dict]]:
     """Greedy completions for `problems` -> (summary figures, per-problem records);
     a completion is scored and recorded with the `prefill` its prompt ends with.
     plan: the mesh the weights live on (default one device); every host of a
-    multi-host run calls this and gets the same results."""
+    multi-host run calls this and gets the same results. tools: a sampler config
+    whose tool (`tools`, markers and bounds) answers the model's calls; None: the model
+    alone, writing its own results."""
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                              prompt_bucket=prompt_bucket, stop_strings=stop_strings)
+    if tools is not None and tools.tools:
+        sampling = dataclasses.replace(sampling, **{f: getattr(tools, f) for f in TOOL_FIELDS})
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
     # Continuous batching: `batch_size` rows decode together and a row that stops takes
     # the next problem at once (greedy, so the answers equal batch-at-a-time decoding's).
     out = sampler.sample_stream(params, data.encode_prompts(tokenizer, problems, prompt_style,
                                                             prefill),
                                 jax.random.key(0), cfg=model_cfg, sampling=sampling,
-                                slots=batch_size, lora=lora, stop_table=stop_table, plan=plan)
+                                slots=batch_size, lora=lora, stop_table=stop_table, plan=plan,
+                                toolbox=tools_lib.toolbox(tokenizer, sampling,
+                                                          model_cfg.vocab_size))
     completions = [prefill + c for c in sampler.decode_completions(tokenizer, out, stop_strings)]
     answers = [p.answer for p in problems]
     scores = eval_metrics.eval_scores(completions, answers)
@@ -57,9 +64,17 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     records = [{"index": p.index, "template": p.template, "question": p.question,
                 "answer": p.answer, "completion": c,
                 **{k: bool(v[i]) for k, v in scores.items()},
-                "steps_stated": steps[i].stated, "steps_right": steps[i].right}
+                "steps_stated": steps[i].stated, "steps_right": steps[i].right,
+                **({} if out.tool_calls is None else {"tool_calls": int(out.tool_calls[i])})}
                for i, (p, c) in enumerate(zip(problems, completions))]
-    return eval_metrics.summarize(scores, steps), records
+    figures = eval_metrics.summarize(scores, steps)
+    if out.tool_calls is not None:
+        figures["tool_calls_mean"] = float(out.tool_calls.mean())
+    return figures, records
+
+
+# The sampler fields that say which tool answers calls, and how.
+TOOL_FIELDS = ("tools", "tool_call", "max_tool_calls", "tool_result_tokens", "tool_timeout_s")
 
 
 def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
@@ -105,20 +120,32 @@ def eval_problems(cfg: TrainConfig, split: str = "eval") -> list[data.Problem]:
 
 
 def eval_options(cfg: TrainConfig) -> dict:
-    """evaluate_model's keyword arguments as the run config sets them."""
+    """evaluate_model's keyword arguments as the run config sets them (the model alone:
+    `tool_columns` adds the tool)."""
     return dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
                 prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size,
                 prompt_style=cfg.data.prompt_style, prefill=cfg.data.prefill,
                 stop_strings=cfg.sampler.stop_strings)
 
 
-# eval.json's columns, in the order a run produces them, and their table labels.
+# eval.json's columns, in the order a run produces them, and their table labels. A run
+# with a tool also fills COLUMN + TOOL_SUFFIX: the same model with the tool answering
+# its calls. The plain columns are the model alone, the headline.
 COLUMNS = ("base", "sft", "trained")
+TOOL_SUFFIX = "_tool"
+
+
+def tool_columns(cfg: TrainConfig) -> bool:
+    """Whether the run's evaluation has a column with its tool beside each plain one."""
+    return bool(cfg.sampler.tools)
 
 
 def column_labels(cfg: TrainConfig) -> dict[str, str]:
-    return {"base": "base", "sft": "SFT",
-            "trained": "SFT+GRPO" if cfg.sft.steps else "GRPO"}
+    labels = {"base": "base", "sft": "SFT", "trained": "SFT+GRPO" if cfg.sft.steps else "GRPO"}
+    if tool_columns(cfg):
+        labels.update({c + TOOL_SUFFIX: f"{labels[c]} + {cfg.sampler.tools[0]}"
+                       for c in COLUMNS})
+    return labels
 
 
 class EvalFile:
@@ -141,27 +168,37 @@ class EvalFile:
                       "num_problems": len(self.problems),
                       "indices": [p.index for p in self.problems],
                       **{k: v for k, v in eval_options(cfg).items() if k != "batch_size"}}
+        if tool_columns(cfg):
+            self.setup["tools"] = {f: getattr(cfg.sampler, f) for f in TOOL_FIELDS}
         self.setup = json.loads(json.dumps(self.setup))  # tuples as lists, as read back
         self.path = self.run_dir / self.name
         saved = runs.read_eval(self.run_dir, self.name)
         self.result = saved if saved.get("setup") == self.setup else {}
 
+    def ways(self, column: str) -> tuple[str, ...]:
+        """The file's columns for model `column`: alone, and with the run's tool."""
+        return (column, column + TOOL_SUFFIX) if tool_columns(self.cfg) else (column,)
+
     def is_current(self, column: str, step: int) -> bool:
-        return self.result.get("steps", {}).get(column) == step
+        steps = self.result.get("steps", {})
+        return all(steps.get(c) == step for c in self.ways(column))
 
     def add(self, column: str, step: int, params, lora, tokenizer, model_cfg: ModelConfig
             ) -> dict:
-        """Evaluate (params, lora) greedily as `column` at checkpoint `step`; write."""
+        """Evaluate (params, lora) greedily as `column` at checkpoint `step` (and with
+        the run's tool, as column + TOOL_SUFFIX); write. -> the model-alone figures."""
         if column not in COLUMNS:
             raise ValueError(f"column must be one of {COLUMNS}, got {column!r}")
-        figures, records = evaluate_model(params, lora, tokenizer, self.problems, model_cfg,
-                                          **eval_options(self.cfg), plan=self.plan)
         r = self.result or {"setup": self.setup, "num_problems": len(self.problems),
                             "dataset": self.setup["dataset"], "split": self.setup["split"]}
-        r[column] = figures
+        for name in self.ways(column):
+            figures, records = evaluate_model(
+                params, lora, tokenizer, self.problems, model_cfg, **eval_options(self.cfg),
+                plan=self.plan, tools=self.cfg.sampler if name != column else None)
+            r[name] = figures
+            r.setdefault("steps", {})[name] = step
+            r.setdefault("records", {})[name] = records
         r[runs.DATA_SOURCE_KEY] = data.source_versions(self.cfg.data)
-        r.setdefault("steps", {})[column] = step
-        r.setdefault("records", {})[column] = records
         if column == "trained":
             r["step"] = step
         # SFT+GRPO against SFT-only on the same problems, paired (None until both exist).
@@ -171,11 +208,11 @@ class EvalFile:
         self.result = r
         if jax.process_index() == 0:  # every host computes the same figures
             runs.write_eval(self.run_dir, r, self.name)
-        return figures
+        return r[column]
 
     def table(self) -> str:
         labels = column_labels(self.cfg)
-        table = eval_metrics.format_table({labels[c]: self.result[c] for c in COLUMNS
+        table = eval_metrics.format_table({labels[c]: self.result[c] for c in labels
                                            if c in self.result})
         comparison = eval_metrics.compare_columns(self.result.get("records", {}))
         if comparison is None:

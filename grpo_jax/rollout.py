@@ -57,7 +57,8 @@ def sample_round(ctx: StepContext, params, lora, key, position: int) -> Round:
                                                        position, ctx.shapes)
     out = sharding.to_host(sampler.sample(
         params, prompt_tokens, prompt_mask, key, cfg=ctx.model_cfg, sampling=cfg.sampler,
-        group=g.group_size, lora=lora, stop_table=ctx.stop_table, plan=ctx.plan))
+        group=g.group_size, lora=lora, stop_table=ctx.stop_table, plan=ctx.plan,
+        toolbox=ctx.toolbox))
     # The rewards read the answer as the model wrote it: the prefill, then its completion.
     texts = [cfg.data.prefill + t for t in
              sampler.decode_completions(ctx.tokenizer, out, cfg.sampler.stop_strings)]
@@ -97,7 +98,8 @@ def gather_groups(rounds: Sequence[Round], picks, group: int) -> Round:
         return np.stack([np.asarray(get(rounds[r]))[k] for r, k in index])
 
     out = type(rounds[0].rollout)(*(
-        take(lambda d, f=f: getattr(d.rollout, f), rows) if f != "steps"
+        None if getattr(rounds[0].rollout, f) is None
+        else take(lambda d, f=f: getattr(d.rollout, f), rows) if f != "steps"
         else np.max([np.asarray(d.rollout.steps) for d in rounds])
         for f in rounds[0].rollout._fields))
     return Round([rounds[r].problems[i] for r, i in picks],
@@ -177,7 +179,7 @@ def grpo_step(ctx: StepContext, params, state: update.TrainState, step: int,
     batch = sharding.put_batch(plan, update.teacher_forced_batch(
         batch_round.prompt_tokens, batch_round.prompt_mask, rollout.tokens, rollout.lengths,
         g.group_size, rollout.sampling_logprobs,
-        None if in_reward else completion_advantages(cfg, total)))
+        None if in_reward else completion_advantages(cfg, total), rollout.policy_mask))
     score_s = lap()
 
     if g.beta > 0:
@@ -262,4 +264,10 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
     }
     if kl_penalty is not None:
         metrics["reward/kl_penalty"] = float(np.mean(kl_penalty))
+    if rollout.tool_calls is not None:
+        policy = np.asarray(rollout.policy_mask)
+        real = np.arange(policy.shape[1])[None, :] < lengths[:, None]
+        metrics["tool/calls_mean"] = float(np.mean(rollout.tool_calls))
+        # Of the completions' tokens, the share a tool wrote (context, not trained on).
+        metrics["tool/token_frac"] = float(np.sum(real & ~policy) / max(int(real.sum()), 1))
     return metrics

@@ -25,7 +25,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from grpo_jax import decode, sharding, stop_strings as stop_strings_lib
+from grpo_jax import decode, sharding, stop_strings as stop_strings_lib, tools as tools_lib
 from grpo_jax.config import SamplerConfig
 from grpo_jax.decode import SampleOutput
 from grpo_jax.model.config import ModelConfig
@@ -80,24 +80,56 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None, *,
 # Lockstep
 
 
-def _check_stop_table(sampling: SamplerConfig, stop_table) -> None:
+def _check_tables(sampling: SamplerConfig, stop_table, toolbox) -> None:
     if sampling.stop_strings and stop_table is None:
         raise ValueError("sampling.stop_strings are set but no stop_table was given "
                          "(stop_strings.stop_table(tokenizer, strings, vocab_size))")
+    if bool(sampling.tools) != (toolbox is not None):
+        raise ValueError("sampling.tools and the toolbox disagree: pass "
+                         "tools.toolbox(tokenizer, sampling, vocab_size) when (and only when) "
+                         "sampling.tools is set")
+
+
+def _call_table(toolbox):
+    return None if toolbox is None else toolbox.table
+
+
+def answer_calls(progs: decode.Programs, rows: decode.Rows, toolbox,
+                 plan: sharding.MeshPlan) -> tuple[decode.Rows, int]:
+    """Run the tool for every row that waits on one and hand the results to the rows
+    (one read back, one upload). -> rows, calls answered."""
+    if toolbox is None:
+        return rows, 0
+    tokens, lengths, policy, waiting = sharding.to_host(
+        (rows.rec.tokens, rows.rec.lengths, rows.tool.policy, rows.waiting()))
+    chosen = np.flatnonzero(waiting)
+    if not chosen.size:
+        return rows, 0
+    slots, width = waiting.shape[0], rows.tool.queue.shape[1]
+    queue = np.full((slots, width), PAD_ID, np.int32)
+    queue_len = np.zeros(slots, np.int32)
+    for r in chosen:
+        ids = toolbox.result_ids(tokens[r, :lengths[r]], policy[r, :lengths[r]])
+        queue[r, :len(ids)], queue_len[r] = ids, len(ids)
+    rows = progs.feed(rows, *(sharding.put(x, plan.rows) for x in (waiting, queue, queue_len)))
+    return rows, int(chosen.size)
 
 
 def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Array,
            key: jax.Array, *, cfg: ModelConfig, sampling: SamplerConfig, group: int = 1,
            lora=None, max_cache_len: int | None = None,
            stop_table: jax.Array | None = None,
-           plan: sharding.MeshPlan | None = None) -> SampleOutput:
+           plan: sharding.MeshPlan | None = None,
+           toolbox: tools_lib.Toolbox | None = None) -> SampleOutput:
     """Sample `group` completions for each left-padded prompt row [P, L] -> [P*group] rows
     (prompt-major: the rows of prompt p are p*group .. p*group+group-1; row r draws
     with fold_in(key, r)). `sampling.stop_strings` need `stop_table`
-    (`stop_strings.stop_table`): the sampler sees token ids only. plan: the device mesh
-    (default one device); the prompt rows must divide over its data x fsdp devices.
-    `steps` counts the first token's choice as a step."""
-    _check_stop_table(sampling, stop_table)
+    (`stop_strings.stop_table`): the sampler sees token ids only; `sampling.tools` need
+    `toolbox` (`tools.toolbox`): the decode runs in segments, and between two the host
+    answers the calls rows have completed. plan: the device mesh (default one device);
+    the prompt rows must divide over its data x fsdp devices. `steps` counts the first
+    token's choice as a step."""
+    _check_tables(sampling, stop_table, toolbox)
     prompts = prompt_tokens.shape[0]
     check_group(prompts * group, group)
     cache_len = prompt_tokens.shape[1] + sampling.max_new_tokens
@@ -111,18 +143,27 @@ def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     rows = prompts * group
     tokens, mask, ids = (sharding.put(x, plan.rows) for x in (
         prompt_tokens, prompt_mask, np.arange(prompts, dtype=np.int32)))
-    cache, state = progs.start(params, lora, tokens, mask, ids, key, stop_table)
+    call_table = _call_table(toolbox)
+    cache, state = progs.start(params, lora, tokens, mask, ids, key, stop_table, call_table)
     active = sharding.put(np.ones(rows, bool), plan.rows)
     need = sharding.put(np.int32(rows), plan.replicated)
-    _, state, ran = progs.decode(params, lora, cache, state, active, need, stop_table)
-    return state.output(ran + 1)
+    state, _ = answer_calls(progs, state, toolbox, plan)
+    ran = 1
+    while True:  # one segment without a tool; with one, a segment per round of calls
+        cache, state, steps = progs.decode(params, lora, cache, state, active, need,
+                                           stop_table, call_table)
+        ran += steps
+        state, answered = answer_calls(progs, state, toolbox, plan)
+        if not answered:
+            return state.output(ran)
 
 
 def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
                    cfg: ModelConfig, sampling: SamplerConfig, group: int = 1, lora=None,
                    max_cache_len: int | None = None,
                    stop_table: jax.Array | None = None,
-                   plan: sharding.MeshPlan | None = None) -> SampleOutput:
+                   plan: sharding.MeshPlan | None = None,
+                   toolbox: tools_lib.Toolbox | None = None) -> SampleOutput:
     """Token lists in, NumPy arrays out, with prompt length and count bucketed.
 
     Filler rows (copies of the last prompt) come after the real ones, so the real
@@ -135,9 +176,9 @@ def sample_prompts(params: gemma3.Params, prompts: Sequence[Sequence[int]], key:
     tokens, mask = left_pad(padded, multiple=sampling.prompt_bucket)
     out = sharding.to_host(sample(params, tokens, mask, key, cfg=cfg, sampling=sampling,
                                   group=group, lora=lora, max_cache_len=max_cache_len,
-                                  stop_table=stop_table, plan=plan))
-    return SampleOutput(*(np.asarray(x)[:n * group] if np.ndim(x) else np.asarray(x)
-                          for x in out))
+                                  stop_table=stop_table, plan=plan, toolbox=toolbox))
+    return SampleOutput(*(x if x is None else np.asarray(x)[:n * group] if np.ndim(x)
+                          else np.asarray(x) for x in out))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -151,13 +192,15 @@ def _round_up(n: int, multiple: int) -> int:
 def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: jax.Array, *,
                   cfg: ModelConfig, sampling: SamplerConfig, slots: int = 64,
                   refill: int | None = None, lora=None, stop_table: jax.Array | None = None,
-                  plan: sharding.MeshPlan | None = None) -> SampleOutput:
+                  plan: sharding.MeshPlan | None = None,
+                  toolbox: tools_lib.Toolbox | None = None) -> SampleOutput:
     """One completion per prompt, in prompt order, as NumPy arrays (`steps`: decode steps
     run in all). `slots` rows decode together; prompts enter `refill` at a time
     (default slots // 8) as soon as that many rows are free. Every prompt is
     left-padded to the bucket of the longest, so the programs compile once per stream.
-    On a mesh, slots and refill are rounded up to multiples of its data x fsdp devices."""
-    _check_stop_table(sampling, stop_table)
+    On a mesh, slots and refill are rounded up to multiples of its data x fsdp devices.
+    With a tool (`toolbox`), the calls rows complete are answered between segments."""
+    _check_tables(sampling, stop_table, toolbox)
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts to sample")
@@ -184,14 +227,18 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
     # rows beyond the prompts stay idle until a refill takes them.
     owner = np.full(slots, -1)  # the prompt each slot holds (-1: free)
     first = list(range(min(slots, n)))
-    cache, rows = progs.start(params, lora, *filled(first, slots), key, stop_table)
+    call_table = _call_table(toolbox)
+    cache, rows = progs.start(params, lora, *filled(first, slots), key, stop_table, call_table)
     owner[:len(first)] = first
     next_prompt = len(first)
+    tooled = toolbox is not None
     out = SampleOutput(np.full((n, steps), PAD_ID, np.int32), np.zeros((n, steps), np.float32),
                        np.zeros((n, steps), np.float32), np.zeros(n, np.int32),
-                       np.zeros(n, bool), None)
+                       np.zeros(n, bool), None, np.zeros((n, steps), bool) if tooled else None,
+                       np.zeros(n, np.int32) if tooled else None)
     taken, decode_steps = 0, 0
     while taken < n:
+        rows, _ = answer_calls(progs, rows, toolbox, plan)
         active = owner >= 0
         remaining = n - next_prompt
         # Run until enough rows finish to take the next `refill` prompts (or all, at the end).
@@ -200,15 +247,19 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
         cache, rows, ran = progs.decode(params, lora, cache, rows,
                                         sharding.put(active, plan.rows),
                                         sharding.put(np.int32(need), plan.replicated),
-                                        stop_table)
-        # One transfer a segment: at least `need` rows have finished.
-        host, finished = sharding.to_host((rows.rec, rows.finished()))
+                                        stop_table, call_table)
+        # One transfer a segment: at least `need` rows have finished (or, with a tool,
+        # some row waits for a result).
+        host, tool, finished = sharding.to_host((rows.rec, rows.tool, rows.finished()))
         decode_steps += int(sharding.to_host(ran))
         finished = np.flatnonzero(active & finished)
         ids = owner[finished]
-        for field, value in zip(out[:5], (host.tokens, host.logprobs, host.sampling_logprobs,
-                                          host.lengths, host.done)):
-            field[ids] = value[finished]
+        values = (host.tokens, host.logprobs, host.sampling_logprobs, host.lengths, host.done)
+        if tooled:
+            values += (None, tool.policy, tool.calls)
+        for field, value in zip(out, values):
+            if value is not None:
+                field[ids] = value[finished]
         owner[finished] = -1
         taken += finished.size
         # Fill free slots, `refill` prompts at a time (the last group padded with filler).
@@ -219,7 +270,7 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
             slot_ids = np.concatenate([free, np.full(refill - len(chosen), slots)])
             cache, rows = progs.insert(params, lora, cache, rows, *filled(chosen, refill),
                                        sharding.put(slot_ids.astype(np.int32), plan.rows),
-                                       key, stop_table)
+                                       key, stop_table, call_table)
             owner[free] = chosen
             next_prompt += len(chosen)
     return out._replace(steps=np.asarray(decode_steps, np.int32))

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from grpo_jax import data, sampler, sharding, update
+from grpo_jax import data, sampler, sharding, tools, update
 from grpo_jax.config import TrainConfig
 from grpo_jax.context import RunShapes, StepContext
 from grpo_jax.tokenizer import END_OF_TURN_ID
@@ -28,9 +28,27 @@ def target_stop_id(cfg: TrainConfig) -> int | None:
 
 def target_ids(cfg: TrainConfig, tokenizer, problem: data.Problem) -> list[int]:
     """The gold target's tokens: the solution in the answer format, then the stop token."""
+    return target_tokens(cfg, tokenizer, problem)[0]
+
+
+def target_tokens(cfg: TrainConfig, tokenizer, problem: data.Problem
+                  ) -> tuple[list[int], list[bool]]:
+    """The gold target's tokens and which of them the policy writes (SFT's loss mask).
+    With a tool (sampler.tools), the solution's arithmetic steps are written as calls
+    (`tools.with_calls`) and the results the tool would write are context, not targets."""
     stop = target_stop_id(cfg)
-    return (tokenizer.encode(data.sft_target(problem, cfg.data.prefill), add_bos=False)
-            + ([] if stop is None else [stop]))
+    tail = [] if stop is None else [stop]
+    s = cfg.sampler
+    if not s.tools:
+        ids = tokenizer.encode(data.sft_target(problem, cfg.data.prefill), add_bos=False) + tail
+        return ids, [True] * len(ids)
+    markers = tools.CallMarkers(*s.tool_call)
+    solution = tools.with_calls(problem.solution or "", markers, s.max_tool_calls,
+                                tools.get_tool(s.tools[0]))
+    ids, policy = tools.encode_with_calls(
+        tokenizer, data.sft_target(problem._replace(solution=solution or None),
+                                   cfg.data.prefill), markers)
+    return ids + tail, policy + [True] * len(tail)
 
 
 def run_shapes(cfg: TrainConfig, tokenizer, problems) -> tuple[RunShapes, list]:
@@ -97,10 +115,12 @@ def pack_shape(cfg: TrainConfig, sizes: list[tuple[int, int]]) -> dict:
 
 
 def pack_rows(examples: list[tuple[list[int], list[int]]], rows: int, length: int,
-              width: int) -> update.PackedBatch:
+              width: int, policy: list[list[bool]] | None = None) -> update.PackedBatch:
     """(prompt ids, target ids) pairs -> `rows` host rows of `length` tokens, each pair a
     sequence of its own (segment 2, 3, ... in its row; positions from 0), and per row
-    the `width` slots of (predicting position, target id, mask) for its targets."""
+    the `width` slots of (predicting position, target id, mask) for its targets.
+    policy: per example, which target tokens are trained on (default all; a tool's
+    result is context only)."""
     tokens = np.zeros((rows, length), np.int32)
     positions = np.zeros((rows, length), np.int32)
     segments = np.zeros((rows, length), np.int32)
@@ -124,7 +144,7 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], rows: int, length: in
             # Target token j sits at at + len(prompt) + j and is predicted one earlier.
             index[r, slot:slot + len(target)] = at + len(prompt) - 1 + np.arange(len(target))
             targets[r, slot:slot + len(target)] = target
-            mask[r, slot:slot + len(target)] = True
+            mask[r, slot:slot + len(target)] = True if policy is None else policy[i]
             at, slot = at + len(seq), slot + len(target)
     return update.PackedBatch(tokens, positions, segments, index, targets, mask)
 
@@ -136,16 +156,19 @@ def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int, shapes: RunShape
     chosen = data.batch_at(problems, cfg.data.shuffle_seed, cfg.data_position(step - 1),
                            cfg.sft.batch_size)
     prompts = data.encode_prompts(tokenizer, chosen, cfg.data.prompt_style, cfg.data.prefill)
-    targets = [target_ids(cfg, tokenizer, p) for p in chosen]
+    targets, policy = zip(*[target_tokens(cfg, tokenizer, p) for p in chosen])
+    tooled = bool(cfg.sampler.tools)
     if cfg.sft.pack_length:
         return pack_rows(list(zip(prompts, targets)), shapes.sft_rows, cfg.sft.pack_length,
-                         shapes.sft_targets)
+                         shapes.sft_targets, list(policy) if tooled else None)
     prompt_tokens, prompt_mask = sampler.left_pad(prompts, shapes.prompt_len)
     tokens = np.zeros((len(targets), shapes.sft_target_len), np.int32)
-    for row, t in enumerate(targets):
-        tokens[row, :len(t)] = t
+    trained = np.zeros(tokens.shape, bool)
+    for row, (t, p) in enumerate(zip(targets, policy)):
+        tokens[row, :len(t)], trained[row, :len(p)] = t, p
     lengths = np.asarray([len(t) for t in targets])
-    return update.teacher_forced_batch(prompt_tokens, prompt_mask, tokens, lengths, 1)
+    return update.teacher_forced_batch(prompt_tokens, prompt_mask, tokens, lengths, 1,
+                                       policy_mask=trained if tooled else None)
 
 
 def sft_step(ctx: StepContext, params, state: update.TrainState, step: int):

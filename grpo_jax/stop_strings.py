@@ -62,7 +62,14 @@ def byte_automaton(strings: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
 def token_table(token_bytes: Sequence[bytes], strings: Sequence[str]) -> np.ndarray:
     """[S, V] int32: each automaton state's successor after a whole token, MATCHED
     where a stop string ends within the token's bytes."""
-    delta, accept = byte_automaton([s.encode("utf-8") for s in strings])
+    return fold_tokens(token_bytes, *byte_automaton([s.encode("utf-8") for s in strings]))
+
+
+def fold_tokens(token_bytes: Sequence[bytes], delta: np.ndarray, accept: np.ndarray
+                ) -> np.ndarray:
+    """A byte DFA (delta [S, 256], accept [S]) folded over whole tokens: [S, V] int32,
+    the state after each token's bytes, MATCHED where an accepting state is reached
+    within them."""
     lengths = np.fromiter((len(b) for b in token_bytes), np.int64, len(token_bytes))
     width = int(lengths.max(initial=0))
     columns = np.zeros((len(token_bytes), max(width, 1)), np.uint8)
@@ -84,15 +91,19 @@ def token_table(token_bytes: Sequence[bytes], strings: Sequence[str]) -> np.ndar
     return table
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_table(tokenizer, strings: tuple[str, ...], vocab_size: int) -> jax.Array:
+def vocab_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """Each model token id's bytes: the tokenizer's, then b"" for ids past them (a
+    model vocabulary padded beyond the tokenizer's decodes to nothing)."""
     pieces = list(tokenizer.token_bytes())
     if len(pieces) > vocab_size:
         raise ValueError(f"the tokenizer has {len(pieces)} tokens, more than the model's "
                          f"{vocab_size}")
-    # Ids past the tokenizer's (a model vocabulary padded beyond it) decode to nothing.
-    pieces += [b""] * (vocab_size - len(pieces))
-    return jnp.asarray(token_table(pieces, strings))
+    return pieces + [b""] * (vocab_size - len(pieces))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_table(tokenizer, strings: tuple[str, ...], vocab_size: int) -> jax.Array:
+    return jnp.asarray(token_table(vocab_bytes(tokenizer, vocab_size), strings))
 
 
 def stop_table(tokenizer, strings: Sequence[str], vocab_size: int) -> jax.Array | None:

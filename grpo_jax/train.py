@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import jax
 
 from grpo_jax import (data, dry_run, evaluate, fileio, presets, rewards, rollout, runs, sharding,
-                      sft, stop_strings, update)
+                      sft, stop_strings, tools, update)
 from grpo_jax.cli import run_cli
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.context import StepContext
@@ -108,6 +108,8 @@ def train(cfg: TrainConfig) -> dict:
     sharding.initialize_distributed(cfg.distributed)
     sharding.check_run(cfg, dry_run.run_model_config(cfg), jax.device_count())
     rewards.check_rewards(cfg.rewards)
+    for name in cfg.sampler.tools:
+        tools.get_tool(name)  # an unknown tool is refused before anything is loaded
     problems = data.load_problems(cfg.data, "train", need_solution=cfg.sft.steps > 0)
     held_out = evaluate.eval_problems(cfg) if cfg.eval_problems else []
     fileio.check_writable(out_dir)
@@ -186,7 +188,8 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                           plan) if sft_steps else None
     grpo_ctx = StepContext(cfg, model_cfg, tokenizer, fns, problems, shapes, plan,
                            sampling_key, stop_strings.stop_table(
-                               tokenizer, cfg.sampler.stop_strings, model_cfg.vocab_size))
+                               tokenizer, cfg.sampler.stop_strings, model_cfg.vocab_size),
+                           tools.toolbox(tokenizer, cfg.sampler, model_cfg.vocab_size))
 
     def evaluate_column(column: str, step: int, lora) -> None:
         if evals is not None and not evals.is_current(column, step):

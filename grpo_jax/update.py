@@ -40,6 +40,8 @@ class Batch:
     right-padded completion; advantages [N] and the log-probs [N, T] are None until
     computed (ref: LoRA off, needed when beta > 0; old: the policy before the first
     of mu > 1 updates; sample: the sampler's own, for the drift metric).
+    policy_mask [N, T]: with tool calls, True on the completion tokens the policy
+    chose; a tool's tokens are context (in input_mask) but in no loss term.
     """
 
     tokens: jax.Array
@@ -48,11 +50,15 @@ class Batch:
     ref_logprobs: jax.Array | None = None
     old_logprobs: jax.Array | None = None
     sample_logprobs: jax.Array | None = None
+    policy_mask: jax.Array | None = None
     prompt_len: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def completion_mask(self) -> jax.Array:
-        return self.input_mask[:, self.prompt_len:]
+        """[N, T] the tokens every loss term, metric and token count reads: the
+        completion's, less a tool's."""
+        mask = self.input_mask[:, self.prompt_len:]
+        return mask if self.policy_mask is None else mask & self.policy_mask
 
 
 @flax.struct.dataclass
@@ -82,16 +88,18 @@ class TrainState:
 
 def teacher_forced_batch(prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
                          completion_tokens: np.ndarray, lengths: np.ndarray, group: int,
-                         sample_logprobs=None, advantages=None) -> Batch:
+                         sample_logprobs=None, advantages=None, policy_mask=None) -> Batch:
     """A rollout as the trainer reads it, as host (NumPy) arrays: each prompt row
     [B, P] repeated for its `group` completions [B*G, T] (right-padded after
-    `lengths` tokens), joined. `sharding.put_batch` uploads it, once."""
+    `lengths` tokens), joined; `policy_mask` [B*G, T] marks the tokens the policy chose
+    (with tool calls). `sharding.put_batch` uploads it, once."""
     completion_mask = np.arange(completion_tokens.shape[1])[None, :] < lengths[:, None]
     tokens = np.concatenate([np.repeat(prompt_tokens, group, axis=0), completion_tokens], 1)
     input_mask = np.concatenate([np.repeat(prompt_mask, group, axis=0), completion_mask], 1)
     return Batch(tokens=tokens, input_mask=input_mask,
                  advantages=None if advantages is None else np.asarray(advantages, np.float32),
                  sample_logprobs=None if sample_logprobs is None else np.asarray(sample_logprobs),
+                 policy_mask=None if policy_mask is None else np.asarray(policy_mask, bool),
                  prompt_len=prompt_tokens.shape[1])
 
 

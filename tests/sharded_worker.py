@@ -124,7 +124,7 @@ def run(plan: sharding.MeshPlan | None, seed: int, attention: str = "xla"
         start = decode.programs(model_cfg, SAMPLING, cfg_len, GROUP, plan).start
         cache, _ = start(params, lora, prompt_tokens, prompt_mask,
                          np.arange(prompt_tokens.shape[0], dtype=np.int32),
-                         jax.random.key(0), None)
+                         jax.random.key(0), None, None)
         specs.update({f"cache_keys_{i}": spec_of(x) for i, x in enumerate(cache.keys)})
         specs["cache_lengths"] = spec_of(cache.lengths)
         # The shardings the rules give, to compare with what came back.

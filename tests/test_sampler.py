@@ -120,11 +120,11 @@ def test_fan_out_prefills_each_prompt_once():
     tokens, mask = left_pad([[2, 3, 4], [2, 5]], multiple=8)
     ids, key = jnp.arange(2, dtype=jnp.int32), jax.random.key(0)
     start = decode.programs(TINY, GREEDY, 20, 4, sharding.local_plan()).start
-    jaxpr = jax.make_jaxpr(start.fn)(params, None, tokens, mask, ids, key, None)
+    jaxpr = jax.make_jaxpr(start.fn)(params, None, tokens, mask, ids, key, None, None)
     text = str(jaxpr)
     assert "f32[2,8,64]" in text  # embeddings of 2 prompts x 8 tokens
     assert "f32[8,8,64]" not in text
-    cache, rows = start(params, None, tokens, mask, ids, key, None)
+    cache, rows = start(params, None, tokens, mask, ids, key, None, None)
     assert rows.rec.tokens.shape == (8, GREEDY.max_new_tokens)
     assert cache.lengths.tolist() == [3] * 4 + [2] * 4
     assert rows.rec.lengths.tolist() == [1] * 8  # each row's first token is chosen
