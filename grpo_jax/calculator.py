@@ -81,21 +81,20 @@ class _Parser:
         return token
 
     def expr(self) -> Fraction:
-        value = self.term()
-        while self.peek() in (("op", "+"), ("op", "-")):
-            op = self.take()[1]
-            right = self.term()
-            value = value + right if op == "+" else value - right
-        return value
+        return self._chain(("+", "-"), self.term)
 
     def term(self) -> Fraction:
-        value = self.unary()
-        while self.peek() in (("op", "*"), ("op", "/")):
-            op = self.take()[1]
-            right = self.unary()
+        return self._chain(("*", "/"), self.unary)
+
+    def _chain(self, ops, operand) -> Fraction:
+        """operand (op operand)* for ops of one precedence, left to right."""
+        value = operand()
+        while self.peek()[0] == "op" and self.peek()[1] in ops:
+            op, right = self.take()[1], operand()
             if op == "/" and right == 0:
                 raise CalculatorError("division by zero")
-            value = value * right if op == "*" else value / right
+            value = {"+": value.__add__, "-": value.__sub__, "*": value.__mul__,
+                     "/": value.__truediv__}[op](right)
             _check_size(value)
         return value
 

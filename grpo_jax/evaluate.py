@@ -82,22 +82,28 @@ def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
                      max_new_tokens: int, stop_ids: tuple[int, ...], batch_size: int = 16,
                      prompt_bucket: int = 32, prompt_style: str = "chat", prefill: str = "",
                      stop_strings: tuple[str, ...] = (),
-                     plan: sharding.MeshPlan | None = None) -> dict:
+                     plan: sharding.MeshPlan | None = None,
+                     tools: SamplerConfig | None = None) -> dict:
     """k samples per problem at `temperature` -> pass@k (the fraction of problems with at
     least one exact sample: what GRPO can amplify), the per-sample rates, their Wilson
-    intervals, and how many problems had 0..k exact samples."""
+    intervals, and how many problems had 0..k exact samples. tools: as in
+    `evaluate_model`."""
     if k <= 0 or temperature <= 0:
         raise ValueError(f"pass@k needs k > 0 and a temperature > 0, got k={k}, "
                          f"temperature={temperature}")
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                              stop_ids=stop_ids, prompt_bucket=prompt_bucket,
                              stop_strings=stop_strings)
+    if tools is not None and tools.tools:
+        sampling = dataclasses.replace(sampling, **{f: getattr(tools, f) for f in TOOL_FIELDS})
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
     prompts = data.encode_prompts(tokenizer, problems, prompt_style, prefill)
     # Each problem k times in a row: every row draws from its own stream (its index).
     out = sampler.sample_stream(params, [p for p in prompts for _ in range(k)], key,
                                 cfg=model_cfg, sampling=sampling, slots=batch_size,
-                                lora=lora, stop_table=stop_table, plan=plan)
+                                lora=lora, stop_table=stop_table, plan=plan,
+                                toolbox=tools_lib.toolbox(tokenizer, sampling,
+                                                          model_cfg.vocab_size))
     completions = [prefill + c for c in sampler.decode_completions(tokenizer, out, stop_strings)]
     scores = eval_metrics.eval_scores(completions, [p.answer for p in problems
                                                     for _ in range(k)])
@@ -319,18 +325,24 @@ def pass_at_k_columns(cfg: TrainConfig, args: EvaluateArgs, problems, base: load
         columns["sft"] = (params, adapters.sft)
     if adapters.grpo is not None:
         columns["trained"] = adapters.policy(params)
+    if tool_columns(cfg):  # each model alone, then with the run's tool
+        columns.update({c + TOOL_SUFFIX: weights for c, weights in list(columns.items())})
     if not columns:
         raise ValueError(f"{args.run_dir} has no trained adapters to sample from")
     options = eval_options(cfg)
     result = {"setup": {"indices": [p.index for p in problems], "split": args.split,
                         "seed": args.seed, **json.loads(json.dumps(options))},
               "steps": {"sft": cfg.sft.steps, "trained": adapters.step}}
+    if tool_columns(cfg):
+        result["setup"]["tools"] = {f: getattr(cfg.sampler, f) for f in TOOL_FIELDS}
     name = f"pass_at_{args.pass_at}" + ("" if args.split == "eval" else f"_{args.split}") \
         + f"_n{len(problems)}.json"
     for column, (p, lora) in columns.items():
         result[column] = sampled_accuracy(p, lora, tokenizer, problems, model_cfg,
                                           k=args.pass_at, temperature=args.temperature,
-                                          key=jax.random.key(args.seed), plan=None, **options)
+                                          key=jax.random.key(args.seed), plan=None,
+                                          tools=cfg.sampler if column.endswith(TOOL_SUFFIX)
+                                          else None, **options)
         if jax.process_index() == 0:
             runs.write_eval(args.run_dir, result, name)
         figures = result[column]

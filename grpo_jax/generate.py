@@ -18,6 +18,7 @@ from typing import Sequence
 import jax
 import tyro
 
+from grpo_jax import tools
 from grpo_jax.cli import run_cli
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.load import load_model
@@ -60,6 +61,9 @@ class GenerateArgs:
     stop_strings: tuple[str, ...] = ()
     """Text that ends a completion once written (e.g. '</answer>'), even mid-token;
     the completion is cut after it."""
+    tools: tuple[str, ...] = ()
+    """A tool that answers the model's calls as it writes (`calculator`: `<<28*4=` is
+    answered `112>>`)."""
     seed: int = 0
     """PRNG seed for temperature > 0."""
     batch_size: int = 8
@@ -93,7 +97,7 @@ def sampler_config(args: GenerateArgs):
     try:
         return SamplerConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, stop_ids=STOP_IDS,
-                             stop_strings=args.stop_strings)
+                             stop_strings=args.stop_strings, tools=args.tools)
     except ValueError as e:  # name the flag, not the field
         field = str(e).split()[0]
         raise ValueError(f"--{field.replace('_', '-')}{str(e)[len(field):]}") from None
@@ -101,6 +105,8 @@ def sampler_config(args: GenerateArgs):
 
 def validate(args: GenerateArgs) -> None:
     sampler_config(args)
+    for name in args.tools:
+        tools.get_tool(name)
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.prompts_file is None and not args.prompt:
@@ -117,11 +123,13 @@ def run(args: GenerateArgs) -> list[dict]:
     encoded = [tok.encode(chat_prompt(t) if args.chat else t, add_bos=True) for t in texts]
     key = jax.random.key(args.seed)
     table = stop_table(tok, sampling.stop_strings, loaded.cfg.vocab_size)
+    box = tools.toolbox(tok, sampling, loaded.cfg.vocab_size)
     results = []
     for start in range(0, len(encoded), args.batch_size):
         batch = encoded[start:start + args.batch_size]
         out = sample_prompts(loaded.params, batch, jax.random.fold_in(key, start),
-                             cfg=loaded.cfg, sampling=sampling, stop_table=table)
+                             cfg=loaded.cfg, sampling=sampling, stop_table=table,
+                             toolbox=box)
         out_tokens, out_lp, lengths = out.tokens, out.logprobs, out.lengths
         for row, prompt_ids in enumerate(batch):
             n = int(lengths[row])
@@ -130,7 +138,9 @@ def run(args: GenerateArgs) -> list[dict]:
             results.append({"prompt_ids": list(prompt_ids), "completion_ids": ids,
                             "completion": cut_after_stop(tok.decode(text_ids),
                                                          sampling.stop_strings),
-                            "logprobs": [float(x) for x in out_lp[row, :n]]})
+                            "logprobs": [float(x) for x in out_lp[row, :n]],
+                            **({} if out.tool_calls is None else
+                               {"tool_calls": int(out.tool_calls[row])})})
     return results
 
 

@@ -140,6 +140,7 @@ def sample(params: gemma3.Params, prompt_tokens: jax.Array, prompt_mask: jax.Arr
     plan = plan or sharding.local_plan()
     sharding.check_rows(plan.config, prompts, "a sampled batch of prompts")
     progs = decode.programs(cfg, sampling, cache_len, group, plan)
+    params, lora = decode.place_weights(params, lora, cfg, plan)
     rows = prompts * group
     tokens, mask, ids = (sharding.put(x, plan.rows) for x in (
         prompt_tokens, prompt_mask, np.arange(prompts, dtype=np.int32)))
@@ -213,6 +214,7 @@ def sample_stream(params: gemma3.Params, prompts: Sequence[Sequence[int]], key: 
     prompt_len = left_pad(prompts, multiple=sampling.prompt_bucket)[0].shape[1]
     steps = sampling.max_new_tokens
     progs = decode.programs(cfg, sampling, prompt_len + steps, 1, plan)
+    params, lora = decode.place_weights(params, lora, cfg, plan)
 
     def filled(chosen: list[int], rows: int) -> list[jax.Array]:
         """Prompts `chosen` and filler (copies of the last, id n) up to `rows` rows ->

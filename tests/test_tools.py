@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import calculator, grpo, rollout, sampler, sft, tools, train, update
+from grpo_jax import calculator, grpo, sampler, sft, tools, train, update
 from grpo_jax.config import GRPOConfig, OptimizerConfig, SamplerConfig
 from grpo_jax.data import Problem
 from grpo_jax.model import gemma3, load
@@ -25,6 +25,7 @@ from grpo_jax.model.config import TINY
 from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.tokenizer import ByteTokenizer
 from test_grpo import np_policy_loss
+from test_train import Interrupted, _interrupt_before
 
 MARKERS = tools.CallMarkers()
 
@@ -342,14 +343,23 @@ def test_the_call_bound_leaves_later_calls_to_the_policy():
 
 
 def test_results_tokenize_alone_as_in_context(embedded_tokenizer):
-    """With Gemma's tokenizer the result's own tokens are how the whole text tokenizes:
-    what SFT trains on (pieces encoded apart) is what the sampler writes."""
+    """With Gemma's tokenizer a result's own tokens are how the whole text tokenizes, so
+    the sampler's insertion (the result encoded alone) is the in-context encoding. The
+    one exception found: a negative result, whose '-' Gemma merges with '=' ('=-' is one
+    token) when the text is encoded whole; the policy's '=' is already written by then,
+    and SFT encodes its targets piece by piece, so training and sampling still agree."""
+    def pieces(call, result):
+        return (embedded_tokenizer.encode(call, add_bos=False)
+                + embedded_tokenizer.encode(result, add_bos=False))
+
     for call, result in [("<<28*4=", "112>>"), ("a total of <<776.0-1.1=", "774.9>>"),
-                         ("<<10/3=", "3.333333>>"), ("<<2-5=", "-3>>"),
-                         ("<<5/0=", "error: division by zero>>")]:
+                         ("<<10/3=", "3.333333>>"), ("<<0.5*3=", "1.5>>"),
+                         ("<<5/0=", "error: division by zero>>"), ("<<1+1=", "2>> apples")]:
         whole = embedded_tokenizer.encode(call + result, add_bos=False)
-        assert whole == (embedded_tokenizer.encode(call, add_bos=False)
-                         + embedded_tokenizer.encode(result, add_bos=False)), (call, result)
+        assert whole == pieces(call, result), (call, result)
+    negative = embedded_tokenizer.encode("<<2-5=-3>>", add_bos=False)
+    assert negative != pieces("<<2-5=", "-3>>")
+    assert embedded_tokenizer.decode(pieces("<<2-5=", "-3>>")) == "<<2-5=-3>>"
 
 
 # ---------------------------------------------------------------------------
@@ -498,17 +508,11 @@ def test_tool_run_resumes_equal_and_evaluates_both_ways(tmp_path, monkeypatch):
         eval_problems=2, sampler=dataclasses.replace(tiny.sampler, tools=("calculator",)))
     train.train(full)
     half = dataclasses.replace(full, output_dir=str(tmp_path / "half"))
-    real = rollout.grpo_step
-
-    def stopped(ctx, params, state, at, position):
-        if at == 3:
-            raise KeyboardInterrupt
-        return real(ctx, params, state, at, position)
-
-    monkeypatch.setattr(rollout, "grpo_step", stopped)
-    with pytest.raises(KeyboardInterrupt):
+    _interrupt_before(monkeypatch, 3)
+    with pytest.raises(Interrupted):
         train.train(half)
-    monkeypatch.setattr(rollout, "grpo_step", real)
+    monkeypatch.undo()
+    monkeypatch.setattr(load, "ByteTokenizer", CallTokenizer)
     train.train(half)
 
     def rows(run):
