@@ -97,7 +97,7 @@ def _cli(args, cwd):
 
 def test_bad_input_one_line_each(tmp_path):
     code, msg = _cli(["--preset", "nope"], tmp_path)
-    assert code == 2 and msg == "error: unknown preset 'nope'; choose one of: cpu-270m, cpu-270m-long, tiny, v5e-8-gemma3-1b"
+    assert code == 2 and msg == "error: unknown preset 'nope'; choose one of: cpu-270m, cpu-270m-long, cpu-270m-calc, tiny, v5e-8-gemma3-1b"
     code, msg = _cli(["--preset", "tiny", "--output-dir", str(tmp_path / "r"),
                       "--data.dataset", str(tmp_path / "missing.jsonl")], tmp_path)
     assert code == 2 and "dataset file not found" in msg and "missing.jsonl" in msg
