@@ -264,7 +264,7 @@ def step_metrics(total, per_function, texts, answers, rollout, updates, kl_penal
     }
     if kl_penalty is not None:
         metrics["reward/kl_penalty"] = float(np.mean(kl_penalty))
-    if rollout.tool_calls is not None:
+    if getattr(rollout, "tool_calls", None) is not None:
         policy = np.asarray(rollout.policy_mask)
         real = np.arange(policy.shape[1])[None, :] < lengths[:, None]
         metrics["tool/calls_mean"] = float(np.mean(rollout.tool_calls))
