@@ -25,7 +25,7 @@ from grpo_jax.model.config import TINY
 from grpo_jax.presets import TRAIN_PRESETS
 from grpo_jax.tokenizer import ByteTokenizer
 from test_grpo import np_policy_loss
-from test_train import Interrupted, _interrupt_before
+from test_train import _rows, stopped_then_resumed
 
 MARKERS = tools.CallMarkers()
 
@@ -508,17 +508,9 @@ def test_tool_run_resumes_equal_and_evaluates_both_ways(tmp_path, monkeypatch):
         eval_problems=2, sampler=dataclasses.replace(tiny.sampler, tools=("calculator",)))
     train.train(full)
     half = dataclasses.replace(full, output_dir=str(tmp_path / "half"))
-    _interrupt_before(monkeypatch, 3)
-    with pytest.raises(Interrupted):
-        train.train(half)
-    monkeypatch.undo()
-    monkeypatch.setattr(load, "ByteTokenizer", CallTokenizer)
-    train.train(half)
-
-    def rows(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = rows(tmp_path / "full"), rows(tmp_path / "half")
+    stopped_then_resumed(half, monkeypatch, 3,
+                         lambda: monkeypatch.setattr(load, "ByteTokenizer", CallTokenizer))
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "half")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for key in ("reward/mean", "loss", "kl", "completion_len/mean", "tool/calls_mean",

@@ -72,15 +72,22 @@ def test_tiny_run_writes_metrics_and_checkpoints_then_resumes(tmp_path, monkeypa
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4", "5"]
 
 
+def stopped_then_resumed(cfg, monkeypatch, step: int, repatch=lambda: None) -> None:
+    """Train `cfg` stopped before `step`, then again to the end in the same directory
+    (`repatch` restores the test's other patches after the stop's are undone)."""
+    _interrupt_before(monkeypatch, step)
+    with pytest.raises(Interrupted):
+        train.train(cfg)
+    monkeypatch.undo()
+    repatch()
+    train.train(cfg)
+
+
 def test_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     full = dataclasses.replace(TINY, output_dir=str(tmp_path / "full"), steps=4, save_every=2)
     train.train(full)
     half = dataclasses.replace(full, output_dir=str(tmp_path / "half"))
-    _interrupt_before(monkeypatch, 3)
-    with pytest.raises(Interrupted):
-        train.train(half)
-    monkeypatch.undo()
-    train.train(half)
+    stopped_then_resumed(half, monkeypatch, 3)
     a, b = _rows(tmp_path / "full"), _rows(tmp_path / "half")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
