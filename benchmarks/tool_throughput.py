@@ -124,7 +124,8 @@ def run(args: Args) -> dict:
                 sum((~out.policy_mask[r, :n]).sum() for r, n in enumerate(out.lengths))),
             "host_tool_s": kept["host_s"] if way == "on" else 0.0,
         }
-    result["tokens_per_s_on_over_off"] = result["on"]["tokens_per_s"] / result["off"]["tokens_per_s"]
+    result["tokens_per_s_on_over_off"] = (result["on"]["tokens_per_s"]
+                                          / result["off"]["tokens_per_s"])
     result["step_time_on_over_off"] = (result["on"]["ms_per_decode_step"]
                                        / result["off"]["ms_per_decode_step"])
     result["machine"] = {"platform": platform.processor() or platform.machine(),

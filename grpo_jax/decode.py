@@ -191,8 +191,8 @@ def feed(rows: Rows, chosen: jax.Array, queue: jax.Array, queue_len: jax.Array) 
 
 
 def _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key, stop_table,
-           call_table=None, *, cfg: ModelConfig, sampling: SamplerConfig, cache_len: int, group: int
-           ) -> tuple[kv_cache.KVCache, Rows]:
+           call_table=None, *, cfg: ModelConfig, sampling: SamplerConfig, cache_len: int,
+           group: int) -> tuple[kv_cache.KVCache, Rows]:
     """Prefill prompts [P, L] once each, fan cache and logits out to `group` rows per
     prompt (prompt-major), choose each row's first token. Row g of prompt p is keyed
     by fold_in(key, prompt_ids[p] * group + g)."""
@@ -209,13 +209,13 @@ def _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key, stop_table
 
 
 def _insert(params, lora, cache, rows, prompt_tokens, prompt_mask, prompt_ids, slot_ids, key,
-            stop_table, call_table=None, *, cfg: ModelConfig, sampling: SamplerConfig, cache_len: int,
-            group: int) -> tuple[kv_cache.KVCache, Rows]:
+            stop_table, call_table=None, *, cfg: ModelConfig, sampling: SamplerConfig,
+            cache_len: int, group: int) -> tuple[kv_cache.KVCache, Rows]:
     """`_start` for R prompts, written into rows `slot_ids` [R*group] of a running
     state (an id >= S is filler and dropped)."""
     fresh_cache, fresh = _start(params, lora, prompt_tokens, prompt_mask, prompt_ids, key,
-                                stop_table, call_table, cfg=cfg, sampling=sampling, cache_len=cache_len,
-                                group=group)
+                                stop_table, call_table, cfg=cfg, sampling=sampling,
+                                cache_len=cache_len, group=group)
 
     def write(old, new):
         return old.at[slot_ids].set(new.astype(old.dtype), mode="drop")

@@ -149,7 +149,8 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
                                             None)
     cache = kv_cache.abstract_cache(model_cfg, n, length)
     if "decode" in names:
-        state = jax.eval_shape(lambda k: decode.empty_rows(cfg.sampler, jax.random.split(k, n)), key)
+        state = jax.eval_shape(
+            lambda k: decode.empty_rows(cfg.sampler, jax.random.split(k, n)), key)
         out["decode"] = engine.decode.lower(params, lora, cache, state, rows((n,), jnp.bool_),
                                             rows((), jnp.int32), None, None)
     if "decode_step" not in names:

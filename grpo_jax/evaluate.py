@@ -46,8 +46,7 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     alone, writing its own results."""
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                              prompt_bucket=prompt_bucket, stop_strings=stop_strings)
-    if tools is not None and tools.tools:
-        sampling = dataclasses.replace(sampling, **{f: getattr(tools, f) for f in TOOL_FIELDS})
+    sampling = with_tool(sampling, tools)
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
     # Continuous batching: `batch_size` rows decode together and a row that stops takes
     # the next problem at once (greedy, so the answers equal batch-at-a-time decoding's).
@@ -77,6 +76,18 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
 TOOL_FIELDS = ("tools", "tool_call", "max_tool_calls", "tool_result_tokens", "tool_timeout_s")
 
 
+def tool_setup(sampling: SamplerConfig) -> dict:
+    """The tool fields of `sampling` (a run's sampler config), by name."""
+    return {f: getattr(sampling, f) for f in TOOL_FIELDS}
+
+
+def with_tool(sampling: SamplerConfig, tools: SamplerConfig | None) -> SamplerConfig:
+    """`sampling` answered by the tool `tools` names (None or no tool: unchanged)."""
+    if tools is None or not tools.tools:
+        return sampling
+    return dataclasses.replace(sampling, **tool_setup(tools))
+
+
 def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
                      model_cfg: ModelConfig, *, k: int, temperature: float, key: jax.Array,
                      max_new_tokens: int, stop_ids: tuple[int, ...], batch_size: int = 16,
@@ -94,8 +105,7 @@ def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                              stop_ids=stop_ids, prompt_bucket=prompt_bucket,
                              stop_strings=stop_strings)
-    if tools is not None and tools.tools:
-        sampling = dataclasses.replace(sampling, **{f: getattr(tools, f) for f in TOOL_FIELDS})
+    sampling = with_tool(sampling, tools)
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
     prompts = data.encode_prompts(tokenizer, problems, prompt_style, prefill)
     # Each problem k times in a row: every row draws from its own stream (its index).
@@ -175,7 +185,7 @@ class EvalFile:
                       "indices": [p.index for p in self.problems],
                       **{k: v for k, v in eval_options(cfg).items() if k != "batch_size"}}
         if tool_columns(cfg):
-            self.setup["tools"] = {f: getattr(cfg.sampler, f) for f in TOOL_FIELDS}
+            self.setup["tools"] = tool_setup(cfg.sampler)
         self.setup = json.loads(json.dumps(self.setup))  # tuples as lists, as read back
         self.path = self.run_dir / self.name
         saved = runs.read_eval(self.run_dir, self.name)
@@ -334,7 +344,7 @@ def pass_at_k_columns(cfg: TrainConfig, args: EvaluateArgs, problems, base: load
                         "seed": args.seed, **json.loads(json.dumps(options))},
               "steps": {"sft": cfg.sft.steps, "trained": adapters.step}}
     if tool_columns(cfg):
-        result["setup"]["tools"] = {f: getattr(cfg.sampler, f) for f in TOOL_FIELDS}
+        result["setup"]["tools"] = tool_setup(cfg.sampler)
     name = f"pass_at_{args.pass_at}" + ("" if args.split == "eval" else f"_{args.split}") \
         + f"_n{len(problems)}.json"
     for column, (p, lora) in columns.items():
