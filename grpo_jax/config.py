@@ -260,6 +260,12 @@ class SFTConfig:
     each attending to itself only (segment ids), so no compute goes to padding; the rows
     per step are the most any step of the run needs. Problems whose prompt and target
     exceed N are left out."""
+    tool_results: bool = False
+    """With a tool (sampler.tools): also train on the results the tool would write in
+    the gold targets. Off, only the policy's tokens are targets and the model never
+    learns to write a call's result without the tool. The results are correct text, so
+    training on them is sound in SFT; GRPO masks tool tokens either way (its policy did
+    not sample them)."""
 
     @validated
     def __post_init__(self):
@@ -413,6 +419,9 @@ class TrainConfig:
         if self.sampler.greedy:
             raise ValueError("sampler.temperature must be > 0 for training: greedy samples "
                              "make every group identical, so no advantage is ever non-zero")
+        if self.sft.tool_results and not self.sampler.tools:
+            raise ValueError("sft.tool_results trains on a tool's results: it needs "
+                             "--sampler.tools")
 
     @property
     def total_updates(self) -> int:

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import jax
 import tyro
@@ -156,6 +156,16 @@ def tool_columns(cfg: TrainConfig) -> bool:
     return bool(cfg.sampler.tools)
 
 
+def paired_comparisons(cfg: TrainConfig) -> tuple[tuple[str, str, str], ...]:
+    """(key in the file, before, after) of each paired comparison an evaluation file
+    records: SFT+GRPO against SFT-only (the model alone), and with a tool the trained
+    policy with it against the same policy alone (what the tool adds)."""
+    pairs = (("comparison", "sft", "trained"),)
+    if tool_columns(cfg):
+        pairs += (("comparison" + TOOL_SUFFIX, "trained", "trained" + TOOL_SUFFIX),)
+    return pairs
+
+
 def column_labels(cfg: TrainConfig) -> dict[str, str]:
     labels = {"base": "base", "sft": "SFT", "trained": "SFT+GRPO" if cfg.sft.steps else "GRPO"}
     if tool_columns(cfg):
@@ -217,10 +227,7 @@ class EvalFile:
         r[runs.DATA_SOURCE_KEY] = data.source_versions(self.cfg.data)
         if column == "trained":
             r["step"] = step
-        # SFT+GRPO against SFT-only on the same problems, paired (None until both exist).
-        comparison = eval_metrics.compare_columns(r["records"])
-        if comparison is not None:
-            r["comparison"] = comparison
+        r.update({key: c for key, (c, _, _) in self.comparisons(r["records"]).items()})
         self.result = r
         if jax.process_index() == 0:  # every host computes the same figures
             runs.write_eval(self.run_dir, r, self.name)
@@ -230,24 +237,35 @@ class EvalFile:
         labels = column_labels(self.cfg)
         table = eval_metrics.format_table({labels[c]: self.result[c] for c in labels
                                            if c in self.result})
-        comparison = eval_metrics.compare_columns(self.result.get("records", {}))
-        if comparison is None:
-            return table
-        return table + "\n\n" + eval_metrics.format_comparison(comparison, labels["sft"],
-                                                                labels["trained"])
+        lines = [eval_metrics.format_comparison(c, labels[before], labels[after]) for
+                 c, before, after in self.comparisons(self.result.get("records", {})).values()]
+        return "\n\n".join([table, *lines])
+
+    def comparisons(self, records: dict) -> dict[str, tuple[dict, str, str]]:
+        """{key: (comparison, before, after)} of paired_comparisons whose two columns
+        `records` holds for the same problems."""
+        out = {}
+        for key, before, after in paired_comparisons(self.cfg):
+            comparison = eval_metrics.compare_columns(records, before, after)
+            if comparison is not None:
+                out[key] = (comparison, before, after)
+        return out
 
 
 def evaluate_checkpoint(cfg: TrainConfig, run_dir: Path, problems: Sequence[data.Problem],
                         base: load.LoadedModel, adapters: runs.Adapters,
-                        split: str = "eval", name: str | None = None) -> dict:
-    """Every column of the evaluation file that checkpoint `adapters` can fill (base;
-    SFT-only when the run has SFT; the trained policy when it reached GRPO). A column
-    the file already holds for the same setup and step is kept, not recomputed (greedy
-    decoding repeats it), so an evaluation that was stopped goes on where it was."""
+                        split: str = "eval", name: str | None = None,
+                        columns: Sequence[str] = COLUMNS) -> dict:
+    """Each of `columns` that checkpoint `adapters` can fill (base; SFT-only when the
+    run has SFT; the trained policy when it reached GRPO). A column the file already
+    holds for the same setup and step is kept, not recomputed (greedy decoding repeats
+    it), so an evaluation that was stopped goes on where it was."""
     evals = EvalFile(cfg, run_dir, problems, split, name)
     model_cfg, params, tokenizer = base
 
     def add(column, step, params, lora):
+        if column not in columns:
+            return
         if evals.is_current(column, step):
             log.info("%s column (step %d) already in %s", column, step, evals.path)
         else:
@@ -289,6 +307,9 @@ class EvaluateArgs:
     """Sampling temperature for --pass-at."""
     seed: int = 0
     """Sampling seed for --pass-at."""
+    columns: tuple[Literal["base", "sft", "trained"], ...] = COLUMNS
+    """The greedy columns to fill (the base model's never changes, and it is the
+    slowest: it rarely stops before the answer budget)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,6 +323,8 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
     cfg = runs.run_config(args.run_dir)
     if args.num_problems is not None and args.num_problems <= 0:
         raise ValueError(f"--num-problems must be positive, got {args.num_problems}")
+    if not args.columns:
+        raise ValueError(f"--columns needs at least one of {COLUMNS}")
     num_problems = args.num_problems or cfg.eval_problems
     if not num_problems:
         raise ValueError(f"{args.run_dir} was trained with --eval-problems 0; pass "
@@ -322,7 +345,8 @@ def evaluate_run_dir(args: EvaluateArgs) -> dict:
     adapters = runs.restore_adapters(args.run_dir, cfg, base.cfg, args.step)
     if args.pass_at:
         return pass_at_k_columns(cfg, args, problems, base, adapters)
-    return evaluate_checkpoint(cfg, args.run_dir, problems, base, adapters, args.split, name)
+    return evaluate_checkpoint(cfg, args.run_dir, problems, base, adapters, args.split, name,
+                               args.columns)
 
 
 def pass_at_k_columns(cfg: TrainConfig, args: EvaluateArgs, problems, base: load.LoadedModel,

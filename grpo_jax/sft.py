@@ -35,7 +35,8 @@ def target_tokens(cfg: TrainConfig, tokenizer, problem: data.Problem
                   ) -> tuple[list[int], list[bool]]:
     """The gold target's tokens and which of them the policy writes (SFT's loss mask).
     With a tool (sampler.tools), the solution's arithmetic steps are written as calls
-    (`tools.with_calls`) and the results the tool would write are context, not targets."""
+    (`tools.with_calls`) and the results the tool would write are context, not targets
+    (targets too with sft.tool_results)."""
     stop = target_stop_id(cfg)
     tail = [] if stop is None else [stop]
     s = cfg.sampler
@@ -48,6 +49,8 @@ def target_tokens(cfg: TrainConfig, tokenizer, problem: data.Problem
     ids, policy = tools.encode_with_calls(
         tokenizer, data.sft_target(problem._replace(solution=solution or None),
                                    cfg.data.prefill), markers)
+    if cfg.sft.tool_results:
+        policy = [True] * len(ids)
     return ids + tail, policy + [True] * len(tail)
 
 

@@ -101,6 +101,13 @@ def test_evaluate_keeps_columns_it_already_has(tmp_path, monkeypatch):
     computed.clear()
     evaluate.evaluate_run_dir(dataclasses.replace(args, step=1))
     assert computed == [("trained", 1)]
+    # --columns: only those asked for (the base model's is the slow one that never changes)
+    computed.clear()
+    only = evaluate.evaluate_run_dir(dataclasses.replace(args, num_problems=4,
+                                                         columns=("trained",)))
+    assert computed == [("trained", 2)] and "base" not in only and "trained" in only
+    with pytest.raises(ValueError, match="--columns needs at least one"):
+        evaluate.evaluate_run_dir(dataclasses.replace(args, columns=()))
 
     # scripts/seed_base_column.py: another run of the same base model takes the base
     # column as it is (evaluate computes only the trained one); a run of another base

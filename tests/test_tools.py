@@ -484,6 +484,12 @@ def test_gold_steps_become_calls_and_only_the_policy_tokens_are_targets():
     tool_text = TOK.decode([i for i, k in zip(ids, policy) if not k])
     assert tool_text == "112>>20>>"
     assert ids[-1] == cfg.sampler.stop_ids[0] and policy[-1]
+    with pytest.raises(ValueError, match="needs --sampler.tools"):
+        dataclasses.replace(TRAIN_PRESETS["cpu-270m"], sft=dataclasses.replace(
+            cfg.sft, tool_results=True))
+    # sft.tool_results: the same tokens, every one a target
+    both = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, tool_results=True))
+    assert sft.target_tokens(both, TOK, problem) == (ids, [True] * len(ids))
     # Packed and unpacked batches train on the same tokens.
     problems = [problem, Problem("r", "7", 1, "3 + 4 = 7 apples.")]
     trained = sum(sum(sft.target_tokens(cfg, TOK, p)[1]) for p in problems)
@@ -523,3 +529,5 @@ def test_tool_run_resumes_equal_and_evaluates_both_ways(tmp_path, monkeypatch):
         assert "tool_calls_mean" in evals[column + "_tool"]
         assert evals["steps"][column + "_tool"] == evals["steps"][column]
     assert evals["setup"]["tools"]["tools"] == ["calculator"]
+    # what the tool adds to the trained policy, paired on the same problems
+    assert set(evals["comparison_tool"]["exact"]) >= {"gained", "lost", "p"}
