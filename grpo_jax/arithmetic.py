@@ -218,3 +218,16 @@ def count_steps(text: str, question: str = "") -> StepCounts:
         if grounded:  # an ungrounded step's result grounds nothing after it
             known.add(step.result.value)
     return StepCounts(stated, right, credited)
+
+
+def gold_values_reached(text: str, solution: str) -> tuple[int, int, bool]:
+    """How far `text` follows a worked `solution`: (distinct results of the solution's
+    steps that `text` computes with a right step, how many distinct results the
+    solution has, whether the solution's first step is among them). With every
+    stated step right (a calculator), this separates choosing the operations from
+    carrying them out."""
+    gold = [s.result.value for s in steps(solution)]
+    if not gold:
+        return 0, 0, False
+    computed = {s.result.value for s in steps(text) if is_right(s)}
+    return len(set(gold) & computed), len(set(gold)), gold[0] in computed

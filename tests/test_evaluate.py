@@ -72,6 +72,11 @@ def test_train_then_evaluate_run_dir(tmp_path):
     assert other["num_problems"] == 2
     assert other["records"]["trained"] == result["records"]["trained"][:2]
     assert any((tmp_path / "cache" / "grpo_jax" / "xla").iterdir())
+    # scripts/gold_steps_reached.py reads the same records against the gold solutions
+    _load_script("gold_steps_reached").main([str(run), "--json", str(tmp_path / "g.json")])
+    reached = json.loads((tmp_path / "g.json").read_text())
+    assert set(reached) == {"base", "trained"}
+    assert reached["trained"]["problems"] == 3 and reached["trained"]["gold_values"] >= 3
 
 
 def test_evaluate_keeps_columns_it_already_has(tmp_path, monkeypatch):

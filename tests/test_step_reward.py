@@ -109,6 +109,19 @@ def test_steps_are_read_and_checked_exactly():
     assert len(arithmetic.steps("+".join(["1"] * 16) + " = 16")) == 1
 
 
+def test_gold_values_reached():
+    gold = "He buys 28 x 4 = 112 bananas. Then 132 - 112 = 20 are left. 20 / 4 = 5 each."
+    # the first and last gold results, right; 20 is stated but wrongly computed
+    text = "So <<28*4=112>> bananas, 7 + 14 = 20 left, <<20/4=5>>."
+    assert arithmetic.gold_values_reached(text, gold) == (2, 3, True)
+    # the right numbers in the wrong steps: nothing reached
+    assert arithmetic.gold_values_reached("<<28+4=32>> <<132-32=100>>", gold) == (0, 3, False)
+    assert arithmetic.gold_values_reached("132 - 112 = 20", gold) == (1, 3, False)
+    assert arithmetic.gold_values_reached("anything", "no steps here") == (0, 0, False)
+    # a result repeated in the solution counts once
+    assert arithmetic.gold_values_reached("2 * 3 = 6", "2 * 3 = 6 and 3 * 2 = 6") == (1, 1, True)
+
+
 ADVERSARIAL = [
     "9" * 100_000 + " * 9 = 81",
     "999999999999999999*" * 5000 + "=1",
