@@ -156,6 +156,16 @@ def tool_columns(cfg: TrainConfig) -> bool:
     return bool(cfg.sampler.tools)
 
 
+def paired_comparisons(cfg: TrainConfig) -> tuple[tuple[str, str, str], ...]:
+    """(key in the file, before, after) of each paired comparison an evaluation file
+    records: SFT+GRPO against SFT-only (the model alone), and with a tool the trained
+    policy with it against the same policy alone (what the tool adds)."""
+    pairs = (("comparison", "sft", "trained"),)
+    if tool_columns(cfg):
+        pairs += (("comparison" + TOOL_SUFFIX, "trained", "trained" + TOOL_SUFFIX),)
+    return pairs
+
+
 def column_labels(cfg: TrainConfig) -> dict[str, str]:
     labels = {"base": "base", "sft": "SFT", "trained": "SFT+GRPO" if cfg.sft.steps else "GRPO"}
     if tool_columns(cfg):
@@ -232,15 +242,10 @@ class EvalFile:
         return "\n\n".join([table, *lines])
 
     def comparisons(self, records: dict) -> dict[str, tuple[dict, str, str]]:
-        """{key in the file: (comparison, before, after)} of the paired comparisons
-        whose two columns `records` holds for the same problems: SFT+GRPO against
-        SFT-only (the model alone), and with a tool the trained policy with it against
-        the same policy alone (what the tool adds)."""
-        pairs = [("comparison", "sft", "trained")]
-        if tool_columns(self.cfg):
-            pairs.append(("comparison" + TOOL_SUFFIX, "trained", "trained" + TOOL_SUFFIX))
+        """{key: (comparison, before, after)} of paired_comparisons whose two columns
+        `records` holds for the same problems."""
         out = {}
-        for key, before, after in pairs:
+        for key, before, after in paired_comparisons(self.cfg):
             comparison = eval_metrics.compare_columns(records, before, after)
             if comparison is not None:
                 out[key] = (comparison, before, after)
