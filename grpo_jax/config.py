@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from grpo_jax.model.config import ATTENTION_IMPLS, LoraConfig, model_preset
+from grpo_jax.model.config import ATTENTION_IMPLS, DTYPE_CHOICES, LoraConfig, model_preset
 from grpo_jax.rewards import RewardConfig
 from grpo_jax.validation import validated
 
@@ -357,7 +357,11 @@ class TrainConfig:
     gguf: str | None = None
     """Base weights from a GGUF file instead."""
     dtype: str | None = None
-    """Compute dtype override (float32 on CPU, bfloat16 on TPU)."""
+    """Compute dtype of the base model: float32, bfloat16, or auto (the faster of the two
+    on this machine, measured once by a matmul probe at the model's shapes: bfloat16 on
+    an accelerator and on CPUs with AVX-512 BF16, float32 on AVX2-only and AMX CPUs);
+    unset: the model's own (float32). LoRA, optimizer, log-softmax and losses stay
+    float32 either way."""
     attention: str = "xla"
     """Attention implementation: xla (dense masked einsums) or pallas (the grpo_jax/kernels/ flash
     and decode kernels: compiled on a TPU, interpreted, slowly, elsewhere)."""
@@ -413,6 +417,8 @@ class TrainConfig:
         if self.checkpoint is not None and self.gguf is not None:
             raise ValueError("pass either --checkpoint or --gguf, not both")
         model_preset(self.model)  # unknown model: one clear error
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.attention!r}: choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")

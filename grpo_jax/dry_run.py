@@ -32,7 +32,7 @@ from grpo_jax import decode, presets, sampling, sharding, update
 from grpo_jax.cli import run_cli
 from grpo_jax.config import TrainConfig
 from grpo_jax.model.config import ATTENTION_IMPLS, ModelConfig, model_preset
-from grpo_jax.model import gemma3, kv_cache, lora as lora_lib
+from grpo_jax.model import dtype_choice, gemma3, kv_cache, lora as lora_lib
 from grpo_jax.model.load import with_dtype
 
 # Prompt width the dry run compiles for: GSM8K prompts in the chat template fit in 256
@@ -98,7 +98,10 @@ def has_libtpu() -> bool:
 
 
 def run_model_config(cfg: TrainConfig) -> ModelConfig:
-    return dataclasses.replace(with_dtype(model_preset(cfg.model), cfg.dtype),
+    # No probe here: the programs are compiled (for a TPU, where "auto" is bfloat16),
+    # not run, and a run's mesh check needs only the shapes.
+    dtype = "bfloat16" if cfg.dtype == dtype_choice.AUTO else cfg.dtype
+    return dataclasses.replace(with_dtype(model_preset(cfg.model), dtype),
                                attention_impl=cfg.attention)
 
 

@@ -69,7 +69,8 @@ class GenerateArgs:
     batch_size: int = 8
     """Prompts decoded together."""
     dtype: str | None = None
-    """Compute dtype override: float32 (CPU default) or bfloat16 (TPU)."""
+    """Compute dtype: float32, bfloat16, or auto (the faster on this machine, measured);
+    unset: the model's own (float32)."""
     json: bool = False
     """One JSON object per prompt on stdout instead of readable text."""
 

@@ -21,6 +21,9 @@ from grpo_jax.validation import deferred_validation, validate
 # 500-problem evaluation fit one 3-hour session on the slowest 2-core machine; the
 # budgets and measured times are in docs/cpu_recipe.md ("The machines", "Results").
 _CPU_RECIPE = TrainConfig(
+    # The base model computes in whichever of float32 and bfloat16 this CPU runs
+    # faster (grpo_jax/model/dtype_choice.py): bfloat16 with AVX-512 BF16, else float32.
+    dtype="auto",
     steps=4, eval_problems=32, eval_max_new_tokens=200,
     sampler=SamplerConfig(max_new_tokens=160, stop_strings=("</answer>",)),
     sft=SFTConfig(steps=16, batch_size=8, learning_rate=1e-3, max_tokens=128),

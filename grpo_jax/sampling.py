@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3
+from grpo_jax.model.matmul import matmul
 
 # top_p without top_k first looks for the nucleus among this many most likely tokens;
 # only a step where some row's nucleus is wider pays for a full sort of the vocabulary.
@@ -55,8 +56,7 @@ def vocab_major_logits(params: gemma3.Params, hidden: jax.Array, cfg: ModelConfi
     """float32 logits [V, B] of hidden [B, D]. Vocabulary-major because XLA:CPU reduces
     over the major axis with vector lanes across the batch: max / sum-exp over
     [V, B] run several times faster than over [B, V] (and the matmul is no slower)."""
-    return jnp.einsum("bd,vd->vb", hidden, params["embed"].astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul("bd,vd->vb", hidden, params["embed"], cfg.compute_dtype, jnp.float32)
 
 
 def _chunk_size(vocab: int) -> int:

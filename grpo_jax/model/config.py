@@ -10,6 +10,9 @@ import jax.numpy as jnp
 from grpo_jax.validation import validated
 
 ATTENTION_IMPLS = ("xla", "pallas")
+DTYPES = ("float32", "bfloat16", "float16")
+# What a run may ask for: a dtype, or "auto" (grpo_jax.model.dtype_choice: measured).
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +37,10 @@ class ModelConfig:
     # Queries are scaled by query_pre_attn_scalar ** -0.5.
     query_pre_attn_scalar: float = 256.0
     rms_eps: float = 1e-6
-    # Compute dtype: float32 on CPU (XLA:CPU bf16 is slow), bfloat16 on TPU.
+    # Compute dtype. float32 by default; bfloat16 on accelerators and on CPUs with
+    # AVX-512 BF16 (~2x float32 there; slower than float32 on AVX2-only and AMX CPUs,
+    # whose matrix units XLA:CPU leaves idle). A run's "auto" picks by measuring
+    # (grpo_jax/model/dtype_choice.py).
     dtype: str = "float32"
     # Storage dtype of the weights.
     param_dtype: str = "float32"
@@ -53,8 +59,8 @@ class ModelConfig:
             if getattr(self, field) <= 0:
                 raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
         for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"ModelConfig.{field} must be float32, bfloat16 or float16")
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"ModelConfig.{field} must be one of {', '.join(DTYPES)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.attention_impl!r}: choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from grpo_jax import sharding
 from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import attention, vocab_parallel
+from grpo_jax.model.matmul import matmul
 from grpo_jax.kernels.layout import Layout, packed_layout, segment_layout, self_layout
 
 Params = dict[str, Any]
@@ -170,12 +171,12 @@ def project(x: jax.Array, p: Params, block: str, name: str, cfg: ModelConfig,
     """
     dtype = cfg.compute_dtype
     eq = PROJECTIONS[(block, name)]
-    y = jnp.einsum(eq, x, p[name].astype(dtype))
+    y = matmul(eq, x, p[name], dtype)
     adapter = None if lora is None else lora.layers[layer].get(block, {}).get(name)
     if adapter is not None:
         eq_a, eq_b = _lora_equations(eq)
-        low = jnp.einsum(eq_a, x, adapter["a"].astype(dtype))
-        y = y + jnp.einsum(eq_b, low, adapter["b"].astype(dtype)) * jnp.asarray(lora.scale, dtype)
+        low = matmul(eq_a, x, adapter["a"], dtype)
+        y = y + matmul(eq_b, low, adapter["b"], dtype) * jnp.asarray(lora.scale, dtype)
     return y
 
 
@@ -278,8 +279,7 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
 
 def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Tied output projection: hidden [..., D] -> float32 logits [..., V]."""
-    return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul("...d,vd->...v", hidden, params["embed"], cfg.compute_dtype, jnp.float32)
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,

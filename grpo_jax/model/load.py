@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 
 from grpo_jax.model.config import GEMMA3_270M, ModelConfig, TINY, model_preset
-from grpo_jax.model import gemma3, weights
+from grpo_jax.model import dtype_choice, gemma3, weights
 from grpo_jax.model.weights import CheckpointError
 from grpo_jax.tokenizer import ByteTokenizer, Tokenizer
 
@@ -33,9 +33,11 @@ def embedded_gguf_path() -> Path:
 
 
 def with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
-    """`cfg` computing in `dtype` (None: as it is), its frozen base weights stored in
-    it too: they are cast to the compute dtype at every use, so a wider copy would
-    only double their memory (bf16 on a TPU: 2 GB instead of 4 for Gemma 3 1B)."""
+    """`cfg` computing in `dtype` (None: as it is; "auto": the fastest on this machine,
+    `dtype_choice`), its frozen base weights stored in it too: they are cast to the
+    compute dtype at every use, so a wider copy would only double their memory (bf16
+    on a TPU: 2 GB instead of 4 for Gemma 3 1B)."""
+    dtype = dtype_choice.resolve(dtype, cfg)
     return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
 
 

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
 from grpo_jax.model.config import ModelConfig
+from grpo_jax.model.matmul import matmul
 
 
 def _local_ids(ids: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
@@ -65,13 +66,11 @@ def logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array, cfg: Model
     """`chosen_logprobs` of the tied logits hidden @ embed.T, hidden [n, S, D] and
     targets [n, S] (rows over data x fsdp under a mesh), embed [V, D]."""
     if sharding.active_mesh() is None:
-        logits = jnp.einsum("...d,vd->...v", hidden, embed.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
+        logits = matmul("...d,vd->...v", hidden, embed, cfg.compute_dtype, jnp.float32)
         return chosen_logprobs(logits, targets, temperature, return_entropy)
 
     def local(h, t, e):
-        logits = jnp.einsum("nsd,vd->nsv", h, e.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32) / temperature
+        logits = matmul("nsd,vd->nsv", h, e, cfg.compute_dtype, jnp.float32) / temperature
         # The shift only steadies the exponentials; its gradient cancels.
         top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
         logz = top + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1),
