@@ -44,6 +44,8 @@ class Args:
 
     model: str = "gemma3-270m"
     """Preset: gemma3-270m loads the embedded weights; others use random weights."""
+    dtype: str = "auto"
+    """Compute dtype: float32, bfloat16, or auto (the faster on this machine, as a run's)."""
     batch: int = 64
     """Total rows decoded together (prompts x group)."""
     group: int = 4
@@ -75,14 +77,38 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """float32 FLOP/s of an n x n x n matmul: the machine's compute ceiling for this job."""
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`, summed in float32 as the model's
+    (`grpo_jax.model.matmul`): the machine's compute ceiling for this job."""
+    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     jax.block_until_ready(mm(a, b))
     seconds, _ = best_time(lambda: mm(a, b), repeats)
     return 2.0 * n ** 3 / seconds
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine_facts() -> dict:
+    """What the figures depend on: the CPU, the flags that decide XLA's matmul paths,
+    the cores, and the measured 2048^3 matmul rate in float32 and bfloat16."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": name, "flags": [f for f in CPU_FLAGS if f in flags],
+            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
+            "jax": jax.__version__,
+            "matmul_gflops": {d: measure_matmul_flops(dtype=d) / 1e9
+                              for d in ("float32", "bfloat16")}}
 
 
 def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -105,13 +131,14 @@ def measure_matvec_bandwidth(rows: int = 262_144, cols: int = 640, repeats: int 
     return w.nbytes / seconds
 
 
-def load_params(model: str):
-    if model == "gemma3-270m":
-        from grpo_jax.model.load import load_model
+def load_params(model: str, dtype: str | None = None):
+    """(config, params) of `model` computing in `dtype` ("auto": as a run chooses)."""
+    from grpo_jax.model.load import load_model, with_dtype
 
-        loaded = load_model(model)
+    if model == "gemma3-270m":
+        loaded = load_model(model, dtype=dtype)
         return loaded.cfg, loaded.params
-    cfg = model_preset(model)
+    cfg = with_dtype(model_preset(model), dtype)
     return cfg, gemma3.init_params(cfg, jax.random.key(0))
 
 
@@ -119,10 +146,12 @@ def run(args: Args) -> dict:
     check_group(args.batch, args.group)
     if min(args.prompt_len, args.new_tokens, args.repeats) <= 0:
         raise ValueError("--prompt-len, --new-tokens and --repeats must be positive")
-    matmul_flops = measure_matmul_flops()
+    machine = machine_facts()
     bandwidth = measure_read_bandwidth()
     matvec_bandwidth = measure_matvec_bandwidth()
-    cfg, params = load_params(args.model)
+    cfg, params = load_params(args.model, args.dtype)
+    # The ceiling is the matmul rate in the dtype the model computes in.
+    matmul_flops = 1e9 * machine["matmul_gflops"].get(cfg.dtype, machine["matmul_gflops"]["float32"])
     stop_ids = () if args.ignore_eos else SamplerConfig().stop_ids
     sampling = SamplerConfig(max_new_tokens=args.new_tokens, temperature=args.temperature,
                              stop_ids=stop_ids)
@@ -185,13 +214,8 @@ def run(args: Args) -> dict:
         "prefill_s": prefill_s, "decode_s": decode_s, "total_s": total_s,
         "compile_s": compile_s,
         "decode_step_ms": 1e3 * decode_s / max(steps - 1, 1),
-        "machine": {
-            "platform": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
-            "matmul_f32_gflops": matmul_flops / 1e9,
-            "read_bandwidth_gb_s": bandwidth / 1e9,
-            "matvec_stream_gb_s": matvec_bandwidth / 1e9,
-        },
+        "machine": {**machine, "read_bandwidth_gb_s": bandwidth / 1e9,
+                    "matvec_stream_gb_s": matvec_bandwidth / 1e9},
         "model_gflops": {"prefill": prefill_flops / 1e9, "decode": decode_flops / 1e9},
         "decode_gflops_per_s": decode_flops / decode_s / 1e9,
         "decode_utilization_of_matmul": decode_flops / decode_s / matmul_flops,

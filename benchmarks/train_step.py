@@ -34,7 +34,7 @@ from grpo_jax.tokenizer import BOS_ID
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_costs import model_flops_per_token  # noqa: E402
 from sampler_throughput import (best_time, cli_main, load_params,  # noqa: E402
-                                measure_matmul_flops)
+                                machine_facts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Args:
 
     model: str = "gemma3-270m"
     """Preset: gemma3-270m loads the embedded weights; others use random weights."""
+    dtype: str = "auto"
+    """Compute dtype: float32, bfloat16, or auto (the faster on this machine, as a run's)."""
     prompts: int = 2
     """Distinct prompts (B)."""
     group: int = 4
@@ -68,8 +70,9 @@ def run(args: Args) -> dict:
     grpo_cfg = GRPOConfig(num_prompts=args.prompts, group_size=args.group,
                           micro_batch=args.micro_batch, share_prompt=args.share_prompt)
     opt_cfg = OptimizerConfig()
-    matmul_flops = measure_matmul_flops()
-    cfg, params = load_params(args.model)
+    machine = machine_facts()
+    cfg, params = load_params(args.model, args.dtype)
+    matmul_flops = 1e9 * machine["matmul_gflops"].get(cfg.dtype, machine["matmul_gflops"]["float32"])
     fns = build_update(cfg, grpo_cfg, opt_cfg, total_updates=10)
     lora = lora_lib.init_lora(cfg, LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)),
                               jax.random.key(args.seed))
@@ -115,11 +118,7 @@ def run(args: Args) -> dict:
         "lora_rank": args.lora_rank,
         "compile_s": compile_s, "reference_s": ref_s, "update_s": update_s,
         "update_tokens_per_s": n * length / update_s,
-        "machine": {
-            "platform": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
-            "matmul_f32_gflops": matmul_flops / 1e9,
-        },
+        "machine": machine,
         "model_gflops": {"reference": forward_flops / 1e9, "update": update_flops / 1e9},
         # Shared prompts do less than this work for the same result, so their
         # figure can pass what the machine's matmul rate allows unshared.

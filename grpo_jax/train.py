@@ -26,6 +26,7 @@ from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.context import StepContext
 from grpo_jax.config import TrainConfig
 from grpo_jax.model.config import ModelConfig
+from grpo_jax.compiles import CompileCounter
 from grpo_jax.metrics import MetricsLogger, Progress, format_duration
 from grpo_jax.model import gemma3, load, lora as lora_lib
 
@@ -209,9 +210,12 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             Progress(total=cfg.total_steps, initial=start,
                      enabled=None if main else False) as progress:
 
+        compiles = CompileCounter()
+
         def finish_step(step: int, metrics: dict, samples=(), items=None,
                         position: int | None = None) -> None:
             nonlocal skips_in_a_row
+            metrics.update(compiles.take())  # a step after the first few should compile nothing
             logger.log(step, metrics)
             logger.log_samples(step, samples)
             progress.update(metrics, phase="sft" if cfg.is_sft_step(step) else "grpo")
@@ -226,6 +230,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
                                         "phase": "sft" if cfg.is_sft_step(step) else "grpo"})
 
         evaluate_column("base", 0, None)
+        compiles.take()  # the evaluation's programs are not the first step's
         sft_lora = None
         if sft_steps:
             if start < sft_steps:
@@ -240,6 +245,7 @@ def _train_loop(cfg: TrainConfig, ckpt: Checkpointer, base: load.LoadedModel, pr
             else:
                 sft_lora = restored["lora" if start == sft_steps else "sft_lora"]
             evaluate_column("sft", sft_steps, sft_lora)
+            compiles.take()
             params = sharding.put_tree(lora_lib.merge(params, sft_lora),
                                        gemma3.param_shardings(plan, model_cfg))
         if start > sft_steps:
