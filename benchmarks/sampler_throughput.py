@@ -169,20 +169,22 @@ def run(args: Args) -> dict:
     ids = jnp.arange(num_prompts, dtype=jnp.int32)
     active, need = jnp.ones((args.batch,), bool), jnp.int32(args.batch)
     t0 = time.perf_counter()
-    start_c = engine.start.lower(params, None, tokens, mask, ids, key, None).compile()
+    # No stop-string table, no tool-call table.
+    start_c = engine.start.lower(params, None, tokens, mask, ids, key, None, None).compile()
     cache_shape, rows_shape = jax.eval_shape(
-        lambda: engine.start.fn(params, None, tokens, mask, ids, key, None))
+        lambda: engine.start.fn(params, None, tokens, mask, ids, key, None, None))
     decode_c = engine.decode.lower(params, None, cache_shape, rows_shape, active, need,
-                                   None).compile()
+                                   None, None).compile()
     compile_s = time.perf_counter() - t0
 
     prefill_s, decode_s, out = float("inf"), float("inf"), None
     for _ in range(args.repeats):
         begin = time.perf_counter()
-        cache, rows = jax.block_until_ready(start_c(params, None, tokens, mask, ids, key, None))
+        cache, rows = jax.block_until_ready(start_c(params, None, tokens, mask, ids, key, None,
+                                                    None))
         mid = time.perf_counter()
         _, rows, ran = jax.block_until_ready(decode_c(params, None, cache, rows, active, need,
-                                                      None))
+                                                      None, None))
         end = time.perf_counter()
         prefill_s, decode_s = min(prefill_s, mid - begin), min(decode_s, end - mid)
         out = rows.output(ran + 1)

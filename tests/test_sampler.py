@@ -280,12 +280,22 @@ def test_prompt_longer_than_the_cache():
                          cache_len=16)
 
 
-def test_benchmark_rejects_bad_input():
+def test_benchmark_runs_and_rejects_bad_input():
     import pathlib
     import subprocess
     import sys
 
     script = pathlib.Path(__file__).parent.parent / "benchmarks" / "sampler_throughput.py"
+    # It runs (the engine's programs, as the benchmark lowers them), in the dtype asked.
+    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--batch", "4",
+                           "--group", "2", "--prompt-len", "4", "--new-tokens", "4",
+                           "--dtype", "bfloat16", "--repeats", "1", "--baseline-new-tokens",
+                           "2", "--ignore-eos", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = __import__("json").loads(proc.stdout)
+    assert result["dtype"] == "bfloat16" and result["tokens_per_s"] > 0
+    assert result["generated_tokens"] == 16 and result["no_cache_baseline"]["tokens_per_s"] > 0
     for args, message in [(["--batch", "10", "--group", "4"], "not divisible by the group size"),
                           (["--new-tokens", "0"], "must be positive")]:
         proc = subprocess.run([sys.executable, str(script), "--model", "tiny", *args],
