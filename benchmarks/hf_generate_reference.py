@@ -34,13 +34,13 @@ class Args:
 
 
 def run(args: Args) -> dict:
+    if args.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
     import torch
     from transformers import AutoModelForCausalLM
 
     from grpo_jax.model.load import embedded_gguf_path
 
-    if args.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype {args.dtype!r}: choose float32 or bfloat16")
     if args.threads:
         torch.set_num_threads(args.threads)
     path = embedded_gguf_path()

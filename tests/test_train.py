@@ -379,6 +379,23 @@ def test_train_step_benchmark_reports_and_rejects_bad_input():
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("trl_step_reference.py", ["--dtype", "float16"], "choose float32 or bfloat16"),
+    ("trl_step_reference.py", ["--group", "1"], "at least 2 completions per prompt"),
+    ("hf_generate_reference.py", ["--dtype", "bf16"], "choose float32 or bfloat16"),
+])
+def test_reference_benchmarks_reject_bad_input(script, args, message):
+    """The field's reference figures (transformers, TRL) refuse a bad option in one
+    line before loading anything."""
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / script
+    proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
+
+
 def test_lora_init_and_sampling_draw_from_separate_streams():
     """No LoRA leaf's init key is a step's sampling key. One key for both (the
     earlier scheme) collides: split(key, n)[i] == fold_in(key, i) in JAX's
