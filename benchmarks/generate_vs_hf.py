@@ -19,6 +19,8 @@ from pathlib import Path
 import tyro
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from sampler_throughput import write_result  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +75,7 @@ def run(args: Args) -> dict:
 
 def main(argv=None) -> int:
     args = tyro.cli(Args, args=argv)
-    result = run(args)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_result(run(args), args.out)
     return 0
 
 

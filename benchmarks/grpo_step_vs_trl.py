@@ -25,6 +25,8 @@ from pathlib import Path
 import tyro
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from sampler_throughput import machine_facts, write_result  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +84,6 @@ def trl(args: Args, dtype: str) -> dict:
 
 
 def run(args: Args) -> dict:
-    sys.path.insert(0, str(HERE))
-    from sampler_throughput import machine_facts
-
     machine = machine_facts()
     our = {d: ours(args, d) for d in args.dtypes}
     theirs = {d: trl(args, d) for d in ("float32", "bfloat16")}
@@ -98,11 +97,7 @@ def run(args: Args) -> dict:
 
 def main(argv=None) -> int:
     args = tyro.cli(Args, args=argv)
-    text = json.dumps(run(args), indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_result(run(args), args.out)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -27,6 +26,7 @@ import tyro
 
 from grpo_jax import decode, sharding
 from grpo_jax.config import SamplerConfig
+from grpo_jax.model import dtype_choice
 from grpo_jax.model.config import model_preset
 from grpo_jax.model import gemma3
 from grpo_jax.sampler import check_group
@@ -88,23 +88,11 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32"
     return 2.0 * n ** 3 / seconds
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
 def machine_facts() -> dict:
     """What the figures depend on: the CPU, the flags that decide XLA's matmul paths,
     the cores, and the measured 2048^3 matmul rate in float32 and bfloat16."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": name, "flags": [f for f in CPU_FLAGS if f in flags],
+    name, flags = dtype_choice.cpu_identity()
+    return {"cpu": name, "flags": list(flags),
             "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
             "jax": jax.__version__,
             "matmul_gflops": {d: measure_matmul_flops(dtype=d) / 1e9
@@ -252,6 +240,16 @@ def run(args: Args) -> dict:
             if args.temperature == 0 else None,
         }
     return result
+
+
+def write_result(result: dict, out: str | None) -> None:
+    """Print `result` as indented JSON, and write it to `out` too when given."""
+    text = json.dumps(result, indent=1)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
 
 
 def cli_main(args_type, run_fn, argv=None) -> int:

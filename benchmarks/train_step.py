@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import resource
 import sys
 import time

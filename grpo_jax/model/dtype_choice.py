@@ -70,9 +70,12 @@ def time_matmuls(dtype: str, shapes, repeats: int = 5) -> float:
     return total
 
 
-def machine_key(cfg: ModelConfig) -> str:
-    """What the answer depends on: the CPU (model and the flags that decide the matmul
-    paths), the cores this process may use, the jax version and the model's shapes."""
+# The CPU flags that decide XLA's (and oneDNN's) matmul paths.
+MATMUL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_identity() -> tuple[str, tuple[str, ...]]:
+    """(CPU model name, which of MATMUL_FLAGS it has), from /proc/cpuinfo where there is one."""
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -83,7 +86,13 @@ def machine_key(cfg: ModelConfig) -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    isa = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
+    return cpu, tuple(f for f in MATMUL_FLAGS if f in flags)
+
+
+def machine_key(cfg: ModelConfig) -> str:
+    """What the answer depends on: the CPU (model and the flags that decide the matmul
+    paths), the cores this process may use, the jax version and the model's shapes."""
+    cpu, isa = cpu_identity()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     shapes = "x".join(f"{m}.{k}.{n}" for m, k, n in probe_shapes(cfg))
     return f"{cpu}|{'+'.join(isa)}|{cores} cores|jax {jax.__version__}|{shapes}"
