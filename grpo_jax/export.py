@@ -3,7 +3,8 @@
     python -m grpo_jax.export --run-dir runs/tiny --out exports/tiny [--step N]
         [--dtype float32|bfloat16] [--overwrite]
 
-The run's base model is loaded as training loaded it (`runs.load_run_base`), its
+The run's base model is loaded as training loaded it (`runs.load_run_base`), in
+float32 whatever the run computed in, its
 LoRA is restored from the run's checkpoints (the latest, or --step), folded into
 the base weights (`lora.merge`), and the result is written as a Gemma 3 text
 checkpoint that `transformers.Gemma3ForCausalLM.from_pretrained(out)` loads:
@@ -176,7 +177,9 @@ def export_merged(run_dir: str | os.PathLike, *, out_dir: str | os.PathLike,
 
 def _merged_policy(run_dir: Path, cfg: TrainConfig, checkpoint_step: int | None):
     """(model config, merged params on the host, tokenizer, step) of a run's checkpoint."""
-    model_cfg, params, tokenizer = runs.load_run_base(cfg)
+    # The merge is made in float32 whatever the run computed in (`--dtype auto` may have
+    # been bfloat16): the export's own --dtype decides what precision is written.
+    model_cfg, params, tokenizer = runs.load_run_base(dataclasses.replace(cfg, dtype="float32"))
     adapters = runs.restore_adapters(run_dir, cfg, model_cfg, checkpoint_step)
     step = adapters.step
     # SFT adapters first (GRPO trained on top of that merge), then GRPO's.

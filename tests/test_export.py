@@ -173,6 +173,17 @@ def test_export_equals_merge_and_transformers(trained_run, tmp_path):
     assert diff < 1e-4, diff
 
 
+def test_a_bfloat16_run_is_merged_in_float32(trained_run):
+    """A run that computed in bfloat16 (`--dtype auto` on an AVX-512 BF16 CPU) is
+    merged from the float32 base: the export's --dtype alone rounds it."""
+    run, cfg = trained_run
+    model_cfg, params, lora, _ = _merged_reference(run, cfg)
+    got_cfg, merged, _, step = export._merged_policy(run, dataclasses.replace(
+        cfg, dtype="bfloat16"), 2)
+    assert step == 2 and got_cfg.dtype == "float32"
+    _assert_trees_equal(merged, lora_lib.merge(params, lora))
+
+
 def test_export_step_bfloat16_overwrite(trained_run, tmp_path):
     run, cfg = trained_run
     model_cfg, params, lora, _ = _merged_reference(run, cfg)
