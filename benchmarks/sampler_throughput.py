@@ -80,11 +80,7 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
 def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """FLOP/s of an n x n x n matmul in `dtype`, summed in float32 as the model's
     (`grpo_jax.model.matmul`): the machine's compute ceiling for this job."""
-    a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    jax.block_until_ready(mm(a, b))
-    seconds, _ = best_time(lambda: mm(a, b), repeats)
+    seconds = dtype_choice.time_matmuls(dtype, ((n, n, n),), repeats)
     return 2.0 * n ** 3 / seconds
 
 

@@ -46,7 +46,7 @@ LOGIT_COLUMNS = 65_536
 def probe_shapes(cfg: ModelConfig) -> tuple[tuple[int, int, int], ...]:
     """(m, k, n) of the matmuls that dominate the model's time: the MLP's projections
     and a slice of the tied logits. Each accumulates into float32, as the model's
-    one matmul (`gemma3.matmul`) does: XLA:CPU's bfloat16 matmul with a bfloat16
+    one matmul (`grpo_jax.model.matmul`) does: XLA:CPU's bfloat16 matmul with a bfloat16
     result is no faster than float32 even where its float32-accumulating one is 2x."""
     d, f = cfg.embed_dim, cfg.ffw_dim
     return ((PROJECTION_ROWS, d, f), (PROJECTION_ROWS, f, d),
