@@ -119,9 +119,10 @@ def choose(rates: dict[str, float]) -> str:
     return "bfloat16" if rates["bfloat16"] >= MIN_SPEEDUP * rates["float32"] else "float32"
 
 
-def fastest_dtype(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] = time_matmuls,
+def fastest_dtype(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] | None = None,
                   backend: str | None = None) -> str:
-    """The compute dtype for `--dtype auto` on this machine, logged in one line."""
+    """The compute dtype for `--dtype auto` on this machine, logged in one line.
+    timer: seconds for (dtype, shapes); `time_matmuls` looked up at call time."""
     backend = backend or jax.default_backend()
     if backend != "cpu":
         log.info("dtype auto: bfloat16 (native on %s)", backend)
@@ -135,6 +136,7 @@ def fastest_dtype(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] = ti
     else:
         shapes = probe_shapes(cfg)
         flops = sum(2.0 * m * k * n for m, k, n in shapes)
+        timer = timer or time_matmuls
         gflops = {d: flops / timer(d, shapes) / 1e9 for d in CANDIDATES}
         entry = {"dtype": choose(gflops), "gflops": gflops}
         source = "probed now"
