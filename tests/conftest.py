@@ -82,12 +82,46 @@ _EMBEDDED_FIXTURES = frozenset({"embedded_gguf_path", "embedded_gguf_reader", "e
                                 "embedded_tokenizer", "hf_embedded_model", "hf_embedded_tokenizer"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's --dist loadgroup, every test of the embedded model runs in one
     worker, so the model is loaded (and held in memory) once, not once per worker."""
     for item in items:
         if _EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("embedded-270m"))
+
+
+def pytest_configure(config):
+    """A group split over workers costs minutes (one worker waits on the other's
+    8-device run) and memory (the 270M loaded twice). pytest-xdist groups by a suffix
+    it adds to each grouped test's id; pytest 9 no longer reads the attribute xdist
+    3.8 sets, so every group was silently split: refuse that pair (setup.py pins
+    pytest 8), and `pytest_collection_finish` below checks the ids themselves."""
+    if getattr(config.option, "dist", None) == "loadgroup":
+        import xdist
+
+        if pytest.version_tuple[0] >= 9 and _version(xdist.__version__) <= (3, 8, 0):
+            raise pytest.UsageError(
+                f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} splits "
+                "--dist loadgroup's groups over workers; install the test pins "
+                "(pip install -c constraints.txt -e '.[test]': pytest 8)")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """In an xdist worker under --dist loadgroup: every grouped test's id must carry
+    its group, or the run stops (whatever the versions)."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items
+            if any(True for _ in item.iter_markers("xdist_group")) and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup would split {len(lost)} grouped tests "
+                                f"over workers (e.g. {lost[0]})")
 
 
 @pytest.fixture(autouse=True, scope="module")
