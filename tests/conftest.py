@@ -17,6 +17,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # start), so a program compiled once (the tiny model's update, sampler, reference pass)
 # is read back, not compiled again, in the next module, worker or subprocess. The
 # user's ~/.cache is never touched; a test that checks cache behaviour sets its own.
+# Most of the suite's time is XLA compiling small programs (~65% in the sampler and
+# GRPO modules), and LLVM's optimisation passes are a fifth of that. The tests check
+# what the programs compute, which the passes do not change (the model's matmuls run
+# in library kernels either way): compile them unoptimised, here and in every
+# subprocess. A flag the caller set wins.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=0").strip()
 if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _SESSION_CACHE = tempfile.mkdtemp(prefix="grpo-jax-test-xla-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
@@ -122,6 +130,19 @@ def pytest_collection_finish(session):
     if lost:
         raise pytest.UsageError(f"--dist loadgroup would split {len(lost)} grouped tests "
                                 f"over workers (e.g. {lost[0]})")
+
+
+@pytest.fixture(autouse=True)
+def _package_logger_as_found():
+    """A CLI's main() run in-process (`cli.log_to_stderr`) gives the "grpo_jax" logger a
+    stderr handler and stops it propagating, which would hide its records from the
+    caplog of every later test in that worker: put it back after each test."""
+    import logging
+
+    log = logging.getLogger("grpo_jax")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -31,8 +31,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
-            "JAX_COMPILATION_CACHE_DIR": ""}
+    """The session's compilation cache (tests/conftest.py) is inherited: the restoring
+    run reads back what the first two-process run compiled."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
 
 
 def _run_two_processes(out: Path, timeout: float = 600) -> None:
