@@ -359,7 +359,8 @@ class TrainConfig:
     dtype: str | None = None
     """Compute dtype of the base model: float32, bfloat16, or auto (the faster of the two
     on this machine, measured once by a matmul probe at the model's shapes: bfloat16 on
-    an accelerator and on CPUs with AVX-512 BF16, float32 on AVX2-only and AMX CPUs);
+    an accelerator and, measured, on CPUs with AVX-512 BF16; expected float32 on
+    AVX2-only and AMX CPUs, not yet seen);
     unset: the model's own (float32). LoRA, optimizer, log-softmax and losses stay
     float32 either way."""
     attention: str = "xla"

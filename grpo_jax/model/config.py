@@ -38,9 +38,10 @@ class ModelConfig:
     query_pre_attn_scalar: float = 256.0
     rms_eps: float = 1e-6
     # Compute dtype. float32 by default; bfloat16 on accelerators and on CPUs with
-    # AVX-512 BF16 (~2x float32 there; slower than float32 on AVX2-only and AMX CPUs,
-    # whose matrix units XLA:CPU leaves idle). A run's "auto" picks by measuring
-    # (grpo_jax/model/dtype_choice.py).
+    # AVX-512 BF16 (measured ~1.8x float32 there). On AVX2-only and AMX CPUs XLA:CPU's
+    # bfloat16 was measured at or below float32 before the float32-summing matmul
+    # (model/matmul.py); what "auto" picks there is not yet seen. A run's "auto"
+    # measures (grpo_jax/model/dtype_choice.py).
     dtype: str = "float32"
     # Storage dtype of the weights.
     param_dtype: str = "float32"
