@@ -301,3 +301,26 @@ def test_benchmark_runs_and_rejects_bad_input():
         proc = subprocess.run([sys.executable, str(script), "--model", "tiny", *args],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_decode_step_parts_benchmark_runs_and_rejects_bad_input(tmp_path):
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parent.parent / "benchmarks" / "decode_step_parts.py"
+    out = tmp_path / "parts.json"
+    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--batch", "4",
+                           "--repeats", "1", "--no-machine", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"float32", "bfloat16", "choose"}
+    assert all(t > 0 for t in result["ms"]["choose"].values())
+    assert all(result["ms"][d]["logits_vocab_major"] > 0 for d in ("float32", "bfloat16"))
+    for args, message in [(["--batch", "0"], "must be positive"),
+                          (["--dtypes", "float64"], "unknown dtype")]:
+        proc = subprocess.run([sys.executable, str(script), "--model", "tiny", *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
