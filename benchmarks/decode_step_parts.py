@@ -11,10 +11,8 @@ RoPE, cache writes and the loop (`benchmarks/sampler_throughput.py`: decode_step
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sampler_throughput import cli_main, machine_facts  # noqa: E402
+from sampler_throughput import best_time, cli_main, machine_facts, save_result  # noqa: E402
 
 from grpo_jax import sampling  # noqa: E402
 from grpo_jax.config import SamplerConfig  # noqa: E402
@@ -45,14 +43,11 @@ class Args:
 
 
 def best_ms(fn, *args, repeats: int) -> float:
-    """Mean milliseconds per call of jit(fn) over `repeats` calls, after a warm-up."""
+    """Best milliseconds of `repeats` calls of jit(fn), after one that compiles."""
     fn = jax.jit(fn)
     jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats * 1e3
+    seconds, _ = best_time(lambda: fn(*args), repeats)
+    return seconds * 1e3
 
 
 def run(args: Args) -> dict:
@@ -107,9 +102,7 @@ def run(args: Args) -> dict:
                         ("t1", SamplerConfig(temperature=1.0)),
                         ("t0.7", SamplerConfig(temperature=0.7)))}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        save_result(result, args.out)
     return result
 
 

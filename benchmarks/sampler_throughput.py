@@ -238,14 +238,19 @@ def run(args: Args) -> dict:
     return result
 
 
-def write_result(result: dict, out: str | None) -> None:
-    """Print `result` as indented JSON, and write it to `out` too when given."""
+def save_result(result: dict, out: str | None) -> str:
+    """`result` as indented JSON, written to `out` too when given."""
     text = json.dumps(result, indent=1)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             f.write(text + "\n")
-    print(text)
+    return text
+
+
+def write_result(result: dict, out: str | None) -> None:
+    """Print `result` as indented JSON, and write it to `out` too when given."""
+    print(save_result(result, out))
 
 
 def cli_main(args_type, run_fn, argv=None) -> int:

@@ -107,16 +107,13 @@ def pytest_configure(config):
     pytest 8), and `pytest_collection_finish` below checks the ids themselves."""
     if getattr(config.option, "dist", None) == "loadgroup":
         import xdist
+        from packaging.version import Version
 
-        if pytest.version_tuple[0] >= 9 and _version(xdist.__version__) <= (3, 8, 0):
+        if pytest.version_tuple[0] >= 9 and Version(xdist.__version__) <= Version("3.8.0"):
             raise pytest.UsageError(
                 f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} splits "
                 "--dist loadgroup's groups over workers; install the test pins "
                 "(pip install -c constraints.txt -e '.[test]': pytest 8)")
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
 
 
 @pytest.hookimpl(trylast=True)
@@ -126,7 +123,7 @@ def pytest_collection_finish(session):
     if not getattr(session.config.option, "loadgroup", False):
         return
     lost = [item.nodeid for item in session.items
-            if any(True for _ in item.iter_markers("xdist_group")) and "@" not in item.nodeid]
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
     if lost:
         raise pytest.UsageError(f"--dist loadgroup would split {len(lost)} grouped tests "
                                 f"over workers (e.g. {lost[0]})")
