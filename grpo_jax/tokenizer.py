@@ -110,11 +110,11 @@ class Tokenizer:
     def from_gguf(cls, path_or_reader: Any) -> "Tokenizer":
         """Rebuild the tokenizer a GGUF file describes (a path, or an open `gguf.GGUFReader`)."""
         if isinstance(path_or_reader, (str, os.PathLike)):
-            import gguf
+            from grpo_jax.model.gguf_fast import FastGGUFReader
 
             path = _require_file(path_or_reader, "GGUF file")
             try:
-                reader = gguf.GGUFReader(str(path))
+                reader = FastGGUFReader(str(path))
             except Exception as e:  # the reader raises assorted errors on a bad file
                 raise ValueError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
             source = str(path)

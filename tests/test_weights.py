@@ -559,3 +559,103 @@ def test_tokenizer_must_cover_the_embedding(tmp_path, params):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: tokenizer (513 pieces"), lines
+
+
+# ---------------------------------------------------------------------------
+# grpo_jax.model.gguf_fast: the package's reader and Q8_0 dequantizer, restated faster
+
+
+def _metadata_gguf(path):
+    """Every metadata shape the readers parse: strings (empty, non-ASCII), scalars, and
+    arrays of strings, of each scalar type, and empty ones."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_token_list(["<pad>", "", "▁héllo", "日本", "x" * 300])
+    w.add_token_scores([0.0, -1.5, 2.25, float("-inf"), 3.0])
+    w.add_token_types([3, 1, 1, 6, 1])
+    w.add_array("test.u8", np.arange(7, dtype=np.uint8).tolist())
+    w.add_key_value("test.bools", [True, False, True], gguf.GGUFValueType.ARRAY,
+                    sub_type=gguf.GGUFValueType.BOOL)
+    w.add_key_value("test.i64", [-(2 ** 40), 5], gguf.GGUFValueType.ARRAY,
+                    sub_type=gguf.GGUFValueType.INT64)
+    w.add_key_value("test.f64", [0.1, -2.0], gguf.GGUFValueType.ARRAY,
+                    sub_type=gguf.GGUFValueType.FLOAT64)
+    w.add_key_value("test.one_string", ["only"], gguf.GGUFValueType.ARRAY,
+                    sub_type=gguf.GGUFValueType.STRING)
+    w.add_string("test.s", "plain ünïcode")
+    w.add_uint32("test.n", 7)
+    w.add_float32("test.f", 0.5)
+    w.add_bool("test.b", True)
+    w.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _assert_same_reader(got, want):
+    assert list(got.fields) == list(want.fields)
+    for name, w in want.fields.items():
+        g = got.fields[name]
+        assert (g.offset, g.name, g.data, g.types) == (w.offset, w.name, w.data, w.types), name
+        assert len(g.parts) == len(w.parts), name
+        for a, b in zip(g.parts, w.parts, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+        assert g.contents() == w.contents(), name  # no NaN here: == is exact
+    assert [(t.name, t.tensor_type, t.data_offset) for t in got.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset) for t in want.tensors]
+    for a, b in zip(got.tensors, want.tensors, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_fast_gguf_reader_reads_what_the_package_reads(tmp_path, params):
+    import gguf
+
+    from grpo_jax.model.gguf_fast import FastGGUFReader
+
+    for path in (_metadata_gguf(tmp_path / "meta.gguf"),
+                 write_gguf(tmp_path / "tiny.gguf", params, TINY)):
+        _assert_same_reader(FastGGUFReader(str(path)), gguf.GGUFReader(str(path)))
+    fast = FastGGUFReader(str(tmp_path / "meta.gguf"))
+    assert fast.fields["tokenizer.ggml.tokens"].contents() == [
+        "<pad>", "", "▁héllo", "日本", "x" * 300]
+    assert fast.fields["tokenizer.ggml.tokens"].contents(2) == "▁héllo"
+    assert fast.fields["tokenizer.ggml.token_type"].contents(3) == 6
+    assert fast.fields["test.i64"].contents() == [-(2 ** 40), 5]
+
+
+def test_fast_gguf_reader_refuses_a_truncated_vocabulary(tmp_path):
+    path = _metadata_gguf(tmp_path / "meta.gguf")
+    data = path.read_bytes()
+    # Cut inside the 300-byte piece: the string array runs past the end of the file.
+    cut = data.index(b"x" * 300) + 100
+    (tmp_path / "cut.gguf").write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        weights.open_gguf(tmp_path / "cut.gguf")
+
+
+def test_fast_q8_0_dequantize_is_the_package_bit_for_bit():
+    import gguf
+
+    from grpo_jax.model.gguf_fast import dequantize
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(70, 96)).astype(np.float32) * np.logspace(-3, 2, 70)[:, None]
+    w[3] = 0.0  # an all-zero block: scale 0
+    blocks = gguf.quants.quantize(w, q8)
+    raw = rng.integers(0, 256, size=(5, 3 * 34), dtype=np.uint8)  # any scale bits
+    raw.reshape(-1, 34)[:, 1] &= 0x3B  # finite float16 scales (no inf / NaN exponents)
+    for data in (blocks, raw, blocks[:1]):
+        want = gguf.quants.dequantize(data, q8)
+        got = dequantize(data, q8)
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ValueError, match="not whole blocks"):
+        dequantize(blocks[:, :33], q8)
+    # Other types are the package's own.
+    f16 = np.arange(8, dtype=np.float16).view(np.uint8)
+    np.testing.assert_array_equal(dequantize(f16, gguf.GGMLQuantizationType.F16),
+                                  np.arange(8, dtype=np.float32))
