@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import resource
@@ -63,6 +64,24 @@ def embedded_tokenizer(embedded_gguf_reader):
     return Tokenizer.from_gguf(embedded_gguf_reader)
 
 
+@contextlib.contextmanager
+def _gguf_package_made_fast():
+    """transformers reads a GGUF through `from gguf import GGUFReader, dequantize`, at
+    ~12 s a read of the 262k vocabulary (it reads it for the config, the tokenizer and
+    the weights) and 14 s to dequantize the Q8_0 embedding. For the fixtures' loads it
+    gets `grpo_jax.model.gguf_fast`'s restatements instead: the same fields and the
+    same float32 bits (tests/test_weights.py checks both against the package's), so
+    the reference model is the one the package would have built."""
+    import gguf
+
+    from grpo_jax.model import gguf_fast
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", gguf_fast.FastGGUFReader)
+        mp.setattr(gguf, "dequantize", gguf_fast.dequantize)
+        yield
+
+
 @pytest.fixture(scope="session")
 def hf_embedded_model(embedded_gguf_path):
     """transformers' Gemma 3 loaded from the same GGUF, float32 (skips without it)."""
@@ -70,8 +89,9 @@ def hf_embedded_model(embedded_gguf_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name, dtype=torch.float32)
+    with _gguf_package_made_fast():
+        model = AutoModelForCausalLM.from_pretrained(
+            embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name, dtype=torch.float32)
     model.eval()
     return model
 
@@ -81,8 +101,9 @@ def hf_embedded_tokenizer(embedded_gguf_path):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name)
+    with _gguf_package_made_fast():
+        return AutoTokenizer.from_pretrained(
+            embedded_gguf_path.parent, gguf_file=embedded_gguf_path.name)
 
 
 # Fixtures that hold the embedded 270M model (and its transformers twin): ~9 GB a process.
@@ -99,12 +120,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("embedded-270m"))
 
 
+# Memory a process frees goes back to the hypervisor a few seconds later (virtio-balloon
+# free page reporting, on the VMs this suite runs on), and touching it again costs
+# ~4-7 s a GB: glibc hands every freed array of more than 32 MB back at once. The
+# processes the tests start (a CLI run, the 270M export's own process) keep what they
+# free instead; they exit soon after. The 270M export's process: 120 -> 82 s. The
+# xdist workers live the whole session, so they stay as they are (a worker holding its
+# peak for good would add up with the other's on a 24 GiB machine).
+_KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def _is_xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config,
+                                                                             "workerinput")
+
+
 def pytest_configure(config):
-    """A group split over workers costs minutes (one worker waits on the other's
+    """The test processes' subprocesses keep the memory they free (see above); then the
+    xdist group check below.
+
+    A group split over workers costs minutes (one worker waits on the other's
     8-device run) and memory (the 270M loaded twice). pytest-xdist groups by a suffix
     it adds to each grouped test's id; pytest 9 no longer reads the attribute xdist
     3.8 sets, so every group was silently split: refuse that pair (setup.py pins
     pytest 8), and `pytest_collection_finish` below checks the ids themselves."""
+    if not _is_xdist_controller(config):
+        for name, value in _KEEP_FREED_MEMORY.items():
+            os.environ.setdefault(name, value)
     if getattr(config.option, "dist", None) == "loadgroup":
         import xdist
         from packaging.version import Version
