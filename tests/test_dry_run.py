@@ -50,17 +50,34 @@ def test_fsdp_splits_the_weights_over_chips():
 
 def test_tiny_dry_run_cli_prints_figures(capsys, tmp_path):
     pytest.importorskip("libtpu")
-    assert train.main(["--preset", "tiny", "--dry-run"]) == 0
+    report = tmp_path / "dry.json"
+    assert train.main(["--preset", "tiny", "--dry-run", "--dry-run-json", str(report),
+                       "--grpo.num-prompts", "4"]) == 0
     out = capsys.readouterr().out
     assert "compile-only" in out and "decode_step" in out and "roofline" in out
     assert "attention xla (the run's own)" in out and "attention pallas:" in out
-    # Its own command, with its own options beside the run's flags.
+    written = json.loads(report.read_text())
+    assert written["batch"]["prompts"] == 4 and list(written["by_attention"]) == ["xla", "pallas"]
+
+
+def test_dry_run_cli_hands_its_options_and_the_run_flags_on(monkeypatch, tmp_path):
+    """Its own command: `--dry-run-attention` with no names compares nothing, the run's
+    flags set the config. What `dry_run` then compiles is the tests' above."""
+    seen = {}
+
+    def fake_dry_run(cfg, topology, compare):
+        seen.update(cfg=cfg, topology=topology, compare=compare)
+        return {"batch": {"prompts": cfg.grpo.num_prompts}}
+
+    monkeypatch.setattr(dry_run, "dry_run", fake_dry_run)
     report = tmp_path / "dry.json"
     assert dry_run.main(["--preset", "tiny", "--dry-run-attention", "--dry-run-json",
-                         str(report), "--grpo.num-prompts", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "attention pallas:" not in out and json.loads(report.read_text())["batch"][
-        "prompts"] == 4
+                         str(report), "--grpo.num-prompts", "4", "--topology", "v5e:2x2"]) == 0
+    assert seen["compare"] == () and seen["topology"] == "v5e:2x2"
+    assert seen["cfg"].preset == "tiny" and seen["cfg"].grpo.num_prompts == 4
+    assert json.loads(report.read_text()) == {"batch": {"prompts": 4}}
+    assert dry_run.main(["--preset", "tiny", "--grpo.num-prompts", "4"]) == 0
+    assert seen["compare"] == dry_run.ATTENTION_IMPLS  # by default, every implementation
 
 
 def test_dry_run_help_names_its_options_and_the_run_flags(capsys):
