@@ -89,6 +89,21 @@ def _f16_exact(params):
                         if np.ndim(x) > 1 else np.round(np.asarray(x) * 4096) / 4096, params)
 
 
+def _worst(got, want, rtol=0.0, atol=0.0, rows=1 << 14):
+    """(max |got - want|, max of |got - want| - (atol + rtol |want|)) over a chunk of rows
+    at a time: np.testing.assert_allclose's full-size temporaries for the 270M's 168M-entry
+    embedding cost ~30 s of fresh pages on these VMs."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    got, want = got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1)
+    diff = excess = -np.inf
+    for i in range(0, got.shape[0], rows):
+        g, w = got[i:i + rows].astype(np.float32), want[i:i + rows].astype(np.float32)
+        d = np.abs(g - w)
+        diff = max(diff, float(d.max()))
+        excess = max(excess, float((d - (atol + rtol * np.abs(w))).max()))
+    return diff, excess
+
+
 def _tree_items(tree):
     return [(jax.tree_util.keystr(p), np.asarray(x))
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -271,8 +286,9 @@ def test_embedded_f16_export_reads_back(embedded_params, embedded_gguf_reader,
     # float32's rounding of the +1 / -1 around them).
     worst = 0.0
     for (name, got), (_, want) in zip(_tree_items(back), _tree_items(merged), strict=True):
-        np.testing.assert_allclose(got, want, rtol=2.0 ** -11, atol=1e-7, err_msg=name)
-        worst = max(worst, float(np.abs(got - want).max()))
+        diff, excess = _worst(got, want, rtol=2.0 ** -11, atol=1e-7)
+        assert excess <= 0, (name, diff, excess)
+        worst = max(worst, diff)
     print(f"f16 tensors: max abs diff {worst:.3g}")
     assert not np.array_equal(back["layers"][0]["attn"]["q"],  # the merge, not the base
                               np.asarray(embedded_params["layers"][0]["attn"]["q"]))
@@ -356,7 +372,8 @@ def test_cli_exports_a_270m_run_as_q8_0(embedded_params, embedded_tokenizer, tmp
         if want.ndim == 1:
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)  # f32 norms
             continue
-        rel = np.abs(got - want).max() / np.abs(want).max()
+        rel = _worst(got, want)[0] / max(float(np.abs(want[i:i + 4096]).max())
+                                         for i in range(0, len(want), 4096))
         assert rel < 0.6 / 127, (name, rel)
         worst = max(worst, float(rel))
     tokens, mask = left_pad([embedded_tokenizer.encode(p) for p in PROMPTS], multiple=1)
