@@ -35,11 +35,16 @@ def _tiny_params(seed: int, flatten: float = 1.0):
 _forward = jax.jit(gemma3.forward, static_argnums=4)
 
 
-def _full_logprobs(params, ids):
-    tokens = jnp.asarray([ids], jnp.int32)
-    mask = jnp.ones_like(tokens, bool)
+def _full_logprobs(params, ids, width=32):
+    """The full forward's log-probs of `ids`, right-padded to a multiple of `width` (no
+    real token attends to a later one, so the padding changes nothing): one compile for
+    every length up to it, where each length compiled its own before."""
+    n = len(ids)
+    padded = -(-n // width) * width
+    tokens = jnp.asarray([list(ids) + [0] * (padded - n)], jnp.int32)
+    mask = jnp.asarray([[True] * n + [False] * (padded - n)])
     logits = _forward(params, tokens, gemma3.left_padded_positions(mask), mask, TINY)
-    return np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    return np.asarray(jax.nn.log_softmax(logits[0, :n], axis=-1))
 
 
 def _prompts(rng, lengths):
