@@ -43,12 +43,10 @@ def _numpy_nll(params, lora, batch, model_cfg) -> float:
     p = batch.prompt_len
     for tokens, mask in zip(np.asarray(batch.tokens), np.asarray(batch.input_mask)):
         real = tokens[mask][None, :]
-        width = tokens.shape[0]
-        valid = np.arange(width)[None, :] < real.shape[1]
-        padded = np.where(valid, np.pad(real, ((0, 0), (0, width - real.shape[1]))), 0)
-        positions = np.where(valid, np.arange(width)[None, :], 0)
+        padded = np.pad(real, ((0, 0), (0, tokens.shape[0] - real.shape[1])))  # with 0s
+        valid = jnp.asarray(np.arange(tokens.shape[0])[None, :] < real.shape[1])
         logits = np.asarray(_forward(params, jnp.asarray(padded, jnp.int32),
-                                     jnp.asarray(positions), jnp.asarray(valid), model_cfg,
+                                     gemma3.left_padded_positions(valid), valid, model_cfg,
                                      lora), np.float64)[0]
         logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
         n_prompt = int(mask[:p].sum())
