@@ -77,7 +77,7 @@ def run(args: Args) -> dict:
     params, lora = adapters.policy(base.params)
     problems = data.load_problems(cfg.data, "train")[:args.prompts]
     prompts = data.encode_prompts(base.tokenizer, problems, cfg.data.prompt_style,
-                                  cfg.data.prefill)
+                                  cfg.data.prefill, cfg.data.max_prompt_tokens)
     table = stop_strings.stop_table(base.tokenizer, cfg.sampler.stop_strings,
                                     base.cfg.vocab_size)
     key = jax.random.key(args.seed)

@@ -117,6 +117,12 @@ class DataConfig:
     prefill: str = ""
     """Text that opens the model's answer, written into the prompt (e.g. '<reasoning>'
     for a base model); the rewards and the evaluation score prefill + completion."""
+    max_prompt_tokens: int | None = None
+    """Cut longer prompts to their BOS and last max_prompt_tokens - 1 tokens, as TRL's
+    max_prompt_length does (in training, SFT and evaluation alike). The cut drops the
+    instruction and the question's start, so real runs leave it off (None): it bounds
+    the sequence length of the random tiny model's runs, whose byte tokenizer turns a
+    problem into 450-900 tokens."""
 
     @validated
     def __post_init__(self):
@@ -127,6 +133,9 @@ class DataConfig:
                              f"got {self.prompt_style!r}")
         if self.num_train <= 0 or self.num_eval <= 0:
             raise ValueError("num_train and num_eval must be positive")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 2:
+            raise ValueError(f"data.max_prompt_tokens must be at least 2 (BOS and one token) "
+                             f"or None, got {self.max_prompt_tokens}")
         if self.train_seed == self.eval_seed:
             raise ValueError(f"train_seed and eval_seed are both {self.train_seed}: "
                              "held-out problems must come from a different seed")

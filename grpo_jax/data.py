@@ -71,9 +71,15 @@ def format_prompt(question: str, style: str = "chat", prefill: str = "") -> str:
 
 
 def encode_prompts(tokenizer, problems: Sequence[Problem], style: str = "chat",
-                   prefill: str = "") -> list[list[int]]:
-    """BOS + ids of each problem's formatted prompt."""
-    return [tokenizer.encode(format_prompt(p.question, style, prefill)) for p in problems]
+                   prefill: str = "", max_tokens: int | None = None) -> list[list[int]]:
+    """BOS + ids of each problem's formatted prompt. max_tokens: a longer prompt keeps
+    its BOS and its last max_tokens - 1 ids (cut on the left, where the instruction
+    is: the end, where the answer begins, stays)."""
+    prompts = [tokenizer.encode(format_prompt(p.question, style, prefill)) for p in problems]
+    if max_tokens is None:
+        return prompts
+    return [ids if len(ids) <= max_tokens else ids[:1] + ids[len(ids) - max_tokens + 1:]
+            for ids in prompts]
 
 
 _NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?$")

@@ -37,13 +37,14 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
                    batch_size: int = 16, prompt_bucket: int = 32, prompt_style: str = "chat",
                    prefill: str = "", stop_strings: tuple[str, ...] = (),
                    plan: sharding.MeshPlan | None = None,
-                   tools: SamplerConfig | None = None) -> tuple[dict, list[dict]]:
+                   tools: SamplerConfig | None = None,
+                   max_prompt_tokens: int | None = None) -> tuple[dict, list[dict]]:
     """Greedy completions for `problems` -> (summary figures, per-problem records);
     a completion is scored and recorded with the `prefill` its prompt ends with.
     plan: the mesh the weights live on (default one device); every host of a
     multi-host run calls this and gets the same results. tools: a sampler config
     whose tool (`tools`, markers and bounds) answers the model's calls; None: the model
-    alone, writing its own results."""
+    alone, writing its own results. max_prompt_tokens: as `DataConfig`'s."""
     sampling = SamplerConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=stop_ids,
                              prompt_bucket=prompt_bucket, stop_strings=stop_strings)
     sampling = with_tool(sampling, tools)
@@ -51,7 +52,7 @@ def evaluate_model(params, lora, tokenizer, problems: Sequence[data.Problem],
     # Continuous batching: `batch_size` rows decode together and a row that stops takes
     # the next problem at once (greedy, so the answers equal batch-at-a-time decoding's).
     out = sampler.sample_stream(params, data.encode_prompts(tokenizer, problems, prompt_style,
-                                                            prefill),
+                                                            prefill, max_prompt_tokens),
                                 jax.random.key(0), cfg=model_cfg, sampling=sampling,
                                 slots=batch_size, lora=lora, stop_table=stop_table, plan=plan,
                                 toolbox=tools_lib.toolbox(tokenizer, sampling,
@@ -94,7 +95,8 @@ def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
                      prompt_bucket: int = 32, prompt_style: str = "chat", prefill: str = "",
                      stop_strings: tuple[str, ...] = (),
                      plan: sharding.MeshPlan | None = None,
-                     tools: SamplerConfig | None = None) -> dict:
+                     tools: SamplerConfig | None = None,
+                     max_prompt_tokens: int | None = None) -> dict:
     """k samples per problem at `temperature` -> pass@k (the fraction of problems with at
     least one exact sample: what GRPO can amplify), the per-sample rates, their Wilson
     intervals, and how many problems had 0..k exact samples. tools: as in
@@ -107,7 +109,7 @@ def sampled_accuracy(params, lora, tokenizer, problems: Sequence[data.Problem],
                              stop_strings=stop_strings)
     sampling = with_tool(sampling, tools)
     stop_table = stop_strings_lib.stop_table(tokenizer, stop_strings, model_cfg.vocab_size)
-    prompts = data.encode_prompts(tokenizer, problems, prompt_style, prefill)
+    prompts = data.encode_prompts(tokenizer, problems, prompt_style, prefill, max_prompt_tokens)
     # Each problem k times in a row: every row draws from its own stream (its index).
     out = sampler.sample_stream(params, [p for p in prompts for _ in range(k)], key,
                                 cfg=model_cfg, sampling=sampling, slots=batch_size,
@@ -141,7 +143,10 @@ def eval_options(cfg: TrainConfig) -> dict:
     return dict(max_new_tokens=cfg.eval_max_new_tokens, stop_ids=cfg.sampler.stop_ids,
                 prompt_bucket=cfg.sampler.prompt_bucket, batch_size=cfg.eval_batch_size,
                 prompt_style=cfg.data.prompt_style, prefill=cfg.data.prefill,
-                stop_strings=cfg.sampler.stop_strings)
+                stop_strings=cfg.sampler.stop_strings,
+                # Only when set: evaluation files written before it existed keep their setup.
+                **({} if cfg.data.max_prompt_tokens is None
+                   else {"max_prompt_tokens": cfg.data.max_prompt_tokens}))
 
 
 # eval.json's columns, in the order a run produces them, and their table labels. A run

@@ -171,17 +171,29 @@ def pytest_collection_finish(session):
                                 f"over workers (e.g. {lost[0]})")
 
 
+def _package_logger_state(state=None):
+    """The "grpo_jax" logger's (handlers, level, propagate); with `state`, set them."""
+    import logging
+
+    log = logging.getLogger("grpo_jax")
+    if state is not None:
+        log.handlers[:], log.level, log.propagate = list(state[0]), state[1], state[2]
+    return list(log.handlers), log.level, log.propagate
+
+
+_PRISTINE_LOGGER = _package_logger_state()
+
+
 @pytest.fixture(autouse=True)
 def _package_logger_as_found():
     """A CLI's main() run in-process (`cli.log_to_stderr`) gives the "grpo_jax" logger a
     stderr handler and stops it propagating, which would hide its records from the
-    caplog of every later test in that worker: put it back after each test."""
-    import logging
-
-    log = logging.getLogger("grpo_jax")
-    saved = (list(log.handlers), log.level, log.propagate)
+    caplog of every later test in that worker. Each test starts and ends with the logger
+    as the worker found it: a module fixture that ran a CLI (test_sft_phase's) has set it
+    up before this fixture's setup, so the state saved at a test's start is not enough."""
+    _package_logger_state(_PRISTINE_LOGGER)
     yield
-    log.handlers[:], log.level, log.propagate = saved
+    _package_logger_state(_PRISTINE_LOGGER)
 
 
 @pytest.fixture(autouse=True, scope="module")

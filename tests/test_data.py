@@ -174,6 +174,25 @@ def test_prompt_template_is_a_gemma_user_turn():
     assert "<reasoning>" in prompt and "<answer>" in prompt and "What is 2+2?<end_of_turn>" in prompt
 
 
+def test_long_prompts_keep_bos_and_their_end():
+    from grpo_jax.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    problems = [data.Problem("What is 2+2?", "4", 0), data.Problem("x" * 600, "1", 1)]
+    whole = data.encode_prompts(tok, problems, "plain", "<reasoning>")
+    cut = data.encode_prompts(tok, problems, "plain", "<reasoning>", max_tokens=40)
+    for ids, full in zip(cut, whole):
+        assert len(ids) == min(40, len(full)) and ids[0] == tok.bos_id == full[0]
+        assert ids[1:] == full[len(full) - len(ids) + 1:]  # the end, where the answer begins
+        assert tok.decode(ids).endswith("Solution:\n<reasoning>")
+    assert len(whole[0]) > 40  # the instruction alone is longer: both are cut
+    assert data.encode_prompts(tok, problems, "plain", max_tokens=10_000) == \
+        data.encode_prompts(tok, problems, "plain")
+    for bad in (0, 1, -5):
+        with pytest.raises(ValueError, match="data.max_prompt_tokens must be at least 2"):
+            DataConfig(max_prompt_tokens=bad)
+
+
 def test_training_order_is_a_pure_function_of_the_position():
     n, seed = 7, 11
     stream = data.order_at(n, seed, 0, 3 * n)

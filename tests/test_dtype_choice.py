@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 
 from _tiny_model import random_params
-from grpo_jax import dry_run, train
+from digit_reward_train import digit_fraction
+from grpo_jax import dry_run, rewards, train
 from grpo_jax.config import SamplerConfig, TrainConfig
 from grpo_jax.model import dtype_choice, gemma3
 from grpo_jax.model.config import GEMMA3_270M, TINY
 from grpo_jax.model.load import with_dtype
 from grpo_jax.model.matmul import matmul
 from grpo_jax.presets import TRAIN_PRESETS
+from grpo_jax.rewards import RewardConfig
 from grpo_jax.sampler import sample_prompts
 
 
@@ -178,9 +180,12 @@ def test_bfloat16_sampler_agrees_with_the_bfloat16_forward():
 
 
 def test_a_bfloat16_run_trains(tmp_path):
+    # A reward random text earns unevenly, so groups have advantages and LoRA gradients.
+    rewards.register_reward("digit_fraction", digit_fraction)
     cfg = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0,
                               dtype="bfloat16", steps=2, save_every=2,
-                              output_dir=str(tmp_path / "run"))
+                              output_dir=str(tmp_path / "run"),
+                              rewards=RewardConfig(functions=(("digit_fraction", 1.0),)))
     train.train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

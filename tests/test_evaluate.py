@@ -190,7 +190,7 @@ def test_pass_at_k_counts_problems_with_an_exact_sample(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sampler, "sample_stream", scripted_stream)
     monkeypatch.setattr(sampler, "decode_completions", lambda tok, out, stops: texts)
-    monkeypatch.setattr(data, "encode_prompts", lambda tok, ps, style, prefill:
+    monkeypatch.setattr(data, "encode_prompts", lambda tok, ps, style, prefill, max_tokens:
                         [[p.index + 10] for p in ps])
     got = evaluate.sampled_accuracy(None, None, None, problems, types.SimpleNamespace(vocab_size=300), k=3,
                                     temperature=0.7, key=None, max_new_tokens=4, stop_ids=(1,))

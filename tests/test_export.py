@@ -14,9 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grpo_jax import export, runs, train
+from digit_reward_train import digit_fraction
+from grpo_jax import export, rewards, runs, train
 from grpo_jax.model.config import model_preset
 from grpo_jax.presets import TRAIN_PRESETS
+from grpo_jax.rewards import RewardConfig
 from grpo_jax.model import gemma3, hf_layout, lora as lora_lib, weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,8 +141,11 @@ def test_tokenizer_model_is_written(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("export") / "run"
+    # A reward random text earns unevenly: groups have advantages, so LoRA's B moves.
+    rewards.register_reward("digit_fraction", digit_fraction)
     cfg = dataclasses.replace(TRAIN_PRESETS["tiny"], tensorboard=False, eval_problems=0,
-                              output_dir=str(run), steps=2)
+                              output_dir=str(run), steps=2,
+                              rewards=RewardConfig(functions=(("digit_fraction", 1.0),)))
     train.train(cfg)
     return run, cfg
 

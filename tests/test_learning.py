@@ -26,7 +26,7 @@ def digit_fraction(completions, answers):
 def test_grpo_raises_a_learnable_reward(tmp_path):
     rewards.register_reward("digit_fraction", digit_fraction)
     cfg = dataclasses.replace(
-        TRAIN_PRESETS["tiny"], output_dir=str(tmp_path / "run"), steps=20, save_every=20,
+        TRAIN_PRESETS["tiny"], output_dir=str(tmp_path / "run"), steps=40, save_every=40,
         tensorboard=False, eval_problems=0,
         rewards=RewardConfig(functions=(("digit_fraction", 1.0),)),
         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0, weight_decay=0.0,

@@ -159,7 +159,10 @@ def test_packed_sft_run_matches_the_unpacked_run(tmp_path):
     problem a row (the same update, to float rounding), with fuller batches."""
     problems = _problems(tmp_path / "problems.jsonl")
     found = {}
-    for name, extra in (("rows", ()), ("packed", ("--sft.pack-length", "1024"))):
+    # A step's two problems (96 prompt tokens each, the tiny preset's cut, and at most 88
+    # target tokens between them) fit one packed row of 288: one row where the unpacked
+    # batch pads each target to 64.
+    for name, extra in (("rows", ()), ("packed", ("--sft.pack-length", "288"))):
         run = tmp_path / name
         assert train.main(_argv(run, problems, "--steps", "1", "--eval-problems", "0",
                                 *extra)) == 0
