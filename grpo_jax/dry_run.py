@@ -34,10 +34,18 @@ from grpo_jax.config import TrainConfig
 from grpo_jax.model.config import ATTENTION_IMPLS, ModelConfig, model_preset
 from grpo_jax.model import dtype_choice, gemma3, kv_cache, lora as lora_lib
 from grpo_jax.model.load import with_dtype
+from grpo_jax.sampler import bucket_length
 
 # Prompt width the dry run compiles for: GSM8K prompts in the chat template fit in 256
 # tokens (the sampler pads to a multiple of prompt_bucket).
 PROMPT_LEN = 256
+
+
+def prompt_len(cfg: TrainConfig) -> int:
+    """PROMPT_LEN, or the width a run's `data.max_prompt_tokens` bounds its prompts to."""
+    if cfg.data.max_prompt_tokens is None:
+        return PROMPT_LEN
+    return min(PROMPT_LEN, bucket_length(cfg.data.max_prompt_tokens, cfg.sampler.prompt_bucket))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,22 +137,23 @@ def programs(cfg: TrainConfig, model_cfg: ModelConfig, plan: sharding.MeshPlan,
     params = gemma3.abstract_params(model_cfg)
     lora = lora_lib.abstract_lora(model_cfg, cfg.lora)
     state = jax.eval_shape(fns.init_state, lora)
-    length = PROMPT_LEN + steps
+    width = prompt_len(cfg)
+    length = width + steps
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     logp = rows((n, steps), jnp.float32)
     batch = update.Batch(
         tokens=rows((n, length), jnp.int32), input_mask=rows((n, length), jnp.bool_),
         advantages=rows((n,), jnp.float32), ref_logprobs=logp if g.beta > 0 else None,
         old_logprobs=logp if g.num_iterations > 1 else None, sample_logprobs=logp,
-        prompt_len=PROMPT_LEN)
+        prompt_len=width)
     out = {}
     if "update" in names:
         out["update"] = fns.update.lower(params, state, batch)
     if "reference" in names:
         out["reference"] = fns.logprobs.lower(params, None, batch.tokens, batch.input_mask,
-                                              PROMPT_LEN)
+                                              width)
     engine = decode.programs(model_cfg, cfg.sampler, length, g.group_size, plan)
-    prompts = rows((g.num_prompts, PROMPT_LEN), jnp.int32)
+    prompts = rows((g.num_prompts, width), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     if "prefill" in names:  # the engine's start: prefill, fan-out, first tokens
         out["prefill"] = engine.start.lower(params, lora, prompts, rows(prompts.shape, jnp.bool_),
@@ -221,7 +230,7 @@ def dry_run(cfg: TrainConfig, topology: str = "v5e:2x4", names: tuple[str, ...] 
     plan = sharding.MeshPlan(sharding.make_mesh(cfg.mesh, devices))
     report = {"target": target, "preset": cfg.preset, "model": model_cfg.name,
               "dtype": model_cfg.dtype, "mesh": dataclasses.asdict(cfg.mesh),
-              "prompt_len": PROMPT_LEN, "max_new_tokens": cfg.sampler.max_new_tokens,
+              "prompt_len": prompt_len(cfg), "max_new_tokens": cfg.sampler.max_new_tokens,
               "batch": {"prompts": cfg.grpo.num_prompts, "group": cfg.grpo.group_size,
                         "micro_batch": cfg.grpo.micro_batch},
               "attention": cfg.attention, "by_attention": {}}
@@ -275,7 +284,7 @@ def estimates(cfg: TrainConfig, progs: dict) -> dict:
 def format_report(report: dict) -> str:
     gib = 2.0 ** 30
     lines = [f"dry run: {report['preset']} ({report['model']}, {report['dtype']}) on "
-             f"{report['target']}", f"mesh {report['mesh']}, prompts {PROMPT_LEN} tokens + "
+             f"{report['target']}", f"mesh {report['mesh']}, prompts {report['prompt_len']} tokens + "
              f"{report['max_new_tokens']} new, batch {report['batch']}",
              f"{'program':<12}{'args':>9}{'outputs':>9}{'temp':>9}{'peak':>9}  (GiB per chip)"
              f"{'TFLOP':>9}{'GB moved':>10}{'roofline':>12}"]

@@ -58,6 +58,8 @@ def test_tiny_dry_run_cli_prints_figures(capsys, tmp_path):
     assert "attention xla (the run's own)" in out and "attention pallas:" in out
     written = json.loads(report.read_text())
     assert written["batch"]["prompts"] == 4 and list(written["by_attention"]) == ["xla", "pallas"]
+    # The tiny preset cuts prompts to 96 tokens (data.max_prompt_tokens): its width.
+    assert written["prompt_len"] == 96 and "prompts 96 tokens" in out
 
 
 def test_dry_run_cli_hands_its_options_and_the_run_flags_on(monkeypatch, tmp_path):
