@@ -22,7 +22,8 @@ from typing import Literal, Sequence
 import jax
 import tyro
 
-from grpo_jax import data, eval_metrics, fileio, runs, sampler, sharding, tools as tools_lib
+from grpo_jax import data, eval_metrics, fileio, memory, runs, sampler, sharding
+from grpo_jax import tools as tools_lib
 from grpo_jax import stop_strings as stop_strings_lib
 from grpo_jax.cli import run_cli
 from grpo_jax.config import SamplerConfig, TrainConfig
@@ -394,4 +395,5 @@ def pass_at_k_columns(cfg: TrainConfig, args: EvaluateArgs, problems, base: load
 
 
 if __name__ == "__main__":
+    memory.keep_freed_memory()  # restarts the process once (grpo_jax/memory.py)
     sys.exit(main())

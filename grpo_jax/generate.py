@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import tyro
 
-from grpo_jax import tools
+from grpo_jax import memory, tools
 from grpo_jax.cli import run_cli
 from grpo_jax.config import SamplerConfig
 from grpo_jax.model.load import load_model
@@ -160,4 +160,5 @@ def print_results(results: Sequence[dict], *, as_json: bool) -> None:
 
 
 if __name__ == "__main__":
+    memory.keep_freed_memory()  # restarts the process once (grpo_jax/memory.py)
     sys.exit(main())

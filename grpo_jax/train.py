@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import jax
 
-from grpo_jax import (data, dry_run, evaluate, fileio, presets, rewards, rollout, runs, sharding,
-                      sft, stop_strings, tools, update)
+from grpo_jax import (data, dry_run, evaluate, fileio, memory, presets, rewards, rollout, runs,
+                      sharding, sft, stop_strings, tools, update)
 from grpo_jax.cli import run_cli
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.context import StepContext
@@ -288,4 +288,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    memory.keep_freed_memory()  # restarts the process once (grpo_jax/memory.py)
     sys.exit(main())

@@ -120,14 +120,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("embedded-270m"))
 
 
-# Memory a process frees goes back to the hypervisor a few seconds later (virtio-balloon
-# free page reporting, on the VMs this suite runs on), and touching it again costs
-# ~4-7 s a GB: glibc hands every freed array of more than 32 MB back at once. The
-# processes the tests start (a CLI run, the 270M export's own process) keep what they
-# free instead; they exit soon after. The 270M export's process: 120 -> 82 s. The
-# xdist workers live the whole session, so they stay as they are (a worker holding its
-# peak for good would add up with the other's on a 24 GiB machine).
-_KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# The processes the tests start (a CLI run, the 270M export's own process) keep the
+# memory they free, as the commands do for themselves (grpo_jax/memory.py; with the
+# variables set they do not restart): freed memory goes back to the hypervisor and
+# costs ~4-7 s a GB to touch again. The 270M export's process: 120 -> 82 s. The xdist
+# workers live the whole session, so they stay as they are (a worker holding its peak
+# for good would add up with the other's on a 24 GiB machine).
+from grpo_jax.memory import KEEP_FREED as _KEEP_FREED_MEMORY  # noqa: E402
 
 
 def _is_xdist_controller(config) -> bool:
