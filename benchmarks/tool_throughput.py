@@ -76,8 +76,7 @@ def run(args: Args) -> dict:
     adapters = runs.restore_adapters(args.run_dir, cfg, base.cfg)
     params, lora = adapters.policy(base.params)
     problems = data.load_problems(cfg.data, "train")[:args.prompts]
-    prompts = data.encode_prompts(base.tokenizer, problems, cfg.data.prompt_style,
-                                  cfg.data.prefill, cfg.data.max_prompt_tokens)
+    prompts = data.run_prompts(base.tokenizer, problems, cfg.data)
     table = stop_strings.stop_table(base.tokenizer, cfg.sampler.stop_strings,
                                     base.cfg.vocab_size)
     key = jax.random.key(args.seed)

@@ -82,6 +82,12 @@ def encode_prompts(tokenizer, problems: Sequence[Problem], style: str = "chat",
             for ids in prompts]
 
 
+def run_prompts(tokenizer, problems: Sequence[Problem], cfg: DataConfig) -> list[list[int]]:
+    """`encode_prompts` as a run's data config sets it (style, prefill, length cut)."""
+    return encode_prompts(tokenizer, problems, cfg.prompt_style, cfg.prefill,
+                          cfg.max_prompt_tokens)
+
+
 _NUMBER = re.compile(r"^[-+]?\d+(\.\d+)?$")
 
 

@@ -33,10 +33,8 @@ def step_problems(cfg: TrainConfig, tokenizer, problems, position: int, shapes: 
     """num_prompts problems from stream `position` and their prompts, left-padded to the
     run's width."""
     batch = data.batch_at(problems, cfg.data.shuffle_seed, position, cfg.grpo.num_prompts)
-    tokens, mask = sampler.left_pad(
-        data.encode_prompts(tokenizer, batch, cfg.data.prompt_style, cfg.data.prefill,
-                            cfg.data.max_prompt_tokens),
-        shapes.prompt_len)
+    tokens, mask = sampler.left_pad(data.run_prompts(tokenizer, batch, cfg.data),
+                                    shapes.prompt_len)
     return batch, tokens, mask
 
 

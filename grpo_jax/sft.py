@@ -59,8 +59,7 @@ def run_shapes(cfg: TrainConfig, tokenizer, problems) -> tuple[RunShapes, list]:
     in sft.max_tokens (a cut target would never show the closing tags) and, packed,
     whose prompt and target fit in a row. Both come from the whole training set (and,
     packed, from every SFT step's problems), so they are the same on a resume."""
-    prompts = data.encode_prompts(tokenizer, problems, cfg.data.prompt_style, cfg.data.prefill,
-                                  cfg.data.max_prompt_tokens)
+    prompts = data.run_prompts(tokenizer, problems, cfg.data)
     prompt_len = sampler.bucket_length(max(map(len, prompts)), cfg.sampler.prompt_bucket)
     if not cfg.sft.steps:
         return RunShapes(prompt_len, 0), []
@@ -159,8 +158,7 @@ def sft_batch(cfg: TrainConfig, tokenizer, problems, step: int, shapes: RunShape
     problem a row (`update.Batch`), or packed (`update.PackedBatch`)."""
     chosen = data.batch_at(problems, cfg.data.shuffle_seed, cfg.data_position(step - 1),
                            cfg.sft.batch_size)
-    prompts = data.encode_prompts(tokenizer, chosen, cfg.data.prompt_style, cfg.data.prefill,
-                                  cfg.data.max_prompt_tokens)
+    prompts = data.run_prompts(tokenizer, chosen, cfg.data)
     targets, policy = zip(*[target_tokens(cfg, tokenizer, p) for p in chosen])
     tooled = bool(cfg.sampler.tools)
     if cfg.sft.pack_length:

@@ -186,6 +186,9 @@ def test_long_prompts_keep_bos_and_their_end():
         assert ids[1:] == full[len(full) - len(ids) + 1:]  # the end, where the answer begins
         assert tok.decode(ids).endswith("Solution:\n<reasoning>")
     assert len(whole[0]) > 40  # the instruction alone is longer: both are cut
+    # As a run's data config sets it (sampling, SFT):
+    assert data.run_prompts(tok, problems, DataConfig(prompt_style="plain", prefill="<reasoning>",
+                                                      max_prompt_tokens=40)) == cut
     assert data.encode_prompts(tok, problems, "plain", max_tokens=10_000) == \
         data.encode_prompts(tok, problems, "plain")
     for bad in (0, 1, -5):
