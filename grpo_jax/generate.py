@@ -71,6 +71,9 @@ class GenerateArgs:
     dtype: str | None = None
     """Compute dtype: float32, bfloat16, or auto (the faster on this machine, measured);
     unset: the model's own (float32)."""
+    matmul: str = "auto"
+    """Matmuls: xla, onednn (bfloat16 through oneDNN) or auto (the probe's choice under
+    --dtype auto, XLA's otherwise)."""
     json: bool = False
     """One JSON object per prompt on stdout instead of readable text."""
 
@@ -119,7 +122,7 @@ def run(args: GenerateArgs) -> list[dict]:
     sampling = sampler_config(args)
     texts = (read_prompts(args.prompts_file) if args.prompts_file else []) + list(args.prompt)
     loaded = load_model(args.model, checkpoint=args.checkpoint, gguf=args.gguf,
-                        tokenizer=args.tokenizer, dtype=args.dtype)
+                        tokenizer=args.tokenizer, dtype=args.dtype, matmul=args.matmul)
     tok = loaded.tokenizer
     encoded = [tok.encode(chat_prompt(t) if args.chat else t, add_bos=True) for t in texts]
     key = jax.random.key(args.seed)

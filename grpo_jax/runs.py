@@ -32,7 +32,7 @@ RESUMABLE_FIELDS = frozenset({
     "preset", "output_dir", "save_every", "keep_checkpoints", "log_samples",
     "max_consecutive_skips", "eval_problems", "eval_every", "eval_max_new_tokens",
     "eval_batch_size", "tensorboard", "data.eval_dataset", "data.num_eval", "data.eval_seed",
-    "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt", "attention",
+    "grpo.micro_batch", "grpo.logprob_chunk", "grpo.share_prompt", "attention", "matmul",
     # Where it runs: a mesh or host count computes the same steps (to float rounding).
     "mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.coordinator",
     "distributed.num_processes", "distributed.process_id", "distributed.auto",
@@ -116,7 +116,7 @@ def load_run_base(cfg: TrainConfig) -> load.LoadedModel:
     """The base model a run trains on. The random `tiny` base draws from seed + 1, a
     root of its own (the run's LoRA init and sampling streams split from seed)."""
     loaded = load.load_base(cfg.model, checkpoint=cfg.checkpoint, gguf=cfg.gguf,
-                            dtype=cfg.dtype, seed=cfg.seed + 1)
+                            dtype=cfg.dtype, matmul=cfg.matmul, seed=cfg.seed + 1)
     return loaded._replace(cfg=dataclasses.replace(loaded.cfg, attention_impl=cfg.attention))
 
 

@@ -56,7 +56,8 @@ def vocab_major_logits(params: gemma3.Params, hidden: jax.Array, cfg: ModelConfi
     """float32 logits [V, B] of hidden [B, D]. Vocabulary-major because XLA:CPU reduces
     over the major axis with vector lanes across the batch: max / sum-exp over
     [V, B] run several times faster than over [B, V] (and the matmul is no slower)."""
-    return matmul("bd,vd->vb", hidden, params["embed"], cfg.compute_dtype, jnp.float32)
+    return matmul("bd,vd->vb", hidden, params["embed"], cfg.compute_dtype, jnp.float32,
+                  impl=cfg.matmul_impl)
 
 
 def _chunk_size(vocab: int) -> int:

@@ -28,6 +28,13 @@ from grpo_jax.rewards import RewardConfig
 from grpo_jax.sampler import sample_prompts
 
 
+@pytest.fixture(autouse=True)
+def without_onednn(monkeypatch):
+    """The probe as on a machine where oneDNN cannot run: the XLA choices alone
+    (the oneDNN candidate is tested in test_onednn.py)."""
+    monkeypatch.setattr(dtype_choice.onednn, "unavailable", lambda: "hidden in this test")
+
+
 class FakeTimer:
     """Seconds per probe pass from given GFLOP/s, counting its calls."""
 
@@ -61,7 +68,7 @@ def _compilation_cache(directory):
 
 @pytest.mark.parametrize("f32, bf16, want", [
     (100.0, 200.0, "bfloat16"),   # the AVX-512 BF16 kind
-    (310.0, 260.0, "float32"),    # the AMX kind: XLA leaves AMX idle
+    (310.0, 260.0, "float32"),    # where XLA's bf16 is slower (AVX2 only)
     (100.0, 110.0, "float32"),    # a near tie keeps the wider type
     (100.0, 100.0 * dtype_choice.MIN_SPEEDUP, "bfloat16"),
 ])
@@ -113,7 +120,8 @@ def test_no_cache_probes_each_time_and_accelerators_skip_the_probe(no_cache):
 def test_the_real_probe_times_the_model_shapes(cache_dir):
     shapes = dtype_choice.probe_shapes(TINY)
     assert shapes[-1] == (dtype_choice.DECODE_ROWS, TINY.embed_dim, TINY.vocab_size)
-    seconds = {d: dtype_choice.time_matmuls(d, shapes, repeats=2) for d in dtype_choice.CANDIDATES}
+    seconds = {d: dtype_choice.time_matmuls(d, shapes, repeats=2)
+               for d in dtype_choice.CANDIDATES[:2]}
     assert all(np.isfinite(s) and s > 0 for s in seconds.values()), seconds
     assert dtype_choice.fastest_dtype(TINY) in dtype_choice.CANDIDATES
 

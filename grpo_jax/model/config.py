@@ -13,6 +13,11 @@ ATTENTION_IMPLS = ("xla", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 # What a run may ask for: a dtype, or "auto" (grpo_jax.model.dtype_choice: measured).
 DTYPE_CHOICES = ("auto", *DTYPES)
+# How the model's matmuls run (grpo_jax/model/matmul.py): XLA's dot, or oneDNN's
+# bfloat16 matmul as a custom call (grpo_jax/kernels/cpu/: AMX on Intel CPUs that have
+# it, where XLA:CPU reaches it only in part). "auto": what `--dtype auto`'s probe picks.
+MATMUL_IMPLS = ("xla", "onednn")
+MATMUL_CHOICES = ("auto", *MATMUL_IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +45,8 @@ class ModelConfig:
     # Compute dtype. float32 by default; bfloat16 on accelerators and on CPUs with
     # AVX-512 BF16 (measured ~1.8x float32 there). On AVX2-only and AMX CPUs XLA:CPU's
     # bfloat16 was measured at or below float32 before the float32-summing matmul
-    # (model/matmul.py); what "auto" picks there is not yet seen. A run's "auto"
-    # measures (grpo_jax/model/dtype_choice.py).
+    # (model/matmul.py); with jax 0.10 on an AMX CPU it is ~4x float32 (docs/perf/).
+    # A run's "auto" measures (grpo_jax/model/dtype_choice.py).
     dtype: str = "float32"
     # Storage dtype of the weights.
     param_dtype: str = "float32"
@@ -49,6 +54,9 @@ class ModelConfig:
     # the forward and backward, decode attention for the sampler; TPU interpret mode
     # off a TPU, so only for tests there).
     attention_impl: str = "xla"
+    # The matmuls' implementation, of MATMUL_IMPLS; "onednn" applies to bfloat16
+    # compute (other dtypes, and einsums with a batch axis, keep XLA's).
+    matmul_impl: str = "xla"
 
     @validated
     def __post_init__(self):
@@ -62,6 +70,9 @@ class ModelConfig:
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"ModelConfig.{field} must be one of {', '.join(DTYPES)}")
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"matmul implementation {self.matmul_impl!r}: choose one of "
+                             f"{', '.join(MATMUL_IMPLS)}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.attention_impl!r}: choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")

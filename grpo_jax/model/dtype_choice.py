@@ -1,11 +1,14 @@
-"""`--dtype auto`: the compute dtype this machine runs the model's matmuls fastest in.
+"""`--dtype auto`: the compute dtype (and matmul kernel) this machine runs the model's
+matmuls fastest in.
 
 The three kinds of 2-core CPU this project meets disagree: with AVX-512 BF16, XLA's
 bfloat16 matmul is ~2x its float32; on AVX2 only and on AMX machines (whose matrix
 units XLA:CPU leaves idle) bfloat16 is slower than float32. So the choice is measured,
 not assumed: a few jitted matmuls at the model's own shapes, timed in both dtypes,
 once per machine (the answer is kept beside the compilation cache). Accelerators
-compute bfloat16 natively and skip the probe.
+compute bfloat16 natively and skip the probe. Where oneDNN's bfloat16 matmul can run
+(grpo_jax/kernels/cpu/: built on first use), it is a third candidate: on AMX CPUs it
+reaches matrix units XLA:CPU uses only in part.
 
 Only the base model's compute and storage dtype follow the choice: LoRA weights,
 optimizer state, log-softmax, losses and advantages stay float32 (the logits come
@@ -26,14 +29,19 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax.fileio import atomic_write_text
-from grpo_jax.model.config import DTYPE_CHOICES, ModelConfig
+from grpo_jax.kernels.cpu import onednn
+from grpo_jax.model.config import DTYPE_CHOICES, MATMUL_CHOICES, ModelConfig
+from grpo_jax.model.matmul import matmul
 
 log = logging.getLogger("grpo_jax")
 
 AUTO = DTYPE_CHOICES[0]
-CANDIDATES = ("float32", "bfloat16")
-# bfloat16 must beat float32 by this much to be chosen: it costs precision, so a
-# near tie goes to float32 (probe noise on a loaded machine is ~5-10%).
+ONEDNN = "bfloat16+onednn"
+# In order of preference on a tie: each later one must beat the one chosen so far.
+CANDIDATES = ("float32", "bfloat16", ONEDNN)
+# A later candidate must beat the choice so far by this much: bfloat16 costs
+# precision, and a custom call costs XLA the fusions around it, so a near tie keeps
+# the earlier one (probe noise on a loaded machine is ~5-10%).
 MIN_SPEEDUP = 1.15
 CACHE_FILE = "grpo_jax_dtype_choice.json"
 # Rows of the probe's projections: an update's micro-batch of tokens is hundreds of
@@ -53,9 +61,15 @@ def probe_shapes(cfg: ModelConfig) -> tuple[tuple[int, int, int], ...]:
             (DECODE_ROWS, d, min(cfg.vocab_size, LOGIT_COLUMNS)))
 
 
-def time_matmuls(dtype: str, shapes, repeats: int = 5) -> float:
-    """Seconds for one pass over `shapes` in `dtype` (each matmul's best of `repeats`)."""
-    mm = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+def split(candidate: str) -> tuple[str, str]:
+    """A candidate's (compute dtype, matmul implementation)."""
+    return ("bfloat16", "onednn") if candidate == ONEDNN else (candidate, "xla")
+
+
+def time_matmuls(candidate: str, shapes, repeats: int = 5) -> float:
+    """Seconds for one pass over `shapes` by `candidate` (each matmul's best of `repeats`)."""
+    dtype, impl = split(candidate)
+    mm = jax.jit(lambda a, b: matmul("mk,kn->mn", a, b, dtype, jnp.float32, impl=impl))
     total = 0.0
     for i, (m, k, n) in enumerate(shapes):
         a = jax.random.normal(jax.random.key(2 * i), (m, k), dtype)
@@ -89,13 +103,15 @@ def cpu_identity() -> tuple[str, tuple[str, ...]]:
     return cpu, tuple(f for f in MATMUL_FLAGS if f in flags)
 
 
-def machine_key(cfg: ModelConfig) -> str:
+def machine_key(cfg: ModelConfig, candidates: tuple[str, ...] = CANDIDATES[:2]) -> str:
     """What the answer depends on: the CPU (model and the flags that decide the matmul
-    paths), the cores this process may use, the jax version and the model's shapes."""
+    paths), the cores this process may use, the jax version, the model's shapes and
+    the candidates timed."""
     cpu, isa = cpu_identity()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     shapes = "x".join(f"{m}.{k}.{n}" for m, k, n in probe_shapes(cfg))
-    return f"{cpu}|{'+'.join(isa)}|{cores} cores|jax {jax.__version__}|{shapes}"
+    key = f"{cpu}|{'+'.join(isa)}|{cores} cores|jax {jax.__version__}|{shapes}"
+    return key if candidates == CANDIDATES[:2] else f"{key}|{','.join(candidates)}"
 
 
 def cache_path() -> Path | None:
@@ -115,29 +131,40 @@ def _read_cache(path: Path | None) -> dict:
 
 
 def choose(rates: dict[str, float]) -> str:
-    """bfloat16 when its matmul rate beats float32's by MIN_SPEEDUP, else float32."""
-    return "bfloat16" if rates["bfloat16"] >= MIN_SPEEDUP * rates["float32"] else "float32"
+    """The candidate chosen from measured rates: each in CANDIDATES order replaces the
+    choice so far when its rate beats that one's by MIN_SPEEDUP."""
+    best = "float32"
+    for candidate in CANDIDATES[1:]:
+        if candidate in rates and rates[candidate] >= MIN_SPEEDUP * rates[best]:
+            best = candidate
+    return best
 
 
-def fastest_dtype(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] | None = None,
-                  backend: str | None = None) -> str:
-    """The compute dtype for `--dtype auto` on this machine, logged in one line.
-    timer: seconds for (dtype, shapes); `time_matmuls` looked up at call time."""
+def fastest(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] | None = None,
+            backend: str | None = None, onednn_allowed: bool = True) -> tuple[str, str]:
+    """(compute dtype, matmul implementation) for `--dtype auto` on this machine, logged
+    in one line. timer: seconds for (candidate, shapes); `time_matmuls` looked up at
+    call time. oneDNN is timed where it is allowed and can run here."""
     backend = backend or jax.default_backend()
     if backend != "cpu":
         log.info("dtype auto: bfloat16 (native on %s)", backend)
-        return "bfloat16"
-    path, key = cache_path(), machine_key(cfg)
+        return "bfloat16", "xla"
+    candidates, why_not = CANDIDATES[:2], None
+    if onednn_allowed:
+        why_not = onednn.unavailable()
+        if why_not is None:
+            candidates = CANDIDATES
+    path, key = cache_path(), machine_key(cfg, candidates)
     cached = _read_cache(path)
     entry = cached.get(key)
-    if isinstance(entry, dict) and entry.get("dtype") in CANDIDATES and isinstance(
+    if isinstance(entry, dict) and entry.get("dtype") in candidates and isinstance(
             entry.get("gflops"), dict):
         source = f"cached in {path}"
     else:
         shapes = probe_shapes(cfg)
         flops = sum(2.0 * m * k * n for m, k, n in shapes)
         timer = timer or time_matmuls
-        gflops = {d: flops / timer(d, shapes) / 1e9 for d in CANDIDATES}
+        gflops = {d: flops / timer(d, shapes) / 1e9 for d in candidates}
         entry = {"dtype": choose(gflops), "gflops": gflops}
         source = "probed now"
         if path is not None:
@@ -146,13 +173,36 @@ def fastest_dtype(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] | No
                 atomic_write_text(path, json.dumps({**cached, key: entry}, indent=1))
             except OSError as e:  # a read-only cache costs a probe per start, nothing else
                 log.info("dtype auto: could not keep the choice (%s)", e)
-    rates = ", ".join(f"{d} {entry['gflops'][d]:.0f}" for d in CANDIDATES
+    rates = ", ".join(f"{d} {entry['gflops'][d]:.0f}" for d in candidates
                       if d in entry["gflops"])
+    if why_not is not None:
+        source += f"; oneDNN not timed: {why_not}"
     log.info("dtype auto: %s (matmul GFLOP/s at the model's shapes: %s; %s)",
              entry["dtype"], rates, source)
-    return entry["dtype"]
+    return split(entry["dtype"])
 
 
-def resolve(dtype: str | None, cfg: ModelConfig) -> str | None:
-    """`dtype` as given, or the measured choice when it is "auto"."""
-    return fastest_dtype(cfg) if dtype == AUTO else dtype
+def fastest_dtype(cfg: ModelConfig, **kwargs) -> str:
+    """The compute dtype `fastest` chooses."""
+    return fastest(cfg, **kwargs)[0]
+
+
+def resolve(dtype: str | None, cfg: ModelConfig, matmul_impl: str = AUTO) -> tuple[str | None, str]:
+    """(compute dtype, matmul implementation) for a run that asks for `dtype` (None:
+    the model's own) and `matmul_impl` (auto: the probe's choice under `--dtype auto`,
+    XLA's otherwise). An explicit onednn needs bfloat16 (or auto) and a machine that
+    can run it: a clear error otherwise."""
+    if matmul_impl not in MATMUL_CHOICES:
+        raise ValueError(f"matmul implementation {matmul_impl!r}: choose one of "
+                         f"{', '.join(MATMUL_CHOICES)}")
+    if matmul_impl == "onednn":
+        if dtype not in (AUTO, "bfloat16"):
+            raise ValueError(f"--matmul onednn computes in bfloat16; --dtype {dtype} asks "
+                             "otherwise (pass --dtype bfloat16 or auto)")
+        why_not = onednn.unavailable()
+        if why_not is not None:
+            raise ValueError(f"--matmul onednn cannot run here: {why_not}")
+        return "bfloat16", "onednn"
+    if dtype == AUTO:
+        return fastest(cfg, onednn_allowed=matmul_impl == AUTO)
+    return dtype, "xla"

@@ -171,12 +171,13 @@ def project(x: jax.Array, p: Params, block: str, name: str, cfg: ModelConfig,
     """
     dtype = cfg.compute_dtype
     eq = PROJECTIONS[(block, name)]
-    y = matmul(eq, x, p[name], dtype)
+    impl = cfg.matmul_impl
+    y = matmul(eq, x, p[name], dtype, impl=impl)
     adapter = None if lora is None else lora.layers[layer].get(block, {}).get(name)
     if adapter is not None:
         eq_a, eq_b = _lora_equations(eq)
-        low = matmul(eq_a, x, adapter["a"], dtype)
-        y = y + matmul(eq_b, low, adapter["b"], dtype) * jnp.asarray(lora.scale, dtype)
+        low = matmul(eq_a, x, adapter["a"], dtype, impl=impl)
+        y = y + matmul(eq_b, low, adapter["b"], dtype, impl=impl) * jnp.asarray(lora.scale, dtype)
     return y
 
 
@@ -279,7 +280,8 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array,
 
 def logits_from_hidden(params: Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Tied output projection: hidden [..., D] -> float32 logits [..., V]."""
-    return matmul("...d,vd->...v", hidden, params["embed"], cfg.compute_dtype, jnp.float32)
+    return matmul("...d,vd->...v", hidden, params["embed"], cfg.compute_dtype, jnp.float32,
+                  impl=cfg.matmul_impl)
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, input_mask: jax.Array,

@@ -32,12 +32,14 @@ def embedded_gguf_path() -> Path:
     return Path(assemble())
 
 
-def with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
+def with_dtype(cfg: ModelConfig, dtype: str | None, matmul: str = "auto") -> ModelConfig:
     """`cfg` computing in `dtype` (None: as it is; "auto": the fastest on this machine,
-    `dtype_choice`), its frozen base weights stored in it too: they are cast to the
-    compute dtype at every use, so a wider copy would only double their memory (bf16
-    on a TPU: 2 GB instead of 4 for Gemma 3 1B)."""
-    dtype = dtype_choice.resolve(dtype, cfg)
+    `dtype_choice`) with matmuls by `matmul` (auto, xla or onednn: `dtype_choice.resolve`),
+    its frozen base weights stored in the compute dtype too: they are cast to it at
+    every use, so a wider copy would only double their memory (bf16 on a TPU: 2 GB
+    instead of 4 for Gemma 3 1B)."""
+    dtype, impl = dtype_choice.resolve(dtype, cfg, matmul)
+    cfg = dataclasses.replace(cfg, matmul_impl=impl)
     return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
 
 
@@ -52,8 +54,9 @@ def _find_tokenizer_model(checkpoint: Path) -> Path | None:
 
 def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None = None,
                gguf: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-               dtype: str | None = None) -> LoadedModel:
-    """Load config, params and tokenizer.
+               dtype: str | None = None, matmul: str = "auto") -> LoadedModel:
+    """Load config, params and tokenizer, computing in `dtype` with `matmul`'s
+    matmuls (`with_dtype`).
 
     - `gguf`: a GGUF file; its metadata gives the architecture (on top of `model`'s
       preset when named) and its vocabulary gives the tokenizer.
@@ -74,7 +77,7 @@ def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None
     if gguf is not None:
         reader = weights.open_gguf(gguf)
         cfg = weights.config_from_gguf(reader, base)
-        cfg = with_dtype(cfg, dtype)
+        cfg = with_dtype(cfg, dtype, matmul)
         params = weights.load_gguf(reader, cfg)
         tok = Tokenizer.from_file(tokenizer) if tokenizer else Tokenizer.from_gguf(reader)
         check_vocabulary(tok, params, str(gguf))
@@ -82,7 +85,7 @@ def load_model(model: str | None = None, *, checkpoint: str | os.PathLike | None
 
     if base is None:
         raise ValueError("--checkpoint needs --model to name the architecture (e.g. gemma3-1b)")
-    cfg = with_dtype(base, dtype)
+    cfg = with_dtype(base, dtype, matmul)
     path = Path(checkpoint)
     params = weights.load_params(path, cfg)
     tok_path = Path(tokenizer) if tokenizer else _find_tokenizer_model(path)
@@ -107,13 +110,13 @@ def check_vocabulary(tokenizer, params: gemma3.Params, source: str) -> None:
 
 def load_base(model: str, *, checkpoint: str | os.PathLike | None = None,
               gguf: str | os.PathLike | None = None, dtype: str | None = None,
-              seed: int = 0) -> LoadedModel:
+              matmul: str = "auto", seed: int = 0) -> LoadedModel:
     """The base model a run trains on: `load_model`'s, except that the `tiny` preset
     without weights is a random model (initialised from `seed`) with the byte
     tokenizer, for tests and quick runs."""
     if model != TINY.name or checkpoint is not None or gguf is not None:
-        return load_model(model, checkpoint=checkpoint, gguf=gguf, dtype=dtype)
-    cfg = with_dtype(TINY, dtype)
+        return load_model(model, checkpoint=checkpoint, gguf=gguf, dtype=dtype, matmul=matmul)
+    cfg = with_dtype(TINY, dtype, matmul)
     params = gemma3.init_params(cfg, jax.random.key(seed))
     # The embedding is tied, so its scale sets both how flat the random model's
     # logits are (varied samples, so groups carry signal) and how far LoRA can move

@@ -66,7 +66,8 @@ def logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array, cfg: Model
     """`chosen_logprobs` of the tied logits hidden @ embed.T, hidden [n, S, D] and
     targets [n, S] (rows over data x fsdp under a mesh), embed [V, D]."""
     if sharding.active_mesh() is None:
-        logits = matmul("...d,vd->...v", hidden, embed, cfg.compute_dtype, jnp.float32)
+        logits = matmul("...d,vd->...v", hidden, embed, cfg.compute_dtype, jnp.float32,
+                        impl=cfg.matmul_impl)
         return chosen_logprobs(logits, targets, temperature, return_entropy)
 
     def local(h, t, e):

@@ -1,0 +1,1 @@
+"""CPU custom calls (oneDNN) behind jax.ffi."""
