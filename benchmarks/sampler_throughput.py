@@ -46,6 +46,8 @@ class Args:
     """Preset: gemma3-270m loads the embedded weights; others use random weights."""
     dtype: str = "auto"
     """Compute dtype: float32, bfloat16, or auto (the faster on this machine, as a run's)."""
+    matmul: str = "auto"
+    """Matmuls: xla, onednn, or auto (the probe's choice under --dtype auto, as a run's)."""
     batch: int = 64
     """Total rows decoded together (prompts x group)."""
     group: int = 4
@@ -86,13 +88,14 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32"
 
 def machine_facts() -> dict:
     """What the figures depend on: the CPU, the flags that decide XLA's matmul paths,
-    the cores, and the measured 2048^3 matmul rate in float32 and bfloat16."""
+    the cores, and the measured 2048^3 matmul rate in float32 and bfloat16 (and
+    bfloat16 through oneDNN where it runs)."""
     name, flags = dtype_choice.cpu_identity()
     return {"cpu": name, "flags": list(flags),
             "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(),
             "jax": jax.__version__,
             "matmul_gflops": {d: measure_matmul_flops(dtype=d) / 1e9
-                              for d in ("float32", "bfloat16")}}
+                              for d in dtype_choice.runnable_candidates()}}
 
 
 def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -116,14 +119,15 @@ def measure_matvec_bandwidth(rows: int = 262_144, cols: int = 640, repeats: int 
     return w.nbytes / seconds
 
 
-def load_params(model: str, dtype: str | None = None):
-    """(config, params) of `model` computing in `dtype` ("auto": as a run chooses)."""
+def load_params(model: str, dtype: str | None = None, matmul: str = "auto"):
+    """(config, params) of `model` computing in `dtype` with `matmul`'s matmuls
+    ("auto": as a run chooses)."""
     from grpo_jax.model.load import load_model, with_dtype
 
     if model == "gemma3-270m":
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, matmul=matmul)
         return loaded.cfg, loaded.params
-    cfg = with_dtype(model_preset(model), dtype)
+    cfg = with_dtype(model_preset(model), dtype, matmul)
     return cfg, gemma3.init_params(cfg, jax.random.key(0))
 
 
@@ -134,9 +138,10 @@ def run(args: Args) -> dict:
     machine = machine_facts()
     bandwidth = measure_read_bandwidth()
     matvec_bandwidth = measure_matvec_bandwidth()
-    cfg, params = load_params(args.model, args.dtype)
+    cfg, params = load_params(args.model, args.dtype, args.matmul)
     # The ceiling is the matmul rate in the dtype the model computes in.
-    matmul_flops = 1e9 * machine["matmul_gflops"].get(cfg.dtype, machine["matmul_gflops"]["float32"])
+    matmul_flops = 1e9 * machine["matmul_gflops"].get(dtype_choice.candidate_of(cfg),
+                                                      machine["matmul_gflops"]["float32"])
     stop_ids = () if args.ignore_eos else SamplerConfig().stop_ids
     sampling = SamplerConfig(max_new_tokens=args.new_tokens, temperature=args.temperature,
                              stop_ids=stop_ids)
@@ -192,7 +197,7 @@ def run(args: Args) -> dict:
     decode_tps = (generated - args.batch) / decode_s
 
     result = {
-        "model": cfg.name, "dtype": cfg.dtype, "batch": args.batch, "group": args.group,
+        "model": cfg.name, "dtype": cfg.dtype, "matmul": cfg.matmul_impl, "batch": args.batch, "group": args.group,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "ignore_eos": args.ignore_eos, "temperature": args.temperature,
         "generated_tokens": generated, "decode_steps": steps,

@@ -66,6 +66,16 @@ def split(candidate: str) -> tuple[str, str]:
     return ("bfloat16", "onednn") if candidate == ONEDNN else (candidate, "xla")
 
 
+def candidate_of(cfg: ModelConfig) -> str:
+    """The probe's name for how `cfg` multiplies (its dtype and matmul implementation)."""
+    return ONEDNN if cfg.matmul_impl == "onednn" and cfg.dtype == "bfloat16" else cfg.dtype
+
+
+def runnable_candidates() -> tuple[str, ...]:
+    """The candidates this process can run: oneDNN's only where it builds and runs."""
+    return CANDIDATES if onednn.unavailable() is None else CANDIDATES[:2]
+
+
 def time_matmuls(candidate: str, shapes, repeats: int = 5) -> float:
     """Seconds for one pass over `shapes` by `candidate` (each matmul's best of `repeats`)."""
     dtype, impl = split(candidate)
