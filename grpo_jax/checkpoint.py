@@ -21,6 +21,8 @@ written before items were separate hold one `state/` item, a dict of the items;
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -119,6 +121,84 @@ def quiet_failed_read_aftermath() -> None:
         asyncio_log.addFilter(_not_orphaned_read)
 
 
+# How long a failed read waits for its sibling reads before cancelling them.
+_SETTLE_TIMEOUT_S = 120.0
+
+
+def _settle(loop: asyncio.AbstractEventLoop) -> None:
+    """Let the tasks still pending on `loop` finish (their results and exceptions
+    retrieved), then its default executor's threads: what must happen before it closes."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if pending:
+        async def finish():
+            try:
+                await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True),
+                                       _SETTLE_TIMEOUT_S)
+            except asyncio.TimeoutError:  # gather cancelled them and waited for that
+                pass
+        loop.run_until_complete(finish())
+    loop.run_until_complete(loop.shutdown_default_executor())
+
+
+class _SettlingPolicy(asyncio.AbstractEventLoopPolicy):
+    """The event loop policy in place, except that its new loops settle before they
+    close (see `_reads_settle`); everything else is the policy's own."""
+
+    def __init__(self, base: asyncio.AbstractEventLoopPolicy):
+        self.base = base
+
+    def get_event_loop(self):
+        return self.base.get_event_loop()
+
+    def set_event_loop(self, loop):
+        self.base.set_event_loop(loop)
+
+    def new_event_loop(self):
+        loop = self.base.new_event_loop()
+        close = loop.close
+
+        def settle_then_close():
+            try:
+                if not loop.is_closed() and not loop.is_running():
+                    _settle(loop)
+            finally:
+                close()
+        try:
+            loop.close = settle_then_close
+        except AttributeError:  # a loop type that takes no attributes (uvloop): as it is
+            pass
+        return loop
+
+    def get_child_watcher(self):  # Unix policies (deprecated in 3.12)
+        return self.base.get_child_watcher()
+
+    def set_child_watcher(self, watcher):
+        self.base.set_child_watcher(watcher)
+
+
+@contextlib.contextmanager
+def _reads_settle():
+    """While orbax reads: no storage read outlives the restore that started it.
+
+    Orbax runs each read in a fresh event loop that it closes as soon as the restore
+    returns or raises. When one array fails to read (a damaged checkpoint), the
+    restore raises at once while TensorStore still reads the item's other arrays; each
+    of those later completes into a closed loop ("Event loop is closed") or leaves a
+    task or future whose exception nobody retrieves, and the interpreter reports them
+    on stderr whenever they complete or are collected: after the one-line report, or
+    at exit. Here those loops wait for their pending reads, and the executor threads
+    behind them, before closing, so a failed restore is over when it raises."""
+    base = asyncio.get_event_loop_policy()
+    if isinstance(base, _SettlingPolicy):  # nested
+        yield
+        return
+    asyncio.set_event_loop_policy(_SettlingPolicy(base))
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(base)
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     step: int
@@ -204,8 +284,12 @@ class Checkpointer:
             return
 
     def _read_meta(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(
-            **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+        return self._read(step, **{META_ITEM: ocp.args.JsonRestore()})[META_ITEM]
+
+    def _read(self, step: int, **items) -> Any:
+        """orbax's restore of `items` of `step`, over only once all its reads are."""
+        with _reads_settle():
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
 
     def restore_latest(self, abstract_items: dict[str, Any] | Callable[[int], dict[str, Any]]
                        ) -> Restored | None:
@@ -243,16 +327,15 @@ class Checkpointer:
         try:
             if (self.directory / str(step) / LEGACY_STATE_ITEM).is_dir():
                 # One `state` item holding every part: read just the parts asked for.
-                out = self._manager.restore(step, args=ocp.args.Composite(**{
+                out = self._read(step, **{
                     LEGACY_STATE_ITEM: ocp.args.PyTreeRestore(
                         abstract, partial_restore=True,
                         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
-                    META_ITEM: ocp.args.JsonRestore()}))
+                    META_ITEM: ocp.args.JsonRestore()})
                 state, meta = dict(out[LEGACY_STATE_ITEM]), out[META_ITEM]
             else:
                 args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
-                out = self._manager.restore(step, args=ocp.args.Composite(
-                    **args, **{META_ITEM: ocp.args.JsonRestore()}))
+                out = self._read(step, **args, **{META_ITEM: ocp.args.JsonRestore()})
                 state, meta = {name: out[name] for name in abstract}, out[META_ITEM]
         except Exception as e:  # noqa: BLE001 - any failure to read is damage, said in one line
             raise CheckpointDamaged(step, f"cannot be read ({_first_line(e)})") from None
