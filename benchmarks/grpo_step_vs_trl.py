@@ -32,7 +32,8 @@ from sampler_throughput import machine_facts, write_result  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Args:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    """Our compute dtypes to time (`auto` picks one of them: its log line says which)."""
+    """Our compute dtypes to time (`auto` picks one of them: its log line says which;
+    `bfloat16+onednn`: bfloat16 with --matmul onednn)."""
     prompts: int = 4
     group: int = 4
     new_tokens: int = 128
@@ -52,10 +53,13 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def ours(args: Args, dtype: str) -> dict:
+    compute, _, matmul = dtype.partition("+")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         proc = _run([sys.executable, "-m", "grpo_jax.train", "--preset", "cpu-270m",
-                     "--output-dir", str(run_dir), "--dtype", dtype, "--sft.steps", "0",
+                     "--output-dir", str(run_dir), "--dtype", compute,
+                     "--matmul", matmul or "auto",
+                     "--sft.steps", "0",
                      "--steps", str(args.steps), "--eval-problems", "0",
                      "--grpo.num-prompts", str(args.prompts),
                      "--grpo.group-size", str(args.group), "--grpo.no-filter-zero-variance",
@@ -72,7 +76,7 @@ def ours(args: Args, dtype: str) -> dict:
             "update_s": [r["time/update_s"] for r in timed],
             "completion_len": [r["completion_len/mean"] for r in rows],
             "compiles": [r["compiles"] for r in rows], "prompt_len": prompt_len,
-            "log": [line for line in proc.stderr.splitlines() if "dtype" in line]}
+            "log": [line for line in proc.stderr.splitlines() if "dtype" in line or "matmul" in line]}
 
 
 def trl(args: Args, dtype: str) -> dict:

@@ -25,6 +25,12 @@ WHY_NOT = onednn.unavailable()
 needs_onednn = pytest.mark.skipif(WHY_NOT is not None, reason=f"oneDNN cannot run: {WHY_NOT}")
 
 
+@pytest.fixture
+def every_row_count(monkeypatch):
+    """oneDNN for matmuls of any row count: the tests' small shapes stand for large ones."""
+    monkeypatch.setattr(onednn, "MIN_ROWS", 1)
+
+
 def bf16(rng, shape) -> jax.Array:
     return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
 
@@ -75,7 +81,7 @@ EQUATIONS = {
 
 @needs_onednn
 @pytest.mark.parametrize("equation", list(EQUATIONS))
-def test_model_einsums_and_their_gradients_match_float64(equation):
+def test_model_einsums_and_their_gradients_match_float64(equation, every_row_count):
     rng = np.random.default_rng()
     xs, ws = EQUATIONS[equation]
     x, w = bf16(rng, xs), bf16(rng, ws)
@@ -103,7 +109,7 @@ def test_model_einsums_and_their_gradients_match_float64(equation):
         assert np.abs(np.asarray(got_g) - want_g).max() < 2 ** -7 * scale, equation
 
 
-def test_einsums_that_are_not_one_matmul_are_left_to_xla():
+def test_einsums_that_are_not_one_matmul_or_have_few_rows_are_left_to_xla():
     x, w = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((2, 4, 5), jnp.bfloat16)
     assert onednn.einsum("bij,bjk->bik", x, w) is None  # a batch axis
     assert onednn.einsum("ii,ij->j", jnp.ones((4, 4)), jnp.ones((4, 5))) is None
@@ -114,10 +120,16 @@ def test_einsums_that_are_not_one_matmul_are_left_to_xla():
     hlo = jax.jit(lambda x, w: matmul("mk,kn->mn", x, w, jnp.float32, impl="onednn")).lower(
         jnp.ones((3, 4)), jnp.ones((4, 5))).as_text()
     assert onednn.TARGET not in hlo
+    # A decode step's few rows (tokens) stay with XLA; an update's many go to oneDNN.
+    w = jnp.ones((16, 8), jnp.bfloat16)
+    for rows, want in ((onednn.MIN_ROWS - 1, False), (onednn.MIN_ROWS, True)):
+        hlo = jax.jit(lambda x: matmul("btd,df->btf", x, w, jnp.bfloat16, impl="onednn")).lower(
+            jnp.ones((1, rows, 16), jnp.bfloat16)).as_text()
+        assert (onednn.TARGET in hlo) == want, rows
 
 
 @needs_onednn
-def test_tiny_model_on_onednn_matches_xla_and_its_sampler_matches_its_forward():
+def test_tiny_model_on_onednn_matches_xla_and_its_sampler_matches_its_forward(every_row_count):
     """The whole forward on oneDNN against XLA's bf16 forward (both bf16: within bf16
     rounding), and the KV-cached sampler's log-probs against the full forward, both
     on oneDNN, within the drift test_dtype_choice allows XLA's bf16."""

@@ -34,6 +34,12 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("onednn_matmul.cc")
 TARGET = "grpo_jax_onednn_matmul_bf16"
 SYMBOL = "OnednnMatmulBf16"
+# Matmuls with fewer rows than this stay with XLA. oneDNN re-lays out its weight
+# operand on every call (plain weights, no pre-packing yet), which a few rows do not
+# pay for: in a decode-like loop of the 270M's MLP on AMX, XLA took 698 against 818 us
+# at 16 rows and 1581 against 1858 at 256; at 1024 oneDNN won (5139 against 5443),
+# and at the update's 1536-row logits it is ~1.9x (docs/perf/README.md).
+MIN_ROWS = 512
 
 
 def _prefixes() -> list[Path]:
@@ -162,10 +168,12 @@ def _expand_ellipsis(equation: str, ndim: int) -> str:
     return equation.replace("...", "".join(free[:ndim - (len(xs) - 3)]))
 
 
-def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array | None:
+def einsum(equation: str, x: jax.Array, w: jax.Array,
+           min_rows: int | None = None) -> jax.Array | None:
     """einsum(equation, x, w) in float32 through `dot`, or None when the equation is
-    not one matmul: an axis shared by both operands and the output (a batch axis), a
-    repeated axis, or an ellipsis anywhere but x's and the output's front."""
+    not one matmul (an axis shared by both operands and the output, a repeated axis,
+    an ellipsis anywhere but x's and the output's front) or has fewer than
+    `min_rows` (default MIN_ROWS) rows, tokens, in x (XLA is faster there)."""
     equation = _expand_ellipsis(equation.replace(" ", ""), x.ndim)
     inputs, out = equation.split("->")
     xs, ws = inputs.split(",")
@@ -178,6 +186,9 @@ def einsum(equation: str, x: jax.Array, w: jax.Array) -> jax.Array | None:
             or len(contracted) + len(w_free) != len(ws):
         return None
     size = dict(zip(xs, x.shape)) | dict(zip(ws, w.shape))
+    # x's rows (tokens): a decode step's few stay with XLA.
+    if math.prod(size[c] for c in x_free) < (MIN_ROWS if min_rows is None else min_rows):
+        return None
 
     def matrix(t, spec, first, second):
         """t as a [prod(first), prod(second)] matrix, and whether it is stored transposed
