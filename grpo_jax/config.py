@@ -369,8 +369,8 @@ class TrainConfig:
     dtype: str | None = None
     """Compute dtype of the base model: float32, bfloat16, or auto (the faster of the two
     on this machine, measured once by a matmul probe at the model's shapes: bfloat16 on
-    an accelerator and, measured, on CPUs with AVX-512 BF16; expected float32 on
-    AVX2-only and AMX CPUs, not yet seen);
+    an accelerator and, measured, on CPUs with AVX-512 BF16 and on AMX CPUs; expected
+    float32 on AVX2-only ones; with --matmul auto the probe also times oneDNN);
     unset: the model's own (float32). LoRA, optimizer, log-softmax and losses stay
     float32 either way."""
     matmul: str = "auto"

@@ -30,3 +30,27 @@ def random_lora(cfg: ModelConfig, lora_cfg: LoraConfig, rng: np.random.Generator
         return jnp.asarray(std * rng.standard_normal(spec.shape), jnp.float32)
     layers = jax.tree.map(one, lora_lib.lora_specs(cfg, lora_cfg), is_leaf=_is_spec)
     return lora_lib.LoraWeights(layers, lora_cfg.scale)
+
+
+def sampler_drift(params: gemma3.Params, cfg: ModelConfig, rng: np.random.Generator,
+                  prompt_lens=(5, 11, 8), new_tokens: int = 12) -> np.ndarray:
+    """|sampler log-prob - full forward log-prob| of every token the KV-cached sampler
+    draws (temperature 1) for random prompts of `prompt_lens` tokens."""
+    from grpo_jax.config import SamplerConfig
+    from grpo_jax.sampler import sample_prompts
+
+    prompts = [[2, *rng.integers(3, cfg.vocab_size, size=int(n)).tolist()] for n in prompt_lens]
+    out = sample_prompts(params, prompts, jax.random.key(int(rng.integers(1 << 30))), cfg=cfg,
+                         sampling=SamplerConfig(max_new_tokens=new_tokens, temperature=1.0,
+                                                stop_ids=()))
+    forward = jax.jit(gemma3.forward, static_argnums=4)
+    drifts = []
+    for row, ids in enumerate(prompts):
+        n = int(out.lengths[row])
+        completion = np.asarray(out.tokens[row, :n]).tolist()
+        tokens = jnp.asarray([ids + completion], jnp.int32)
+        mask = jnp.ones_like(tokens, bool)
+        logits = forward(params, tokens, gemma3.left_padded_positions(mask), mask, cfg)
+        full = np.asarray(jax.nn.log_softmax(logits[0], -1))[len(ids) - 1:len(ids) - 1 + n]
+        drifts.append(np.abs(np.asarray(out.logprobs[row, :n]) - full[np.arange(n), completion]))
+    return np.concatenate(drifts)

@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _tiny_model import random_params
-from grpo_jax.config import SamplerConfig, TrainConfig
+from _tiny_model import random_params, sampler_drift
+from grpo_jax.config import TrainConfig
 from grpo_jax.kernels.cpu import onednn
 from grpo_jax.model import dtype_choice, gemma3
 from grpo_jax.model.config import TINY
 from grpo_jax.model.load import with_dtype
 from grpo_jax.model.matmul import matmul
-from grpo_jax.sampler import sample_prompts
 
 WHY_NOT = onednn.unavailable()
 needs_onednn = pytest.mark.skipif(WHY_NOT is not None, reason=f"oneDNN cannot run: {WHY_NOT}")
@@ -147,19 +146,7 @@ def test_tiny_model_on_onednn_matches_xla_and_its_sampler_matches_its_forward(ev
     diff = np.abs(np.asarray(got) - np.asarray(want))
     assert diff.mean() < 2e-2 and diff.max() < 0.25, (diff.mean(), diff.max())
 
-    prompts = [[2, *rng.integers(3, TINY.vocab_size, size=int(n)).tolist()] for n in (5, 9)]
-    out = sample_prompts(params, prompts, jax.random.key(int(rng.integers(1 << 30))), cfg=dnn,
-                         sampling=SamplerConfig(max_new_tokens=10, temperature=1.0, stop_ids=()))
-    drifts = []
-    for row, ids in enumerate(prompts):
-        n = int(out.lengths[row])
-        completion = np.asarray(out.tokens[row, :n]).tolist()
-        seq = jnp.asarray([ids + completion], jnp.int32)
-        m = jnp.ones_like(seq, bool)
-        full = jax.nn.log_softmax(forward(params, seq, gemma3.left_padded_positions(m), m, dnn)[0])
-        full = np.asarray(full)[len(ids) - 1:len(ids) - 1 + n]
-        drifts.append(np.abs(np.asarray(out.logprobs[row, :n]) - full[np.arange(n), completion]))
-    drifts = np.concatenate(drifts)
+    drifts = sampler_drift(params, dnn, rng, prompt_lens=(5, 9), new_tokens=10)
     assert drifts.mean() < 2e-2 and drifts.max() < 0.25, (drifts.mean(), drifts.max())
 
 
@@ -170,12 +157,13 @@ class Rates:
         self.gflops = gflops
 
     def __call__(self, candidate, shapes):
-        return sum(2.0 * m * k * n for m, k, n in shapes) / (self.gflops[candidate] * 1e9)
+        return sum(2.0 * m * k * n for m, k, n, *_ in shapes) / (self.gflops[candidate] * 1e9)
 
 
 @pytest.mark.parametrize("onednn_rate, want", [
     (1600.0, ("bfloat16", "onednn")),  # AMX: oneDNN well ahead of XLA's bf16
-    (1050.0, ("bfloat16", "xla")),     # a near tie keeps XLA (and its fusions)
+    (1000.0 * dtype_choice.MIN_SPEEDUP_SAME_DTYPE, ("bfloat16", "onednn")),
+    (1040.0, ("bfloat16", "xla")),     # within noise: XLA (and its fusions) stays
 ])
 def test_the_probe_picks_onednn_only_where_it_wins(tmp_path, monkeypatch, onednn_rate, want):
     monkeypatch.setattr(onednn, "unavailable", lambda: None)

@@ -39,26 +39,36 @@ AUTO = DTYPE_CHOICES[0]
 ONEDNN = "bfloat16+onednn"
 # In order of preference on a tie: each later one must beat the one chosen so far.
 CANDIDATES = ("float32", "bfloat16", ONEDNN)
-# A later candidate must beat the choice so far by this much: bfloat16 costs
-# precision, and a custom call costs XLA the fusions around it, so a near tie keeps
-# the earlier one (probe noise on a loaded machine is ~5-10%).
+# A later candidate must beat the choice so far by this much. bfloat16 costs
+# precision, so a near tie keeps float32 (probe noise on a loaded machine is ~5-10%).
 MIN_SPEEDUP = 1.15
+# oneDNN computes the same bf16 x bf16 -> f32 products as XLA's bfloat16 dot, so only
+# noise needs a margin; its probe gain understates the run's (on AMX: 1.16x at the
+# probe's shapes, 1.5x on the 270M's update), which the fusions it costs do not undo.
+MIN_SPEEDUP_SAME_DTYPE = 1.05
 CACHE_FILE = "grpo_jax_dtype_choice.json"
-# Rows of the probe's projections: an update's micro-batch of tokens is hundreds of
-# rows; a decode step's logits are a batch of rows against the whole vocabulary.
-PROJECTION_ROWS = 512
+# Rows of the probe's matmuls: an update's micro-batch is a thousand tokens and more;
+# a decode step's logits are a batch of rows against the whole vocabulary.
+PROJECTION_ROWS = 1024
 DECODE_ROWS = 16
 LOGIT_COLUMNS = 65_536
 
 
-def probe_shapes(cfg: ModelConfig) -> tuple[tuple[int, int, int], ...]:
-    """(m, k, n) of the matmuls that dominate the model's time: the MLP's projections
-    and a slice of the tied logits. Each accumulates into float32, as the model's
-    one matmul (`grpo_jax.model.matmul`) does: XLA:CPU's bfloat16 matmul with a bfloat16
-    result is no faster than float32 even where its float32-accumulating one is 2x."""
+def probe_shapes(cfg: ModelConfig) -> tuple[tuple[int, int, int, str], ...]:
+    """(m, k, n, einsum) of the matmuls that dominate the model's time, each in the
+    model's own layout: the MLP's projections (weights [k, n]) and a slice of the tied
+    logits (embedding [n, k]) at an update's rows, and a decode step's logits slice,
+    vocabulary-major as the sampler computes them. Each accumulates into float32, as
+    the model's one matmul (`grpo_jax.model.matmul`) does: XLA:CPU's bfloat16 matmul
+    with a bfloat16 result is no faster than float32 even where its
+    float32-accumulating one is 2x. Layout and rows matter on AMX: oneDNN led XLA's
+    bf16 on the update's logits 542 to 441 GFLOP/s at 1,024 rows with the embedding
+    [n, k] and trailed 422 to 446 with it [k, n]; a probe at 512 rows and plain
+    layouts chose XLA though the update ran 1.5x faster on oneDNN."""
     d, f = cfg.embed_dim, cfg.ffw_dim
-    return ((PROJECTION_ROWS, d, f), (PROJECTION_ROWS, f, d),
-            (DECODE_ROWS, d, min(cfg.vocab_size, LOGIT_COLUMNS)))
+    logits = min(cfg.vocab_size, LOGIT_COLUMNS)
+    return ((PROJECTION_ROWS, d, f, "mk,kn->mn"), (PROJECTION_ROWS, f, d, "mk,kn->mn"),
+            (PROJECTION_ROWS, d, logits, "mk,nk->mn"), (DECODE_ROWS, d, logits, "mk,nk->nm"))
 
 
 def split(candidate: str) -> tuple[str, str]:
@@ -77,13 +87,16 @@ def runnable_candidates() -> tuple[str, ...]:
 
 
 def time_matmuls(candidate: str, shapes, repeats: int = 5) -> float:
-    """Seconds for one pass over `shapes` by `candidate` (each matmul's best of `repeats`)."""
+    """Seconds for one pass over `shapes` ((m, k, n) or (m, k, n, einsum), default
+    "mk,kn->mn") by `candidate` (each matmul's best of `repeats`)."""
     dtype, impl = split(candidate)
-    mm = jax.jit(lambda a, b: matmul("mk,kn->mn", a, b, dtype, jnp.float32, impl=impl))
     total = 0.0
-    for i, (m, k, n) in enumerate(shapes):
+    for i, (m, k, n, *layout) in enumerate(shapes):
+        equation = layout[0] if layout else "mk,kn->mn"
+        mm = jax.jit(lambda a, b, eq=equation: matmul(eq, a, b, dtype, jnp.float32, impl=impl))
         a = jax.random.normal(jax.random.key(2 * i), (m, k), dtype)
-        b = jax.random.normal(jax.random.key(2 * i + 1), (k, n), dtype)
+        b_shape = (n, k) if equation.split("->")[0].endswith("nk") else (k, n)
+        b = jax.random.normal(jax.random.key(2 * i + 1), b_shape, dtype)
         jax.block_until_ready(mm(a, b))
         best = float("inf")
         for _ in range(repeats):
@@ -119,7 +132,7 @@ def machine_key(cfg: ModelConfig, candidates: tuple[str, ...] = CANDIDATES[:2]) 
     the candidates timed."""
     cpu, isa = cpu_identity()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    shapes = "x".join(f"{m}.{k}.{n}" for m, k, n in probe_shapes(cfg))
+    shapes = "x".join(f"{m}.{k}.{n}.{eq}" for m, k, n, eq in probe_shapes(cfg))
     key = f"{cpu}|{'+'.join(isa)}|{cores} cores|jax {jax.__version__}|{shapes}"
     return key if candidates == CANDIDATES[:2] else f"{key}|{','.join(candidates)}"
 
@@ -142,10 +155,13 @@ def _read_cache(path: Path | None) -> dict:
 
 def choose(rates: dict[str, float]) -> str:
     """The candidate chosen from measured rates: each in CANDIDATES order replaces the
-    choice so far when its rate beats that one's by MIN_SPEEDUP."""
+    choice so far when its rate beats that one's by MIN_SPEEDUP (another dtype) or
+    MIN_SPEEDUP_SAME_DTYPE (oneDNN over XLA, both bfloat16)."""
     best = "float32"
     for candidate in CANDIDATES[1:]:
-        if candidate in rates and rates[candidate] >= MIN_SPEEDUP * rates[best]:
+        same = split(candidate)[0] == split(best)[0]
+        margin = MIN_SPEEDUP_SAME_DTYPE if same else MIN_SPEEDUP
+        if candidate in rates and rates[candidate] >= margin * rates[best]:
             best = candidate
     return best
 
@@ -172,7 +188,7 @@ def fastest(cfg: ModelConfig, *, timer: Callable[[str, tuple], float] | None = N
         source = f"cached in {path}"
     else:
         shapes = probe_shapes(cfg)
-        flops = sum(2.0 * m * k * n for m, k, n in shapes)
+        flops = sum(2.0 * m * k * n for m, k, n, *_ in shapes)
         timer = timer or time_matmuls
         gflops = {d: flops / timer(d, shapes) / 1e9 for d in candidates}
         entry = {"dtype": choose(gflops), "gflops": gflops}

@@ -120,6 +120,9 @@ def unavailable() -> str | None:
 
 
 def _call(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    why_not = _register()  # a config that names oneDNN may reach here first
+    if why_not is not None:
+        raise RuntimeError(f"the oneDNN matmul cannot run here: {why_not}")
     m = a.shape[1] if transpose_a else a.shape[0]
     n = b.shape[0] if transpose_b else b.shape[1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
