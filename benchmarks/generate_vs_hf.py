@@ -58,9 +58,9 @@ def run(args: Args) -> dict:
         hf_best = max(hf.values(), key=lambda r: r["tokens_per_s"])
         results.append({
             "batch": batch,
-            "sampler": {d: {k: r[k] for k in ("dtype", "tokens_per_s", "decode_tokens_per_s",
-                                               "prefill_s", "decode_s", "compile_s",
-                                               "decode_utilization_of_matmul")}
+            "sampler": {d: {k: r.get(k) for k in (
+                "dtype", "matmul", "tokens_per_s", "decode_tokens_per_s", "prefill_s",
+                "decode_s", "compile_s", "decode_utilization_of_matmul")}
                         for d, r in ours.items()},
             "hf_generate": {d: {"tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"],
                                 "torch_threads": r["torch_threads"]} for d, r in hf.items()},
