@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tyro
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sampler_throughput import out_main  # noqa: E402
+from sampler_throughput import write_result  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,9 @@ def run(args: Args) -> dict:
 
 
 def main(argv=None) -> int:
-    return out_main(Args, run, argv)
+    args = tyro.cli(Args, args=argv)
+    write_result(run(args), args.out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import tyro
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from sampler_throughput import machine_facts, out_main  # noqa: E402
+from sampler_throughput import machine_facts, write_result  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,9 @@ def run(args: Args) -> dict:
 
 
 def main(argv=None) -> int:
-    return out_main(Args, run, argv)
+    args = tyro.cli(Args, args=argv)
+    write_result(run(args), args.out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import tyro
 
 from grpo_jax.kernels.cpu import onednn
 from grpo_jax.model.config import GEMMA3_270M
 from grpo_jax.model.matmul import matmul
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sampler_throughput import machine_facts, out_main  # noqa: E402
+from sampler_throughput import machine_facts, write_result  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,9 @@ def run(args: Args) -> dict:
 
 
 def main(argv=None) -> int:
-    return out_main(Args, run, argv)
+    args = tyro.cli(Args, args=argv)
+    write_result(run(args), args.out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -259,14 +259,6 @@ def write_result(result: dict, out: str | None) -> None:
     print(save_result(result, out))
 
 
-def out_main(args_type, run_fn, argv=None) -> int:
-    """A comparison benchmark's CLI: parse `args_type` (with an `out` field), run, print
-    the JSON and write it to `out` when given."""
-    args = tyro.cli(args_type, args=argv)
-    write_result(run_fn(args), args.out)
-    return 0
-
-
 def cli_main(args_type, run_fn, argv=None) -> int:
     """A benchmark's CLI: parse `args_type`, run, print JSON (--json) or key: value
     lines; bad arguments end in one line and exit 2."""

@@ -13,7 +13,6 @@ import sys
 import jax
 
 from grpo_jax import checkpoint
-from grpo_jax.fileio import user_cache_dir
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -56,7 +55,8 @@ def use_compilation_cache() -> str | None:
     """
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return os.environ["JAX_COMPILATION_CACHE_DIR"] or None
-    path = str(user_cache_dir() / "xla")
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(root, "grpo_jax", "xla")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 

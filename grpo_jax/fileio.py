@@ -41,9 +41,3 @@ def check_writable(directory: str | os.PathLike) -> Path:
     except OSError as e:
         raise OSError(f"cannot write to {directory}: {e.strerror or e}") from None
     return directory
-
-
-def user_cache_dir() -> Path:
-    """This package's cache root: $XDG_CACHE_HOME/grpo_jax (~/.cache by default)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "grpo_jax"

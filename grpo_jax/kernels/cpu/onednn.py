@@ -2,8 +2,8 @@
 XLA:CPU leaves idle.
 
 On an Intel CPU with AMX, oneDNN's bf16 x bf16 -> f32 matmul runs on the AMX tiles;
-XLA:CPU's own bfloat16 dot reaches them only in part (measured in docs/perf/: 1.2-1.5x
-on the projections at 512-1,024 rows, and the 270M's update 1.5x). `--dtype auto`'s probe
+XLA:CPU's own bfloat16 dot reaches them only in part (measured in docs/perf/: 1.6x at
+an update's projection shapes, 1.9x at the decode logits'). `--dtype auto`'s probe
 (grpo_jax/model/dtype_choice.py) times this path beside XLA's and picks it only where
 it wins.
 
@@ -30,8 +30,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
-from grpo_jax.fileio import user_cache_dir
 
 SOURCE = Path(__file__).with_name("onednn_matmul.cc")
 TARGET = "grpo_jax_onednn_matmul_bf16"
@@ -61,7 +59,8 @@ def find_onednn() -> tuple[Path, Path]:
 
 
 def cache_dir() -> Path:
-    return user_cache_dir() / "onednn"
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "grpo_jax" / "onednn"
 
 
 def build(compiler: str | None = None) -> Path:
