@@ -247,6 +247,30 @@ def test_sliding_layers_keep_only_a_window_sized_ring_buffer():
         assert cache.values[i].shape == (3, TINY.num_kv_heads, size, TINY.head_dim)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("keys", [True, False], ids=["keys", "values"])
+def test_write_token_sets_each_rows_slot_and_nothing_else(dtype, keys):
+    """A token's keys / values land at slot length mod S of its own row, in either
+    dtype (bfloat16 takes a select, float32 a scatter), past the ring's wrap too."""
+    rng = np.random.default_rng(0)
+    b, k, dh, s = 3, 2, 4, 5
+    shape = (b, k, dh, s) if keys else (b, k, s, dh)
+    buf = rng.standard_normal(shape).astype(np.float32)
+    new = rng.standard_normal((b, 1, k, dh)).astype(np.float32)
+    lengths = np.asarray([0, 7, 14], np.int32)  # slots 0, 2, 4
+    buf_j = jnp.asarray(buf, dtype)
+    got = np.asarray(kv_cache._write_token(buf_j, jnp.asarray(new, dtype), jnp.asarray(lengths),
+                                           keys).astype(jnp.float32))
+    want = np.array(buf_j.astype(jnp.float32))
+    new_r = np.asarray(jnp.asarray(new, dtype).astype(jnp.float32))
+    for row, length in enumerate(lengths):
+        if keys:
+            want[row, :, :, length % s] = new_r[row, 0]
+        else:
+            want[row, :, length % s, :] = new_r[row, 0]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_cache_mask_by_position():
     # Ring of 4 slots, window 4: after writing positions 0..9, slots hold 8, 9, 6, 7.
     mask = np.asarray(reference.cache_mask(jnp.asarray([9, 1]), 4, 4))
