@@ -162,6 +162,37 @@ def test_matmul_accumulates_bfloat16_in_float32(shape):
                                atol=2 ** -8 * np.sqrt(k))
 
 
+@pytest.mark.parametrize("equation, spelled, x_shape, w_shape", [
+    ("mk,kn->mn", "mk,kn->mn", (7, 24), (24, 40)),
+    ("btd,dhk->bthk", "btd,dhk->bthk", (2, 5, 16), (16, 3, 8)),
+    ("...d,vd->...v", "abd,vd->abv", (2, 3, 16), (40, 16)),  # the logits' "..."
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_gradients_against_float64(equation, spelled, x_shape, w_shape, dtype):
+    """d sum(c * matmul(x, w)) by x and w, against the float64 einsums of the rounded
+    operands: the bf16 backward takes the cotangent in bf16 (its matmuls run at
+    bf16's rate) and stays within bf16 resolution of the exact gradient."""
+    rng = np.random.default_rng()
+    x, w = rng.normal(size=x_shape), rng.normal(size=w_shape)
+    c = rng.normal(size=np.einsum(spelled, x, w).shape)
+
+    def loss(x, w):
+        return jnp.sum(jnp.asarray(c, jnp.float32) * matmul(equation, x, w, dtype, jnp.float32))
+
+    dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32),
+                                            jnp.asarray(w, jnp.float32))
+    x_r, w_r, c_r = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, w, c))
+    inputs, out = spelled.split("->")
+    xs, ws = inputs.split(",")
+    want_dx = np.einsum(f"{out},{ws}->{xs}", c_r, w_r)
+    want_dw = np.einsum(f"{xs},{out}->{ws}", x_r, c_r)
+    tol = 2 ** -7 if dtype == "bfloat16" else 1e-5
+    for got, want in ((dx, want_dx), (dw, want_dw)):
+        assert got.dtype == jnp.float32 and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got), want, rtol=tol,
+                                   atol=4 * tol * np.sqrt(np.mean(want ** 2)))
+
+
 def test_bfloat16_sampler_agrees_with_the_bfloat16_forward():
     """The sampler's log-probs against the full forward, both in bfloat16: not the
     float32 ~1e-6, but within bf16 rounding (they take other matmul shapes)."""
