@@ -14,7 +14,7 @@ import pytest
 
 from grpo_jax import grpo
 from grpo_jax.model.config import LoraConfig, TINY
-from grpo_jax.model import gemma3
+from grpo_jax.model import gemma3, vocab_parallel
 
 from _tiny_model import random_lora, random_params
 
@@ -621,3 +621,26 @@ def test_per_token_logprobs_gradient_matches_full_logits_autodiff(rng, tiny_mode
     chex.assert_trees_all_close(got[1], want[1], rtol=2e-4, atol=2e-5)
     chex.assert_trees_all_close(got[0]["embed"], want[0]["embed"], rtol=2e-4, atol=2e-5)
     assert float(jnp.max(jnp.abs(got[1].layers[0]["attn"]["q"]["b"]))) > 0  # a gradient that can differ
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_chosen_logprobs_against_float64_at_any_logit_scale(rng, scale):
+    """log softmax at the targets, the entropy and the gradient of their sum, against
+    float64 NumPy, for logits of order 1 and of order 1000 (the shift must hold)."""
+    logits = rng.normal(size=(3, 5, 97)) * scale
+    targets = rng.integers(0, 97, size=(3, 5))
+    shifted = logits / 0.7 - (logits / 0.7).max(-1, keepdims=True)
+    logq = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    want_logp = np.take_along_axis(logq, targets[..., None], -1)[..., 0]
+    want_ent = -(np.exp(logq) * logq).sum(-1)
+    # d sum(logp) / d logits = (onehot - softmax) / temperature
+    want_grad = (np.eye(97)[targets] - np.exp(logq)) / 0.7
+
+    def total(x):
+        return jnp.sum(vocab_parallel.chosen_logprobs(x, jnp.asarray(targets), 0.7, False)[0])
+
+    x = jnp.asarray(logits, jnp.float32)
+    logp, ent = vocab_parallel.chosen_logprobs(x, jnp.asarray(targets), 0.7, True)
+    np.testing.assert_allclose(np.asarray(logp), want_logp, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jax.grad(total)(x)), want_grad, atol=1e-5)

@@ -46,12 +46,23 @@ def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
                          out_specs=P("data", *spare, "fsdp"))(table, tokens)
 
 
+def _logsumexp(logits: jax.Array) -> jax.Array:
+    """log sum exp over the last axis, the sum taken as a matrix-vector product: XLA:CPU
+    fuses exp into its reduction there and runs it at ~0.4 G elements/s (170 ms for a
+    256-row chunk of the 270M's logits on an AMX machine); the exponentials on their
+    own, then the product, take ~60."""
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    sums = jnp.einsum("...v,v->...", jnp.exp(logits - top),
+                      jnp.ones(logits.shape[-1:], logits.dtype))
+    return jnp.log(sums) + top[..., 0]
+
+
 def chosen_logprobs(logits: jax.Array, targets: jax.Array, temperature: float,
                     return_entropy: bool) -> tuple[jax.Array, jax.Array]:
     """log softmax(logits / temperature) at `targets`, and the entropy of each
     position's distribution (zeros unless `return_entropy`). logits [..., V]."""
     logits = logits / temperature
-    logz = jax.nn.logsumexp(logits, axis=-1)
+    logz = _logsumexp(logits)
     logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - logz
     if not return_entropy:
         return logp, jnp.zeros_like(logp)
