@@ -2,10 +2,10 @@
 XLA:CPU leaves idle.
 
 On an Intel CPU with AMX, oneDNN's bf16 x bf16 -> f32 matmul runs on the AMX tiles;
-XLA:CPU's own bfloat16 dot reaches them only in part (measured in docs/perf/: 1.6x at
-an update's projection shapes, 1.9x at the decode logits'). `--dtype auto`'s probe
-(grpo_jax/model/dtype_choice.py) times this path beside XLA's and picks it only where
-it wins.
+XLA:CPU's own bfloat16 dot reaches them only in part (measured in docs/perf/README.md:
+1.2-1.5x at an update's projection shapes, ~1.1x at its logits'). `--dtype auto`'s
+probe (grpo_jax/model/dtype_choice.py) times this path beside XLA's and picks it only
+where it wins.
 
 The C++ source (onednn_matmul.cc) is compiled on first use with the machine's g++
 against the running jaxlib's FFI headers and the oneDNN of PyPI's
@@ -34,11 +34,10 @@ import jax.numpy as jnp
 SOURCE = Path(__file__).with_name("onednn_matmul.cc")
 TARGET = "grpo_jax_onednn_matmul_bf16"
 SYMBOL = "OnednnMatmulBf16"
-# Matmuls with fewer rows than this stay with XLA. oneDNN re-lays out its weight
-# operand on every call (plain weights, no pre-packing yet), which a few rows do not
-# pay for: in a decode-like loop of the 270M's MLP on AMX, XLA took 698 against 818 us
-# at 16 rows and 1581 against 1858 at 256; at 1024 oneDNN won (5139 against 5443),
-# and at the update's 1536-row logits it is ~1.9x (docs/perf/README.md).
+# Matmuls with fewer rows than this stay with XLA. At a decode step's rows oneDNN was
+# no faster on AMX: with plain weights it lost up to 256 rows; with weights pre-packed
+# once per decode loop it tied at 16 rows and lost at 64, since each step streams
+# every weight from memory either way (docs/perf/README.md, sessions 5 and 6).
 MIN_ROWS = 512
 
 
