@@ -20,6 +20,7 @@ import string
 import jax
 import jax.numpy as jnp
 
+from grpo_jax import sharding
 from grpo_jax.kernels.cpu import onednn
 
 
@@ -32,7 +33,11 @@ def matmul(equation: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None,
     if impl == "onednn" and dtype == jnp.bfloat16:
         y = onednn.einsum(equation, x.astype(dtype), w.astype(dtype))
     if y is None:
-        y = _einsum_f32(_spelled_out(equation, x.ndim), x.astype(dtype), w.astype(dtype))
+        x, w = x.astype(dtype), w.astype(dtype)
+        if sharding.active_mesh() is None:
+            y = _einsum_f32(_spelled_out(equation, x.ndim), x, w)
+        else:  # under shard_map the backward's cotangents vary over other mesh axes
+            y = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or dtype)
 
 
