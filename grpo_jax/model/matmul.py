@@ -15,7 +15,6 @@ any other dtype, stay with XLA."""
 from __future__ import annotations
 
 import functools
-import string
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +34,10 @@ def matmul(equation: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None,
     if y is None:
         x, w = x.astype(dtype), w.astype(dtype)
         if sharding.active_mesh() is None:
-            y = _einsum_f32(_spelled_out(equation, x.ndim), x, w)
+            y = _einsum_f32(onednn.expand_ellipsis(equation.replace(" ", ""), x.ndim), x, w)
         else:  # under shard_map the backward's cotangents vary over other mesh axes
             y = jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
     return y.astype(out_dtype or dtype)
-
-
-def _spelled_out(equation: str, ndim: int) -> str:
-    """The equation with x's leading "..." written as letters."""
-    equation = equation.replace(" ", "")
-    if "..." not in equation:
-        return equation
-    free = [c for c in string.ascii_uppercase if c not in equation]
-    named = len(equation.split(",")[0]) - 3
-    return equation.replace("...", "".join(free[:ndim - named]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

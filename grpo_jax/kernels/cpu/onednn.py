@@ -161,7 +161,7 @@ def _dot_bwd(transpose_a, transpose_b, residuals, g):
 dot.defvjp(_dot_fwd, _dot_bwd)
 
 
-def _expand_ellipsis(equation: str, ndim: int) -> str:
+def expand_ellipsis(equation: str, ndim: int) -> str:
     """"...d,vd->...v" with the ellipsis spelled as letters for x's leading axes."""
     if "..." not in equation:
         return equation
@@ -176,7 +176,7 @@ def einsum(equation: str, x: jax.Array, w: jax.Array,
     not one matmul (an axis shared by both operands and the output, a repeated axis,
     an ellipsis anywhere but x's and the output's front) or has fewer than
     `min_rows` (default MIN_ROWS) rows, tokens, in x (XLA is faster there)."""
-    equation = _expand_ellipsis(equation.replace(" ", ""), x.ndim)
+    equation = expand_ellipsis(equation.replace(" ", ""), x.ndim)
     inputs, out = equation.split("->")
     xs, ws = inputs.split(",")
     if "." in equation or len(set(xs)) != len(xs) or len(set(ws)) != len(ws):
