@@ -155,7 +155,11 @@ def run(args: Args) -> dict:
     cache_len = args.prompt_len + args.new_tokens
 
     # The engine's programs, compiled ahead so compile time is reported apart.
-    engine = decode.programs(cfg, sampling, cache_len, args.group, sharding.local_plan())
+    plan = sharding.local_plan()
+    engine = decode.programs(cfg, sampling, cache_len, args.group, plan)
+    # Weights as `sample` hands them to the programs (packed for AMX tiles where the
+    # decode matmul is AMX's).
+    params, _ = decode.place_weights(params, None, cfg, plan)
     ids = jnp.arange(num_prompts, dtype=jnp.int32)
     active, need = jnp.ones((args.batch,), bool), jnp.int32(args.batch)
     t0 = time.perf_counter()

@@ -377,7 +377,9 @@ class TrainConfig:
     """The model's matmuls: xla, onednn (oneDNN's bfloat16 matmul, a custom call built
     on first use: AMX on Intel CPUs that have it; needs bfloat16 compute and one
     device), or auto (with --dtype auto, whichever of the two the probe measures
-    faster; XLA's otherwise)."""
+    faster; XLA's otherwise). In bfloat16 on one device of an AMX CPU, the sampler's
+    decode steps multiply on AMX tiles (a custom call built on first use) unless this
+    is xla."""
     attention: str = "xla"
     """Attention implementation: xla (dense masked einsums) or pallas (the grpo_jax/kernels/ flash
     and decode kernels: compiled on a TPU, interpreted, slowly, elsewhere)."""

@@ -109,7 +109,7 @@ def run_model_config(cfg: TrainConfig) -> ModelConfig:
     # No probe here: the programs are compiled (for a TPU, where "auto" is bfloat16),
     # not run, and a run's mesh check needs only the shapes.
     dtype = "bfloat16" if cfg.dtype == dtype_choice.AUTO else cfg.dtype
-    return dataclasses.replace(with_dtype(model_preset(cfg.model), dtype),
+    return dataclasses.replace(with_dtype(model_preset(cfg.model), dtype, "xla"),
                                attention_impl=cfg.attention)
 
 

@@ -16,6 +16,7 @@ from grpo_jax.config import SamplerConfig
 from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import gemma3
 from grpo_jax.model.matmul import matmul
+from grpo_jax.kernels.cpu import amx
 
 # top_p without top_k first looks for the nucleus among this many most likely tokens;
 # only a step where some row's nucleus is wider pays for a full sort of the vocabulary.
@@ -55,7 +56,10 @@ def _sample_candidates(scaled: jax.Array, keys: jax.Array, sampling: SamplerConf
 def vocab_major_logits(params: gemma3.Params, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """float32 logits [V, B] of hidden [B, D]. Vocabulary-major because XLA:CPU reduces
     over the major axis with vector lanes across the batch: max / sum-exp over
-    [V, B] run several times faster than over [B, V] (and the matmul is no slower)."""
+    [V, B] run several times faster than over [B, V] (and the matmul is no slower).
+    With the AMX decode matmul, the embedding streams through AMX tiles as stored."""
+    if cfg.decode_matmul == "amx":
+        return amx.rows_matmul(hidden.astype(cfg.compute_dtype), params["embed"])
     return matmul("bd,vd->vb", hidden, params["embed"], cfg.compute_dtype, jnp.float32,
                   impl=cfg.matmul_impl)
 

@@ -14,7 +14,7 @@ import pytest
 
 from _tiny_model import random_params, sampler_drift
 from grpo_jax.config import TrainConfig
-from grpo_jax.kernels.cpu import onednn
+from grpo_jax.kernels.cpu import amx, onednn
 from grpo_jax.model import dtype_choice, gemma3
 from grpo_jax.model.config import TINY
 from grpo_jax.model.load import with_dtype
@@ -180,6 +180,7 @@ def test_where_it_cannot_build_the_model_keeps_xla_in_one_line(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler 'no-such-g\\+\\+'"):
         onednn.build(compiler="no-such-g++")
     monkeypatch.setattr(onednn, "unavailable", lambda: "no C++ compiler 'g++' on PATH")
+    monkeypatch.setattr(amx, "unavailable", lambda: "no C++ compiler 'g++' on PATH")
     monkeypatch.setattr(dtype_choice, "cache_path", lambda: tmp_path / "choice.json")
     monkeypatch.setattr(dtype_choice, "time_matmuls",
                         Rates({"float32": 300.0, "bfloat16": 1000.0}))

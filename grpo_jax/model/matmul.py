@@ -11,7 +11,8 @@ unless asked: the logits want float32).
 
 `impl="onednn"` runs bfloat16 matmuls through oneDNN (grpo_jax/kernels/cpu/), where
 it reaches matrix units XLA:CPU leaves idle; an einsum that is not one matmul, and
-any other dtype, stay with XLA."""
+any other dtype, stay with XLA. The decode loop's weights, packed once for AMX tiles
+(grpo_jax/kernels/cpu/amx.py), always go to that kernel."""
 from __future__ import annotations
 
 import functools
@@ -20,16 +21,21 @@ import jax
 import jax.numpy as jnp
 
 from grpo_jax import sharding
-from grpo_jax.kernels.cpu import onednn
+from grpo_jax.kernels.cpu import amx, onednn
 
 
-def matmul(equation: str, x: jax.Array, w: jax.Array, dtype, out_dtype=None,
-           impl: str = "xla") -> jax.Array:
+def matmul(equation: str, x: jax.Array, w: jax.Array | amx.PackedWeight, dtype,
+           out_dtype=None, impl: str = "xla") -> jax.Array:
     """einsum(equation, x, w) with both operands in `dtype`, summed in float32,
-    returned in `out_dtype` (default `dtype`), by `impl` (xla or onednn)."""
+    returned in `out_dtype` (default `dtype`), by `impl` (xla or onednn); a weight
+    packed for AMX tiles (the decode loop's, `amx.PackedWeight`) by the AMX kernel."""
     dtype = jnp.dtype(dtype)
     y = None
-    if impl == "onednn" and dtype == jnp.bfloat16:
+    if isinstance(w, amx.PackedWeight):
+        if dtype != jnp.bfloat16:
+            raise ValueError(f"a weight packed for AMX computes in bfloat16, not {dtype}")
+        y = amx.packed_einsum(equation, x, w)
+    elif impl == "onednn" and dtype == jnp.bfloat16:
         y = onednn.einsum(equation, x.astype(dtype), w.astype(dtype))
     if y is None:
         x, w = x.astype(dtype), w.astype(dtype)

@@ -11,25 +11,23 @@ The C++ source (onednn_matmul.cc) is compiled on first use with the machine's g+
 against the running jaxlib's FFI headers and the oneDNN of PyPI's
 `onednn-devel-cpu-gomp` (installed with the package on x86-64 Linux). Building at first
 use, not at install, keeps the FFI headers those of the jaxlib that loads the
-library; the result is cached per source, jax version and oneDNN under
-$XDG_CACHE_HOME/grpo_jax/onednn. Where it cannot build or load, `unavailable()` says
+library (kernels/cpu/build.py); the result is cached per source, jax version and
+oneDNN under $XDG_CACHE_HOME/grpo_jax/onednn. Where it cannot build or load, `unavailable()` says
 why and the model keeps XLA's matmul.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from grpo_jax.kernels.cpu.build import build_library, compiler_named
 
 SOURCE = Path(__file__).with_name("onednn_matmul.cc")
 TARGET = "grpo_jax_onednn_matmul_bf16"
@@ -57,40 +55,13 @@ def find_onednn() -> tuple[Path, Path]:
         f"{', '.join(str(p) for p in _prefixes())}); pip install onednn-devel-cpu-gomp")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "grpo_jax" / "onednn"
-
-
 def build(compiler: str | None = None) -> Path:
     """The compiled custom call's shared library, built now unless cached. Raises
     RuntimeError (with the compiler's message) or FileNotFoundError when it cannot."""
-    compiler = compiler or os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise FileNotFoundError(f"no C++ compiler {compiler!r} on PATH")
+    compiler = compiler_named(compiler)
     include, lib = find_onednn()
-    ffi_include = jax.ffi.include_dir()
-    key = hashlib.sha256("|".join(
-        [SOURCE.read_text(), jax.__version__, str(lib.resolve()), ffi_include, compiler]
-    ).encode()).hexdigest()[:16]
-    out = cache_dir() / key / "libgrpo_jax_onednn.so"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name and renamed: a concurrent process never loads half a file.
-    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{ffi_include}", f"-I{include}", str(SOURCE),
-               f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-o", str(partial)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    return out
+    return build_library(SOURCE, "onednn", [f"-I{include}"],
+                         [f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib.resolve()}"], compiler)
 
 
 @functools.cache

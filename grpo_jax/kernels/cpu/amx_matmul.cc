@@ -1,0 +1,259 @@
+// Decode-step matmuls on Intel AMX tiles, as XLA FFI custom calls on the CPU.
+//
+// A decode step multiplies a few rows (the batch) by every weight once. XLA:CPU
+// re-lays out each plain weight at every call, so its small-row bf16 dots ran at
+// 160-200 GFLOP/s on an AMX machine, ~3 GB/s of weights; oneDNN did no better,
+// packed or not (docs/perf/README.md, sessions 5-6). Here the weight is read as it
+// streams from memory, by the tile instructions directly:
+//
+//  * AmxPackedMatmul: y[M, N] = x[M, K] @ w, w pre-packed once per decode loop into
+//    AMX's pair-interleaved tiles, [N/32, K/32, 2, 16, 16, 2] bf16 (PackedLayout
+//    below), so each 16 x 16 weight tile is 1 KB of contiguous memory.
+//  * AmxRowsMatmul: y[R, M] = w[R, K] @ x[M, K]^T with w as it is stored, rows of K
+//    contiguous (the embedding [V, D], for the sampler's vocabulary-major logits).
+//
+// Both: bf16 operands, float32 sums and result; K, N and R multiples of 32, any M.
+// The output's column blocks are shared out on XLA's own thread pool, not OpenMP's:
+// XLA runs independent ops (the q, k and v projections) side by side on its
+// threads, and an OpenMP team inside each oversubscribed the cores (3x slower calls).
+// GrpoJaxAmxRequest asks Linux for the tile state once per process, before any call.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+using bf16 = uint16_t;
+
+struct TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3 accumulate C[i][j] (float32, rows[i] x 16 columns of j's kind); tiles 4, 5
+// are the left operands L_i (rows[i] x 32 bf16), tiles 6, 7 the right R_j (16
+// bf16 pairs x cols[j]). A block is 2 x 2 tiles; an edge block uses fewer rows or
+// columns (a count of 0 is a tile the block does not use).
+void Configure(int rows0, int rows1, int cols0, int cols1) {
+  TileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  const int rows[2] = {std::max(rows0, 1), std::max(rows1, 1)};
+  const int cols[2] = {std::max(cols0, 1), std::max(cols1, 1)};
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      c.rows[2 * i + j] = rows[i];
+      c.colsb[2 * i + j] = cols[j] * 4;
+    }
+    c.rows[4 + i] = rows[i];
+    c.colsb[4 + i] = 64;
+    c.rows[6 + i] = 16;
+    c.colsb[6 + i] = cols[i] * 4;
+  }
+  _tile_loadconfig(&c);
+}
+
+// body(begin, end) over [0, blocks) in chunks, on the calling thread and on XLA's
+// pool. Chunks are claimed from a counter, so the caller finishes them all itself if
+// the pool is busy (running another op that waits likewise: no deadlock); it returns
+// once every claimed chunk is done. A task that starts later finds none left.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t blocks, const Body& body) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(1, blocks / (4 * threads));
+  const int64_t chunks = (blocks + chunk - 1) / chunk;
+  auto progress = std::make_shared<Progress>();
+  auto run = [progress, chunk, chunks, blocks, body]() {
+    for (int64_t c; (c = progress->next.fetch_add(1)) < chunks;) {
+      body(c * chunk, std::min(blocks, (c + 1) * chunk));
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 1; i < std::min(threads, chunks); ++i) {
+    pool.Schedule([run]() { run(); });
+  }
+  run();
+  while (progress->done.load(std::memory_order_acquire) < chunks) _mm_pause();
+}
+
+// Tile numbers are immediates: a switch stores accumulator t.
+void StoreTile(int t, float* dst, int64_t stride_bytes) {
+  switch (t) {
+    case 0: _tile_stored(0, dst, stride_bytes); break;
+    case 1: _tile_stored(1, dst, stride_bytes); break;
+    case 2: _tile_stored(2, dst, stride_bytes); break;
+    default: _tile_stored(3, dst, stride_bytes); break;
+  }
+}
+
+// y[M, N] = x[M, K] @ w, w packed: block (nb, kb) holds w[kb*32 .. +32, nb*32 .. +32]
+// as two right tiles (columns 0-15, 16-31), each [16 k-pairs][16 columns][2].
+void PackedMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* packed, float* y,
+                  int64_t m, int64_t k, int64_t n) {
+  ParallelFor(pool, n / 32, [=](int64_t begin, int64_t end) {
+    int configured = -1;
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const bf16* block = packed + nb * k * 32;
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        const int rows0 = static_cast<int>(std::min<int64_t>(16, m - m0));
+        const int rows1 = static_cast<int>(std::clamp<int64_t>(m - m0 - 16, 0, 16));
+        if (rows0 * 17 + rows1 != configured) {
+          Configure(rows0, rows1, 16, 16);
+          configured = rows0 * 17 + rows1;
+        }
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        const bf16* right = block;
+        const bf16* left = x + m0 * k;
+        for (int64_t kk = 0; kk < k; kk += 32, right += 1024) {
+          _tile_loadd(6, right, 64);
+          _tile_loadd(7, right + 512, 64);
+          _tile_loadd(4, left + kk, k * 2);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (rows1) {
+            _tile_loadd(5, left + 16 * k + kk, k * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        for (int i = 0; i < (rows1 ? 2 : 1); ++i) {
+          for (int j = 0; j < 2; ++j) {
+            StoreTile(2 * i + j, y + (m0 + 16 * i) * n + nb * 32 + 16 * j, n * 4);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// y[R, M] = w[R, K] @ x[M, K]^T. x is re-laid out once per call as the right tiles
+// want it, [K/2][M][2]; w's rows stream through the left tiles, 32 rows at a time,
+// with the next 32 rows prefetched into L2 while these are multiplied.
+void RowsMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* w, float* y, int64_t m,
+                int64_t k, int64_t r) {
+  std::vector<bf16> pairs(static_cast<size_t>(k * m));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t kk = 0; kk < k; kk += 2) {
+      pairs[(kk / 2 * m + i) * 2] = x[i * k + kk];
+      pairs[(kk / 2 * m + i) * 2 + 1] = x[i * k + kk + 1];
+    }
+  }
+  const bf16* xpairs = pairs.data();
+  ParallelFor(pool, r / 32, [=](int64_t begin, int64_t end) {
+    int configured = -1;
+    for (int64_t rb = begin; rb < end; ++rb) {
+      const bf16* rows = w + rb * 32 * k;
+      const bool prefetch = rb + 1 < end;
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        const int cols0 = static_cast<int>(std::min<int64_t>(16, m - m0));
+        const int cols1 = static_cast<int>(std::clamp<int64_t>(m - m0 - 16, 0, 16));
+        if (cols0 * 17 + cols1 != configured) {
+          Configure(16, 16, cols0, cols1);
+          configured = cols0 * 17 + cols1;
+        }
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t kk = 0; kk < k; kk += 32) {
+          if (prefetch && m0 == 0) {
+            for (int i = 0; i < 32; ++i) {
+              _mm_prefetch(reinterpret_cast<const char*>(rows + (32 + i) * k + kk),
+                           _MM_HINT_T1);
+            }
+          }
+          _tile_loadd(4, rows + kk, k * 2);
+          _tile_loadd(5, rows + 16 * k + kk, k * 2);
+          const bf16* right = xpairs + (kk / 2 * m + m0) * 2;
+          _tile_loadd(6, right, m * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if (cols1) {
+            _tile_loadd(7, right + 32, m * 4);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        for (int i = 0; i < 2; ++i) {
+          for (int j = 0; j < (cols1 ? 2 : 1); ++j) {
+            StoreTile(2 * i + j, y + (rb * 32 + 16 * i) * m + m0 + 16 * j, m * 4);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+ffi::Error PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> packed,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), pd = packed.dimensions();
+  if (xd.size() != 2 || pd.size() != 6 || pd[2] != 2 || pd[3] != 16 || pd[4] != 16 ||
+      pd[5] != 2) {
+    return ffi::Error::InvalidArgument(
+        "amx_packed_matmul: x must be [M, K], the weight [N/32, K/32, 2, 16, 16, 2]");
+  }
+  const int64_t m = xd[0], k = xd[1], n = pd[0] * 32;
+  if (pd[1] * 32 != k) {
+    return ffi::Error::InvalidArgument("amx_packed_matmul: contraction sizes differ");
+  }
+  PackedMatmul(pool, reinterpret_cast<const bf16*>(x.untyped_data()),
+               reinterpret_cast<const bf16*>(packed.untyped_data()),
+               y->typed_data(), m, k, n);
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
+    return ffi::Error::InvalidArgument("amx_rows_matmul: x must be [M, K], w [R, K]");
+  }
+  if (wd[0] % 32 || wd[1] % 32) {
+    return ffi::Error::InvalidArgument("amx_rows_matmul: R and K must be multiples of 32");
+  }
+  RowsMatmul(pool, reinterpret_cast<const bf16*>(x.untyped_data()),
+             reinterpret_cast<const bf16*>(w.untyped_data()), y->typed_data(), xd[0],
+             xd[1], wd[0]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// 0 when this process may use the AMX tile state, else errno.
+extern "C" int GrpoJaxAmxRequest() {
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0 ? 0 : errno;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmxPackedMatmulBf16, PackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmxRowsMatmulBf16, RowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

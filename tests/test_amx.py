@@ -1,0 +1,193 @@
+"""The decode loop's AMX matmuls (grpo_jax/kernels/cpu/amx.py): the tile packing against
+a NumPy restatement of its index map (everywhere), both custom calls against float64
+NumPy at every row count that exercises an edge tile, the tiny model's sampler on
+them against its full forward and against XLA's sampler, and what happens where
+they cannot run."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _tiny_model import random_params, sampler_drift
+from grpo_jax import decode
+from grpo_jax.config import SamplerConfig
+from grpo_jax.kernels.cpu import amx
+from grpo_jax.model import gemma3
+from grpo_jax.model.config import TINY
+from grpo_jax.model.load import decode_matmul, with_dtype
+from grpo_jax.model.matmul import matmul
+from grpo_jax.sampler import sample_prompts
+
+WHY_NOT = amx.unavailable()
+needs_amx = pytest.mark.skipif(WHY_NOT is not None, reason=f"AMX cannot run: {WHY_NOT}")
+BF16_TINY = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="bfloat16")
+
+
+def bf16(rng, shape) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+def test_it_runs_on_every_amx_machine():
+    if {"amx_tile", "amx_bf16"} <= amx.cpu_flags():
+        assert WHY_NOT is None, WHY_NOT
+
+
+@pytest.mark.parametrize("equation, shape, contracted", [
+    ("btd,df->btf", (64, 96), 1),
+    ("btd,dhk->bthk", (64, 2, 32), 1),
+    ("bthk,hkd->btd", (2, 32, 96), 2),
+])
+def test_packing_puts_every_element_where_the_tiles_read_it(equation, shape, contracted):
+    """Element [k, n] of the weight's matrix sits at [n//32, k//32, n//16 % 2,
+    k//2 % 16, n % 16, k % 2], restated here element by element."""
+    w = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) % 251  # exact in bf16
+    packed = amx.pack(equation, jnp.asarray(w))
+    k = int(np.prod(shape[:contracted]))
+    matrix = w.reshape(k, -1)
+    got = np.asarray(packed.data, np.float32)
+    assert got.shape == (matrix.shape[1] // 32, k // 32, 2, 16, 16, 2)
+    for kk in range(k):
+        for n in range(matrix.shape[1]):
+            assert got[n // 32, kk // 32, n // 16 % 2, kk // 2 % 16, n % 16, kk % 2] \
+                == matrix[kk, n]
+    assert packed.equation == equation and packed.shape == shape
+
+
+def test_what_cannot_be_packed_says_why():
+    assert not amx.packable("btd,df->btf", (64, 100))    # not a multiple of 32
+    assert not amx.packable("btd,fd->btf", (64, 64))     # w contracted last
+    assert not amx.packable("bd,vd->vb", (512, 64))      # the logits' layout
+    with pytest.raises(ValueError, match="cannot be packed"):
+        amx.pack("btd,df->btf", jnp.ones((64, 100)))
+    packed = amx.pack("btd,df->btf", jnp.ones((64, 64)))
+    with pytest.raises(ValueError, match="cannot run 'btf,fd->btd'"):
+        amx.packed_einsum("btf,fd->btd", jnp.ones((1, 1, 64)), packed)
+    with pytest.raises(ValueError, match="does not contract"):
+        amx.packed_einsum("btd,df->btf", jnp.ones((1, 1, 32)), packed)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        amx.rows_matmul(jnp.ones((2, 64)), jnp.ones((100, 64)))
+    with pytest.raises(ValueError, match="takes x \\[M, K\\]"):
+        amx.rows_matmul(jnp.ones((2, 32)), jnp.ones((64, 64)))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 33, 64])
+@pytest.mark.parametrize("equation, shape", [
+    ("btd,df->btf", (96, 64)),
+    ("btd,dhk->bthk", (64, 3, 32)),
+    ("bthk,hkd->btd", (2, 48, 160)),
+])
+def test_packed_product_matches_float64(rows, equation, shape):
+    """Row counts below, at and across the 16-row tiles and the 32-row blocks."""
+    rng = np.random.default_rng()
+    x_shape = (rows, 1) + shape[:len(shape) - (len(equation.split("->")[1]) - 2)]
+    x, w = bf16(rng, x_shape), bf16(rng, shape)
+    got = jax.jit(lambda x, w: amx.packed_einsum(equation, x, amx.pack(equation, w)))(x, w)
+    want = np.einsum(equation, f64(x), f64(w))
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 33, 64])
+def test_rows_product_matches_float64(rows):
+    rng = np.random.default_rng()
+    x, w = bf16(rng, (rows, 96)), bf16(rng, (320, 96))  # R: 10 blocks, uneven over threads
+    got = jax.jit(amx.rows_matmul)(x, w)
+    assert got.shape == (320, rows) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), f64(w) @ f64(x).T, rtol=1e-5, atol=1e-4)
+
+
+@needs_amx
+def test_the_model_matmul_sends_packed_weights_to_the_kernel():
+    rng = np.random.default_rng()
+    x, w = bf16(rng, (4, 1, 64)), bf16(rng, (64, 128))
+    packed = amx.pack("btd,df->btf", w)
+    f = jax.jit(lambda x, p: matmul("btd,df->btf", x, p, jnp.bfloat16, jnp.float32))
+    assert amx.PACKED_TARGET in f.lower(x, packed).as_text()
+    np.testing.assert_allclose(np.asarray(f(x, packed)), np.einsum("btd,df->btf", f64(x), f64(w)),
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="computes in bfloat16"):
+        matmul("btd,df->btf", x, packed, jnp.float32)
+
+
+@needs_amx
+def test_tiny_model_sampler_on_amx_matches_its_forward_and_xla():
+    """The KV-cached sampler with every projection and the logits on AMX: its
+    log-probs against the full forward (XLA's bf16) within the drift allowed XLA's
+    own bf16 sampler, and its first greedy step's log-probs against XLA's sampler's
+    (later steps may part at a near-tie: both bf16, summed in another order)."""
+    cfg = dataclasses.replace(BF16_TINY, decode_matmul="amx")
+    rng = np.random.default_rng()
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), random_params(TINY, rng))
+    progs = decode.programs(cfg, SamplerConfig(max_new_tokens=4, temperature=0.0),
+                            16, 1, decode.sharding.local_plan())
+    packed, _ = decode.place_weights(params, None, cfg, decode.sharding.local_plan())
+    hlo = progs.decode.lower(packed, None, *jax.eval_shape(
+        lambda: progs.start.fn(packed, None, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), bool),
+                               jnp.zeros(1, jnp.int32), jax.random.key(0), None, None)),
+        jnp.ones(1, bool), jnp.int32(1), None, None).as_text()
+    assert amx.PACKED_TARGET in hlo and amx.ROWS_TARGET in hlo
+
+    drifts = sampler_drift(params, cfg, rng, prompt_lens=(5, 9), new_tokens=10)
+    assert drifts.mean() < 2e-2 and drifts.max() < 0.25, (drifts.mean(), drifts.max())
+
+    prompts = [[2, *rng.integers(3, TINY.vocab_size, size=n).tolist()] for n in (4, 7, 11)]
+    greedy = SamplerConfig(max_new_tokens=12, temperature=0.0, stop_ids=())
+    got = sample_prompts(params, prompts, jax.random.key(0), cfg=cfg, sampling=greedy)
+    want = sample_prompts(params, prompts, jax.random.key(0), cfg=BF16_TINY, sampling=greedy)
+    np.testing.assert_allclose(got.logprobs[:, 0], want.logprobs[:, 0], atol=0.05)
+
+
+@needs_amx
+def test_packing_is_done_once_for_the_same_weights():
+    cfg = dataclasses.replace(BF16_TINY, decode_matmul="amx")
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16),
+                          random_params(TINY, np.random.default_rng(0)))
+    plan = decode.sharding.local_plan()
+    first, _ = decode.place_weights(params, None, cfg, plan)
+    again, _ = decode.place_weights(params, None, cfg, plan)
+    assert first is again
+    other = jax.tree.map(lambda w: w + 1, params)
+    assert decode.place_weights(other, None, cfg, plan)[0] is not first
+    assert isinstance(first["layers"][0]["mlp"]["gate"], amx.PackedWeight)
+    assert not isinstance(first["embed"], amx.PackedWeight)
+
+
+def test_bfloat16_runs_decode_on_amx_where_it_runs_and_never_otherwise(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="grpo_jax")
+    monkeypatch.setattr(amx, "unavailable", lambda: None)
+    assert with_dtype(TINY, "bfloat16").decode_matmul == "amx"
+    assert any("decode matmuls: AMX" in r.getMessage() for r in caplog.records)
+    assert with_dtype(TINY, "bfloat16", "xla").decode_matmul == "xla"  # asked for XLA
+    assert with_dtype(TINY, "float32").decode_matmul == "xla"
+    monkeypatch.setattr(amx, "unavailable", lambda: "this CPU has no amx_tile")
+    assert decode_matmul(BF16_TINY) == "xla"
+    with pytest.raises(ValueError, match="AMX decode matmul computes in bfloat16"):
+        dataclasses.replace(TINY, decode_matmul="amx")
+    with pytest.raises(ValueError, match="decode matmul 'tpu': choose one of xla, amx"):
+        dataclasses.replace(BF16_TINY, decode_matmul="tpu")
+
+
+def test_several_devices_or_no_amx_keep_xla(monkeypatch):
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    why = amx.unavailable()
+    assert why is not None and "one device only" in why
+
+
+def test_a_cpu_without_amx_says_so(monkeypatch):
+    monkeypatch.setattr(amx, "cpu_flags", lambda: {"avx2", "avx512f", "amx_tile"})
+    monkeypatch.setattr(amx.sys, "platform", "linux")
+    monkeypatch.setattr(amx.platform, "machine", lambda: "x86_64")
+    assert amx.cpu_reason() == "this CPU has no amx_bf16"
+    monkeypatch.setattr(amx.platform, "machine", lambda: "aarch64")
+    assert "x86-64 Linux" in amx.cpu_reason()
