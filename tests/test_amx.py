@@ -136,7 +136,8 @@ def test_tiny_model_sampler_on_amx_matches_its_forward_and_xla():
         lambda: progs.start.fn(packed, None, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), bool),
                                jnp.zeros(1, jnp.int32), jax.random.key(0), None, None)),
         jnp.ones(1, bool), jnp.int32(1), None, None).as_text()
-    assert amx.PACKED_TARGET in hlo and amx.ROWS_TARGET in hlo
+    for target in (amx.PACKED_TARGET, amx.ROWS_TARGET, amx.WRITE_TARGET, amx.GATHER_TARGET):
+        assert target in hlo, target
 
     drifts = sampler_drift(params, cfg, rng, prompt_lens=(5, 9), new_tokens=10)
     assert drifts.mean() < 2e-2 and drifts.max() < 0.25, (drifts.mean(), drifts.max())
@@ -191,3 +192,38 @@ def test_a_cpu_without_amx_says_so(monkeypatch):
     assert amx.cpu_reason() == "this CPU has no amx_bf16"
     monkeypatch.setattr(amx.platform, "machine", lambda: "aarch64")
     assert "x86-64 Linux" in amx.cpu_reason()
+
+
+@needs_amx
+@pytest.mark.parametrize("keys", [True, False])
+def test_token_write_sets_each_rows_slot_in_place_and_nothing_else(keys):
+    """Against a NumPy restatement; each row at its own slot (one at the ring's last)."""
+    rng = np.random.default_rng()
+    rows, heads, dim, size = 3, 2, 32, 7
+    shape = (rows, heads, dim, size) if keys else (rows, heads, size, dim)
+    buf, token = bf16(rng, shape), bf16(rng, (rows, heads, dim))
+    slots = jnp.asarray([0, 6, 3], jnp.int32)
+    want = np.array(f64(buf))
+    for b, s in enumerate(np.asarray(slots)):
+        if keys:
+            want[b, :, :, s] = f64(token)[b]
+        else:
+            want[b, :, s, :] = f64(token)[b]
+    write = jax.jit(lambda buf, t, s: amx.write_token(buf, t, s, keys), donate_argnums=0)
+    hlo = write.lower(buf, token, slots).compile().as_text()
+    assert amx.WRITE_TARGET in hlo and " copy(" not in hlo  # aliased: no copy of the cache
+    np.testing.assert_array_equal(f64(write(buf, token, slots)), want)
+    with pytest.raises(ValueError, match="write_token takes a bfloat16 cache"):
+        amx.write_token(jnp.zeros(shape), token, slots, keys)
+
+
+@needs_amx
+def test_row_gather_matches_take():
+    rng = np.random.default_rng()
+    table = bf16(rng, (50, 64))
+    ids = jnp.asarray([[3, 49], [0, 7], [7, 12]], jnp.int32)
+    got = jax.jit(amx.gather_rows)(table, ids)
+    assert got.shape == (3, 2, 64) and got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(f64(got), f64(table)[np.asarray(ids)])
+    with pytest.raises(ValueError, match="bfloat16 table"):
+        amx.gather_rows(table.astype(jnp.float32), ids)

@@ -132,9 +132,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float)
     return out.astype(x.dtype)
 
 
-def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+def embed_tokens(params: Params, tokens: jax.Array, cfg: ModelConfig,
+                 lookup=vocab_parallel.lookup) -> jax.Array:
+    """Scaled embeddings of tokens; `lookup(table, tokens)` reads the rows."""
     dtype = cfg.compute_dtype
-    x = sharding.constrain(vocab_parallel.lookup(params["embed"], tokens))
+    x = sharding.constrain(lookup(params["embed"], tokens))
     return x.astype(dtype) * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
 
 

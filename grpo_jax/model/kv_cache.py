@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from grpo_jax import sharding
 from grpo_jax.model.config import ModelConfig
-from grpo_jax.model import attention, gemma3
+from grpo_jax.model import attention, gemma3, vocab_parallel
+from grpo_jax.kernels.cpu import amx
 from grpo_jax.kernels.layout import self_layout
 
 
@@ -96,17 +97,22 @@ def _write_prompt(buf: jax.Array, new: jax.Array, positions: jax.Array, valid: j
     return buf.at[_slot_index(buf, rows, slots, keys)].set(new.astype(buf.dtype), mode="drop")
 
 
-def _write_token(buf: jax.Array, new: jax.Array, lengths: jax.Array, keys: bool) -> jax.Array:
+def _write_token(buf: jax.Array, new: jax.Array, lengths: jax.Array, keys: bool,
+                 in_place: bool = False) -> jax.Array:
     """Write one token's keys or values [B, 1, K, Dh] at each row's own slot.
 
     A float32 buffer takes a scatter (in place, one token a row). A bfloat16 one takes
     a select over the buffer instead: XLA:CPU has no bfloat16 scatter, and its float
     normalisation converted the whole buffer to float32 and back at every write (22
     of a 270M decode step's 100 ms at batch 16 on an AMX machine); a scatter on the
-    buffer's uint16 bits still copied it. The select reads and writes it once."""
+    buffer's uint16 bits still copied it. The select reads and writes it once.
+    `in_place` (the AMX decode loop's; bfloat16, one device): a custom call writes
+    just the token (`amx.write_token`)."""
     size = buf.shape[-1] if keys else buf.shape[2]
     slots = lengths % size
     token = new[:, 0].astype(buf.dtype)  # [B, K, Dh]
+    if in_place and buf.dtype == jnp.bfloat16:
+        return amx.write_token(buf, token, slots, keys)
     if buf.dtype == jnp.float32:
         return buf.at[_slot_index(buf, jnp.arange(buf.shape[0]), slots, keys)].set(token)
     here = jnp.arange(size) == slots[:, None]  # [B, S]
@@ -141,17 +147,20 @@ def decode_step(params: gemma3.Params, cache: KVCache, tokens: jax.Array, cfg: M
                 lora=None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row [B] at position lengths[b]; -> hidden [B, D], updated cache."""
     positions = cache.lengths
+    # The AMX decode loop's CPU kernels also write the cache and read the embedding.
+    amx_loop = cfg.decode_matmul == "amx"
 
     def attend(i, q, k, v):
-        k_buf = _write_token(cache.keys[i], k, positions, True)
-        v_buf = _write_token(cache.values[i], v, positions, False)
+        k_buf = _write_token(cache.keys[i], k, positions, True, amx_loop)
+        v_buf = _write_token(cache.values[i], v, positions, False, amx_loop)
         out = attention.cached_attention(q[:, 0], k_buf, v_buf, positions, cfg,
                                          scale=gemma3.attention_scale(cfg),
                                          window=gemma3.layer_window(cfg, i))
         return out[:, None], (k_buf, v_buf)
 
-    x, bufs = gemma3.decoder_stack(params, gemma3.embed_tokens(params, tokens[:, None], cfg),
-                                   positions[:, None], cfg, attend, lora)
+    x = gemma3.embed_tokens(params, tokens[:, None], cfg,
+                            amx.gather_rows if amx_loop else vocab_parallel.lookup)
+    x, bufs = gemma3.decoder_stack(params, x, positions[:, None], cfg, attend, lora)
     hidden = gemma3.rms_norm(x[:, 0], params["final_norm"], cfg.rms_eps)
     return hidden, KVCache([k for k, _ in bufs], [v for _, v in bufs], cache.lengths + 1)
 

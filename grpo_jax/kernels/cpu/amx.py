@@ -12,6 +12,10 @@ Two products, bf16 operands summed in float32:
     AMX's tile layout (a pure transpose in JAX: `pack`);
   * `rows_matmul`: w [R, K] @ x [M, K]^T with w as stored, for the embedding's
     vocabulary-major logits.
+and, for the same loop, `write_token`: a step's keys or values written into a bf16
+KV cache in place (XLA:CPU has no bf16 scatter; its select rewrites the whole cache),
+and `gather_rows`: its tokens' embedding rows (XLA:CPU gathers from a float32 copy of
+the table, made once per decode call: ~0.3 s for the 270M).
 
 Built at first use like the oneDNN call (kernels/cpu/build.py); `unavailable()` says
 why it cannot run here (no AMX, several devices, no compiler, the kernel refused
@@ -36,7 +40,10 @@ from grpo_jax.kernels.cpu.build import build_library
 SOURCE = Path(__file__).with_name("amx_matmul.cc")
 PACKED_TARGET = "grpo_jax_amx_packed_matmul_bf16"
 ROWS_TARGET = "grpo_jax_amx_rows_matmul_bf16"
-SYMBOLS = {PACKED_TARGET: "AmxPackedMatmulBf16", ROWS_TARGET: "AmxRowsMatmulBf16"}
+WRITE_TARGET = "grpo_jax_kv_write_token_bf16"
+GATHER_TARGET = "grpo_jax_gather_rows_bf16"
+SYMBOLS = {PACKED_TARGET: "AmxPackedMatmulBf16", ROWS_TARGET: "AmxRowsMatmulBf16",
+           WRITE_TARGET: "KvWriteTokenBf16", GATHER_TARGET: "GatherRowsBf16"}
 FLAGS = ["-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f"]
 # Weights' axes are blocked by 32: 2 tiles of 16 columns by 16 pairs of K.
 BLOCK = 32
@@ -186,3 +193,28 @@ def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
                                                               jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def write_token(buf: jax.Array, token: jax.Array, slots: jax.Array, keys: bool) -> jax.Array:
+    """buf (bfloat16 keys [B, K, Dh, S] or values [B, K, S, Dh]) with token [B, K, Dh]
+    written at each row's slot [B], in place: the result aliases buf."""
+    if buf.dtype != jnp.bfloat16 or buf.ndim != 4 or token.shape != (
+            buf.shape[0], buf.shape[1], buf.shape[2] if keys else buf.shape[3]):
+        layout = "[B, K, Dh, S]" if keys else "[B, K, S, Dh]"
+        raise ValueError(f"write_token takes a bfloat16 cache {layout} and a token "
+                         f"[B, K, Dh], not {buf.dtype} {buf.shape} and {token.shape}")
+    _ready()
+    call = jax.ffi.ffi_call(WRITE_TARGET, jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+                            input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(buf, token.astype(buf.dtype), slots.astype(jnp.int32), keys=keys)
+
+
+def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [V, D] (bfloat16) at ids (any shape, clipped to [0, V)) -> ids.shape + [D]."""
+    if table.dtype != jnp.bfloat16 or table.ndim != 2:
+        raise ValueError(f"gather_rows takes a bfloat16 table [V, D], not {table.dtype} "
+                         f"{table.shape}")
+    _ready()
+    call = jax.ffi.ffi_call(GATHER_TARGET, jax.ShapeDtypeStruct(
+        (math.prod(ids.shape), table.shape[1]), table.dtype), vmap_method="sequential")
+    return call(table, ids.reshape(-1).astype(jnp.int32)).reshape(*ids.shape, table.shape[1])

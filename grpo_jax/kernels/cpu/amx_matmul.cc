@@ -11,6 +11,9 @@
 //    below), so each 16 x 16 weight tile is 1 KB of contiguous memory.
 //  * AmxRowsMatmul: y[R, M] = w[R, K] @ x[M, K]^T with w as it is stored, rows of K
 //    contiguous (the embedding [V, D], for the sampler's vocabulary-major logits).
+//  * KvWriteTokenBf16, GatherRowsBf16: a decode step's keys or values written into
+//    the cache in place, and its tokens' embedding rows read (not AMX, but the same
+//    loop's, and XLA:CPU has no bf16 scatter or gather).
 //
 // Both: bf16 operands, float32 sums and result; K, N and R multiples of 32, any M.
 // The output's column blocks are shared out on XLA's own thread pool, not OpenMP's:
@@ -237,6 +240,64 @@ ffi::Error RowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// One token's keys or values [B, K, Dh] written in place at each row's slot of its
+// cache buffer, keys [B, K, Dh, S] (slot minor) or values [B, K, S, Dh]. The output
+// aliases the buffer: XLA:CPU has no bfloat16 scatter, and the select it falls back to
+// reads and writes the whole cache at every step (13 of a 16-row step's ~85 ms at
+// 288 slots on an AMX machine).
+ffi::Error WriteTokenImpl(ffi::Buffer<ffi::BF16> buf, ffi::Buffer<ffi::BF16> token,
+                          ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::BF16> out,
+                          bool keys) {
+  auto bd = buf.dimensions(), td = token.dimensions();
+  if (bd.size() != 4 || td.size() != 3 || slots.dimensions().size() != 1 ||
+      td[0] != bd[0] || td[1] != bd[1] || slots.dimensions()[0] != bd[0] ||
+      td[2] != (keys ? bd[2] : bd[3])) {
+    return ffi::Error::InvalidArgument(
+        "kv_write_token: buffer [B, K, Dh, S] or [B, K, S, Dh], token [B, K, Dh], slots [B]");
+  }
+  const int64_t rows = bd[0], heads = bd[1], dim = td[2], size = keys ? bd[3] : bd[2];
+  bf16* dst = reinterpret_cast<bf16*>(out->untyped_data());
+  if (dst != buf.untyped_data()) {  // not aliased after all: start from the buffer
+    std::memcpy(dst, buf.untyped_data(), buf.size_bytes());
+  }
+  const bf16* src = reinterpret_cast<const bf16*>(token.untyped_data());
+  const int32_t* slot = slots.typed_data();
+  for (int64_t b = 0; b < rows; ++b) {
+    if (slot[b] < 0 || slot[b] >= size) {
+      return ffi::Error::InvalidArgument("kv_write_token: a slot is outside the buffer");
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      const bf16* from = src + (b * heads + h) * dim;
+      if (keys) {
+        bf16* to = dst + (b * heads + h) * dim * size + slot[b];
+        for (int64_t d = 0; d < dim; ++d) to[d * size] = from[d];
+      } else {
+        std::memcpy(dst + ((b * heads + h) * size + slot[b]) * dim, from, dim * sizeof(bf16));
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// table[ids]: rows of a bfloat16 table [V, D] for ids [N] -> [N, D]. In a decode loop
+// XLA:CPU's gather works on a float32 table, and the conversion of the whole table
+// (the 270M's embedding: 671 MB, ~0.3 s) is hoisted out of the loop and paid per call.
+ffi::Error GatherRowsImpl(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids,
+                          ffi::ResultBuffer<ffi::BF16> out) {
+  auto td = table.dimensions();
+  if (td.size() != 2 || ids.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("gather_rows: table [V, D], ids [N]");
+  }
+  const int64_t vocab = td[0], dim = td[1], n = ids.dimensions()[0];
+  const bf16* src = reinterpret_cast<const bf16*>(table.untyped_data());
+  bf16* dst = reinterpret_cast<bf16*>(out->untyped_data());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = std::clamp<int64_t>(ids.typed_data()[i], 0, vocab - 1);
+    std::memcpy(dst + i * dim, src + row * dim, dim * sizeof(bf16));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // 0 when this process may use the AMX tile state, else errno.
@@ -257,3 +318,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AmxRowsMatmulBf16, RowsImpl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KvWriteTokenBf16, WriteTokenImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("keys"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherRowsBf16, GatherRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
