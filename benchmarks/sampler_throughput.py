@@ -201,7 +201,8 @@ def run(args: Args) -> dict:
     decode_tps = (generated - args.batch) / decode_s
 
     result = {
-        "model": cfg.name, "dtype": cfg.dtype, "matmul": cfg.matmul_impl, "batch": args.batch, "group": args.group,
+        "model": cfg.name, "dtype": cfg.dtype, "matmul": cfg.matmul_impl,
+        "decode_matmul": cfg.decode_matmul, "batch": args.batch, "group": args.group,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "ignore_eos": args.ignore_eos, "temperature": args.temperature,
         "generated_tokens": generated, "decode_steps": steps,

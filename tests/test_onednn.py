@@ -5,6 +5,7 @@ and what happens where it cannot build or run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import jax
@@ -174,6 +175,23 @@ def test_the_probe_picks_onednn_only_where_it_wins(tmp_path, monkeypatch, onednn
     # Forbidding oneDNN (--matmul xla) never times it.
     assert dtype_choice.fastest(TINY, timer=Rates({"float32": 300.0, "bfloat16": 1000.0}),
                                 backend="cpu", onednn_allowed=False) == ("bfloat16", "xla")
+
+
+def test_a_cached_choice_follows_todays_margins_not_the_one_it_was_written_with(
+        tmp_path, monkeypatch):
+    """The cache keeps the probe's rates; a choice written under older margins (oneDNN
+    at a 1.21x lead) is made again from them, without probing."""
+    monkeypatch.setattr(onednn, "unavailable", lambda: None)
+    monkeypatch.setattr(dtype_choice, "cache_path", lambda: tmp_path / "choice.json")
+    key = dtype_choice.machine_key(TINY, dtype_choice.CANDIDATES)
+    (tmp_path / "choice.json").write_text(json.dumps({key: {
+        "dtype": dtype_choice.ONEDNN,
+        "gflops": {"float32": 220.0, "bfloat16": 956.0, dtype_choice.ONEDNN: 1160.0}}}))
+
+    def no_probe(candidate, shapes):
+        raise AssertionError("probed although the rates were cached")
+
+    assert dtype_choice.fastest(TINY, timer=no_probe, backend="cpu") == ("bfloat16", "xla")
 
 
 def test_where_it_cannot_build_the_model_keeps_xla_in_one_line(tmp_path, monkeypatch, caplog):
