@@ -161,6 +161,10 @@ def projected_logprobs(params: gemma3.Params, hidden: jax.Array, targets: jax.Ar
     """log p(targets) [N, T] from the hidden states [N, T, D] that predict them, the
     vocabulary projection in chunks under jax.checkpoint (see per_token_logprobs)."""
     n, steps = targets.shape
+    if vocab_parallel.tied_applies(cfg, return_entropy):
+        logp = vocab_parallel.tied_logprobs(hidden.reshape(n * steps, -1), targets.reshape(-1),
+                                            params["embed"], temperature, chunk_size)
+        return logp.reshape(n, steps)
     # Chunks run over time, every row in each: the rows axis (sharded over data x fsdp
     # on a mesh) is never the looped one. ~chunk_size positions per chunk in all.
     span = max(1, min(steps, chunk_size // n))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -227,3 +228,122 @@ def test_row_gather_matches_take():
     np.testing.assert_array_equal(f64(got), f64(table)[np.asarray(ids)])
     with pytest.raises(ValueError, match="bfloat16 table"):
         amx.gather_rows(table.astype(jnp.float32), ids)
+
+
+def _logits64(x, w, scale):
+    return scale * f64(x) @ f64(w).T
+
+
+@needs_amx
+@pytest.mark.parametrize("rows, vocab", [(32, 32), (64, 288), (96, 544)])
+def test_logsumexp_matches_float64(rows, vocab):
+    """The log-sum-exp over the vocabulary, kept per row while the logits pass
+    through tiles 32 x 32 at a time (one vocabulary block, several, and a count
+    that leaves one worker a partial share), against float64 NumPy."""
+    rng = np.random.default_rng(rows)
+    x, w = bf16(rng, (rows, 64)), bf16(rng, (vocab, 64))
+    logits = _logits64(x, w, 0.6)
+    top = logits.max(axis=1)
+    want = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
+    np.testing.assert_allclose(f64(amx.logsumexp(x, w, 0.6)), want, rtol=1e-6, atol=2e-6)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows, vocab", [(32, 32), (64, 288), (96, 544)])
+def test_softmax_rows_matches_float64(rows, vocab):
+    """sum_v softmax(scale * x w^T)[m, v] w[v], with the probabilities rounded to bfloat16 as the kernel does, against float64 NumPy;
+    the vocabulary spans one partial 256-row block, or a whole one and a partial."""
+    rng = np.random.default_rng(rows + 1)
+    x, w = bf16(rng, (rows, 64)), bf16(rng, (vocab, 64))
+    logits = _logits64(x, w, 1.3)
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    p = np.asarray(jnp.asarray(np.exp(logits - lse[:, None]), jnp.bfloat16), np.float64)
+    got = amx.softmax_rows(x, w, jnp.asarray(lse, jnp.float32), 1.3)
+    np.testing.assert_allclose(f64(got), p @ f64(w), rtol=1e-4, atol=1e-5)
+
+
+@needs_amx
+def test_the_log_softmax_calls_refuse_what_is_not_whole_tiles():
+    x = jnp.zeros((32, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        amx.logsumexp(jnp.zeros((20, 64), jnp.bfloat16), jnp.zeros((64, 64), jnp.bfloat16), 1.0)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        amx.logsumexp(x, jnp.zeros((40, 64), jnp.bfloat16), 1.0)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[V, K\]"):
+        amx.logsumexp(x, jnp.zeros((64, 32), jnp.bfloat16), 1.0)
+    with pytest.raises(ValueError, match="lse"):
+        amx.softmax_rows(x, jnp.zeros((64, 64), jnp.bfloat16), jnp.zeros(16), 1.0)
+
+
+def _log_softmax64(h, e, targets, temperature):
+    logits = f64(h) @ f64(e).T / temperature
+    top = logits.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return logits[np.arange(len(targets)), targets] - logz, logits, logz
+
+
+@needs_amx
+@pytest.mark.parametrize("n, rows", [(70, 32), (40, 256)])
+def test_tied_logprobs_and_gradients_match_float64(n, rows):
+    """log softmax(h e^T / T) at the targets, and its gradients to h and to the
+    embedding (the last in XLA: the update never asks for it), against float64
+    NumPy's formula: d/dh = (g / T) (e[t] - p e), d/de = (g / T) (onehot - p)^T h.
+    Row counts that leave a padded chunk, and one chunk larger than the rows."""
+    from grpo_jax.model import vocab_parallel
+
+    rng = np.random.default_rng(n)
+    h, e = bf16(rng, (n, 64)), jnp.asarray(0.3 * rng.standard_normal((288, 64)), jnp.bfloat16)
+    targets = rng.integers(0, 288, n)
+    g = rng.standard_normal(n)
+    temperature = 0.8
+    want, logits, logz = _log_softmax64(h, e, targets, temperature)
+    fn = lambda h, e: vocab_parallel.tied_logprobs(h, jnp.asarray(targets, jnp.int32), e,
+                                                    temperature, rows)
+    np.testing.assert_allclose(f64(fn(h, e)), want, atol=2e-5)
+
+    d_h, d_e = jax.grad(lambda h, e: jnp.sum(jnp.asarray(g, jnp.float32) * fn(h, e)),
+                        argnums=(0, 1))(h, e)
+    p = np.exp(logits - logz[:, None])
+    onehot = np.eye(288)[targets]
+    d_logits = (g / temperature)[:, None] * (onehot - p)
+    # Results come back in bfloat16 (the operands' dtype): compare at its resolution.
+    np.testing.assert_allclose(f64(d_h), d_logits @ f64(e), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(f64(d_e), d_logits.T @ f64(h), rtol=1e-2, atol=1e-2)
+
+
+@needs_amx
+def test_teacher_forced_logprobs_on_amx_match_xla_and_keep_the_logits_out_of_memory():
+    """The tiny model's per-token log-probs and the LoRA gradient of their sum with
+    the AMX log-softmax against XLA's bf16 path; its compiled update holds no
+    [rows, V] float32 block."""
+    from _tiny_model import random_lora
+    from grpo_jax import grpo
+    from grpo_jax.model.config import LoraConfig
+
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), random_params(TINY, rng))
+    lora = random_lora(TINY, LoraConfig(rank=4, alpha=4.0), rng)
+    tokens = jnp.asarray(rng.integers(3, TINY.vocab_size, (4, 24)), jnp.int32)
+    mask = jnp.ones(tokens.shape, bool)
+    on = dataclasses.replace(BF16_TINY, decode_matmul="amx")
+
+    def loss(lora, cfg):
+        logp = grpo.per_token_logprobs(params, lora, tokens, mask, 10, cfg, chunk_size=32,
+                                       temperature=0.9, group=2)
+        return jnp.sum(logp), logp
+
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(lora, on)
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(lora, BF16_TINY)
+    np.testing.assert_allclose(f64(got), f64(want), atol=0.05)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        scale = np.abs(f64(b)).max()
+        assert np.abs(f64(a) - f64(b)).max() <= 0.05 * scale + 1e-6
+
+    def compiled(cfg):
+        return jax.jit(jax.grad(lambda lora: loss(lora, cfg)[0])).lower(lora).compile().as_text()
+
+    logits_block = re.compile(rf"f32\[[\d,]*,{TINY.vocab_size}\]")
+    assert logits_block.search(compiled(BF16_TINY))  # XLA's path holds them
+    hlo = compiled(on)
+    assert amx.LOGSUMEXP_TARGET in hlo and amx.SOFTMAX_ROWS_TARGET in hlo
+    assert not logits_block.search(hlo), logits_block.search(hlo)

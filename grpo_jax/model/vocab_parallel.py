@@ -7,14 +7,20 @@ over `fsdp`), and both run per device under `jax.shard_map` on their own slice o
 the vocabulary, so no device gathers the table or holds a [rows, V] block: the
 pieces are combined across `tensor` (a sum for the lookup; a max, then sums for
 the log-sum-exp, the chosen logit and the entropy).
+
+On one AMX CPU (`cfg.decode_matmul == "amx"`) the log-softmax at chosen tokens runs
+on AMX tiles instead (`tied_logprobs`): its [rows, V] logits never reach memory.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grpo_jax import sharding
+from grpo_jax.kernels.cpu import amx
 from grpo_jax.model.config import ModelConfig
 from grpo_jax.model.matmul import matmul
 
@@ -98,3 +104,73 @@ def logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array, cfg: Model
     rows = sharding.logical_spec(("batch",))
     return jax.shard_map(local, in_specs=(rows, rows, P("tensor", None)),
                          out_specs=(rows, rows))(hidden, targets, embed)
+
+
+def tied_applies(cfg: ModelConfig, return_entropy: bool) -> bool:
+    """Whether `tied_logprobs` computes this model's log-probs: the AMX kernels are
+    on (bfloat16, one device: `load.decode_matmul`), no mesh, no entropy asked, and
+    the vocabulary and width are whole tiles."""
+    return (cfg.decode_matmul == "amx" and not return_entropy
+            and sharding.active_mesh() is None and cfg.vocab_size % amx.BLOCK == 0
+            and cfg.embed_dim % amx.BLOCK == 0)
+
+
+def _row_chunks(x: jax.Array, rows: int) -> jax.Array:
+    """x [N, ...] zero-padded to whole chunks of `rows` rounded up to whole tiles ->
+    [chunks, rows, ...]."""
+    if rows < 1:
+        raise ValueError(f"rows={rows} must be positive")
+    rows = -(-rows // amx.BLOCK) * amx.BLOCK
+    pad = -x.shape[0] % rows
+    x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape(-1, rows, *x.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def tied_logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array,
+                  temperature: float, rows: int) -> jax.Array:
+    """log softmax(hidden @ embed.T / temperature) at targets -> [N] float32, for
+    hidden [N, D], targets [N], embed [V, D], on AMX tiles ~`rows` hidden rows at a
+    time (rounded up to whole tiles): the forward keeps each row's log-sum-exp
+    (`amx.logsumexp`), the backward recomputes the softmax block by block
+    (`amx.softmax_rows`), so neither holds [rows, V] logits in memory. bfloat16
+    products summed in float32, as the XLA path's."""
+    return _tied_forward(hidden, targets, embed, temperature, rows)[0]
+
+
+def _tied_forward(hidden, targets, embed, temperature, rows):
+    n = hidden.shape[0]
+    hidden = hidden.astype(jnp.bfloat16)
+    lse = jax.lax.map(lambda x: amx.logsumexp(x, embed, 1.0 / temperature),
+                      _row_chunks(hidden, rows)).reshape(-1)[:n]
+    chosen = amx.gather_rows(embed, targets)
+    picked = jnp.einsum("nd,nd->n", hidden, chosen, preferred_element_type=jnp.float32)
+    return picked / temperature - lse, (hidden, targets, embed, lse)
+
+
+def _tied_backward(temperature, rows, residuals, g):
+    hidden, targets, embed, lse = residuals
+    n, dim = hidden.shape
+    scale = 1.0 / temperature
+    # d logp[m] / d hidden[m] = scale * (embed[target] - sum_v p[m, v] embed[v]).
+    weighted = jax.lax.map(lambda a: amx.softmax_rows(a[0], embed, a[1], scale),
+                           (_row_chunks(hidden, rows), _row_chunks(lse, rows)))
+    weighted = weighted.reshape(-1, dim)[:n]
+    chosen = amx.gather_rows(embed, targets).astype(jnp.float32)
+    d_hidden = (g * scale)[:, None] * (chosen - weighted)
+
+    # The embedding's gradient, in XLA chunk by chunk: the frozen base never asks for
+    # it, so XLA drops this; it is here so that the rule is whole.
+    def embed_grad(total, a):
+        x, t, l, gc = a
+        logits = jnp.einsum("md,vd->mv", x, embed, preferred_element_type=jnp.float32)
+        p = jnp.exp(logits * scale - l[:, None])
+        d_logits = (gc * scale)[:, None] * (jax.nn.one_hot(t, embed.shape[0]) - p)
+        return total + jnp.einsum("mv,md->vd", d_logits, x.astype(jnp.float32)), None
+
+    d_embed, _ = jax.lax.scan(embed_grad, jnp.zeros(embed.shape, jnp.float32),
+                              tuple(_row_chunks(a, rows) for a in (hidden, targets, lse, g)))
+    return d_hidden.astype(hidden.dtype), None, d_embed.astype(embed.dtype)
+
+
+tied_logprobs.defvjp(_tied_forward, _tied_backward)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grpo_jax.kernels.cpu.build import build_library
 
@@ -42,8 +43,11 @@ PACKED_TARGET = "grpo_jax_amx_packed_matmul_bf16"
 ROWS_TARGET = "grpo_jax_amx_rows_matmul_bf16"
 WRITE_TARGET = "grpo_jax_kv_write_token_bf16"
 GATHER_TARGET = "grpo_jax_gather_rows_bf16"
+LOGSUMEXP_TARGET = "grpo_jax_amx_logsumexp_bf16"
+SOFTMAX_ROWS_TARGET = "grpo_jax_amx_softmax_rows_bf16"
 SYMBOLS = {PACKED_TARGET: "AmxPackedMatmulBf16", ROWS_TARGET: "AmxRowsMatmulBf16",
-           WRITE_TARGET: "KvWriteTokenBf16", GATHER_TARGET: "GatherRowsBf16"}
+           WRITE_TARGET: "KvWriteTokenBf16", GATHER_TARGET: "GatherRowsBf16",
+           LOGSUMEXP_TARGET: "AmxLogSumExpBf16", SOFTMAX_ROWS_TARGET: "AmxSoftmaxRowsBf16"}
 FLAGS = ["-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f"]
 # Weights' axes are blocked by 32: 2 tiles of 16 columns by 16 pairs of K.
 BLOCK = 32
@@ -218,3 +222,36 @@ def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(GATHER_TARGET, jax.ShapeDtypeStruct(
         (math.prod(ids.shape), table.shape[1]), table.dtype), vmap_method="sequential")
     return call(table, ids.reshape(-1).astype(jnp.int32)).reshape(*ids.shape, table.shape[1])
+
+
+def _tied_operands(x: jax.Array, w: jax.Array, name: str) -> None:
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{name} takes x [M, K] and w [V, K], not {x.shape} and {w.shape}")
+    if x.shape[0] % BLOCK or w.shape[0] % BLOCK or w.shape[1] % BLOCK:
+        raise ValueError(f"{name} needs M, K and V multiples of {BLOCK}, not x {x.shape} "
+                         f"and w {w.shape}")
+
+
+def logsumexp(x: jax.Array, w: jax.Array, scale: float) -> jax.Array:
+    """log sum_v exp(scale * w[v] . x[m]) -> [M] float32, for x [M, K] and w [V, K]
+    (bfloat16 products summed in float32; M, K, V multiples of 32), without the
+    [M, V] logits ever in memory."""
+    _tied_operands(x, w, "logsumexp")
+    _ready()
+    call = jax.ffi.ffi_call(LOGSUMEXP_TARGET, jax.ShapeDtypeStruct(x.shape[:1], jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), scale=np.float32(scale))
+
+
+def softmax_rows(x: jax.Array, w: jax.Array, lse: jax.Array, scale: float) -> jax.Array:
+    """sum_v p[m, v] w[v, :] -> [M, K] float32, p[m, v] = exp(scale * w[v] . x[m] -
+    lse[m]) rounded to bfloat16: the softmax-weighted mean of w's rows that the
+    log-softmax's gradient needs, block by block without the [M, V] logits."""
+    _tied_operands(x, w, "softmax_rows")
+    if lse.shape != x.shape[:1]:
+        raise ValueError(f"softmax_rows takes lse {x.shape[:1]}, not {lse.shape}")
+    _ready()
+    call = jax.ffi.ffi_call(SOFTMAX_ROWS_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), lse.astype(jnp.float32),
+                scale=np.float32(scale))

@@ -27,9 +27,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -71,6 +73,9 @@ void Configure(int rows0, int rows1, int cols0, int cols1) {
     c.rows[6 + i] = 16;
     c.colsb[6 + i] = cols[i] * 4;
   }
+  // GCC 12 does not count ldtilecfg as reading its operand: with constant arguments
+  // it dropped the stores above (a zero config, then a fault at the first tile op).
+  asm volatile("" : : "r"(&c) : "memory");
   _tile_loadconfig(&c);
 }
 
@@ -151,11 +156,8 @@ void PackedMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* packed, floa
   });
 }
 
-// y[R, M] = w[R, K] @ x[M, K]^T. x is re-laid out once per call as the right tiles
-// want it, [K/2][M][2]; w's rows stream through the left tiles, 32 rows at a time,
-// with the next 32 rows prefetched into L2 while these are multiplied.
-void RowsMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* w, float* y, int64_t m,
-                int64_t k, int64_t r) {
+// x [M, K] laid out as the right tiles want it, [K/2][M][2]: each row's K-pairs.
+std::vector<bf16> PairRows(const bf16* x, int64_t m, int64_t k) {
   std::vector<bf16> pairs(static_cast<size_t>(k * m));
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t kk = 0; kk < k; kk += 2) {
@@ -163,6 +165,15 @@ void RowsMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* w, float* y, i
       pairs[(kk / 2 * m + i) * 2 + 1] = x[i * k + kk + 1];
     }
   }
+  return pairs;
+}
+
+// y[R, M] = w[R, K] @ x[M, K]^T. x is re-laid out once per call as the right tiles
+// want it, [K/2][M][2]; w's rows stream through the left tiles, 32 rows at a time,
+// with the next 32 rows prefetched into L2 while these are multiplied.
+void RowsMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* w, float* y, int64_t m,
+                int64_t k, int64_t r) {
+  const std::vector<bf16> pairs = PairRows(x, m, k);
   const bf16* xpairs = pairs.data();
   ParallelFor(pool, r / 32, [=](int64_t begin, int64_t end) {
     int configured = -1;
@@ -207,6 +218,224 @@ void RowsMatmul(ffi::ThreadPool& pool, const bf16* x, const bf16* w, float* y, i
   });
 }
 
+// ---------------------------------------------------------------------------
+// The teacher-forced log-softmax over a tied vocabulary, without its [M, V] logits.
+// A training step's log p(target) needs, per hidden row x[m], the log-sum-exp of
+// scale * (w @ x[m]) over the vocabulary w [V, K], and its gradient needs the
+// softmax-weighted sum of w's rows. XLA materialises the [M, V] float32 logits for
+// both (three passes over them, the rematerialised one's max fused at ~0.2 G
+// elements/s: ~1 s of a 256-row chunk's ~1.5 s on an AMX machine). Here each
+// 32-row block of logits lives in tiles and a 4 KB buffer, and is consumed there.
+
+// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7
+// Taylor polynomial (relative error < 3e-8 before rounding), times 2^n. Inputs are
+// clamped to [-87, 88], so exp(-inf) gives ~1e-38, not NaN.
+inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 floats rounded to bfloat16 (to nearest even), each in the high half of its 32 bits.
+inline __m512i RoundBf16High(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+  return _mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+
+void LoadTile(int t, const float* src, int64_t stride_bytes) {
+  switch (t) {
+    case 0: _tile_loadd(0, src, stride_bytes); break;
+    case 1: _tile_loadd(1, src, stride_bytes); break;
+    case 2: _tile_loadd(2, src, stride_bytes); break;
+    default: _tile_loadd(3, src, stride_bytes); break;
+  }
+}
+
+// Accumulators 0-3 = w[32 rows from `rows`, :] @ x[m0 .. m0 + 32, :]^T, x given as
+// PairRows [K/2][M][2]; stores them into out (32 x 32 floats, row stride `stride`).
+inline void RowsBlock(const bf16* rows, const bf16* xpairs, int64_t m, int64_t k, int64_t m0,
+                      float* out, int64_t stride) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t kk = 0; kk < k; kk += 32) {
+    const bf16* right = xpairs + (kk / 2 * m + m0) * 2;
+    _tile_loadd(4, rows + kk, k * 2);
+    _tile_loadd(5, rows + 16 * k + kk, k * 2);
+    _tile_loadd(6, right, m * 4);
+    _tile_loadd(7, right + 32, m * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) StoreTile(2 * i + j, out + 16 * i * stride + 16 * j, stride * 4);
+  }
+}
+
+// Running (top, sum) of 16 columns updated by `count` rows v[i * stride + c] * scale:
+// top the maximum so far, sum the sum of exp(value - top).
+inline void OnlineLogSumExp(const float* v, int count, int64_t stride, __m512 scale,
+                            float* top, float* sum) {
+  __m512 high = _mm512_mul_ps(_mm512_loadu_ps(v), scale);
+  for (int i = 1; i < count; ++i) {
+    high = _mm512_max_ps(high, _mm512_mul_ps(_mm512_loadu_ps(v + i * stride), scale));
+  }
+  const __m512 old = _mm512_loadu_ps(top);
+  const __m512 now = _mm512_max_ps(old, high);
+  __m512 total = _mm512_mul_ps(_mm512_loadu_ps(sum), Exp16(_mm512_sub_ps(old, now)));
+  for (int i = 0; i < count; ++i) {
+    total = _mm512_add_ps(total, Exp16(_mm512_fmsub_ps(_mm512_loadu_ps(v + i * stride), scale, now)));
+  }
+  _mm512_storeu_ps(top, now);
+  _mm512_storeu_ps(sum, total);
+}
+
+// lse[m] = log sum_v exp(scale * w[v] . x[m]) for x [M, K], w [V, K] (M, K, V multiples
+// of 32). Vocabulary blocks are shared out; each worker keeps its own running
+// (top, sum) per row, merged at the end.
+void RowsLogSumExp(ffi::ThreadPool& pool, const bf16* x, const bf16* w, float scale, float* lse,
+                   int64_t m, int64_t k, int64_t r) {
+  const std::vector<bf16> pairs = PairRows(x, m, k);
+  std::vector<float> top(m, -INFINITY), sum(m, 0.0f);
+  std::mutex merge;
+  ParallelFor(pool, r / 32, [&](int64_t begin, int64_t end) {
+    std::vector<float> my_top(m, -INFINITY), my_sum(m, 0.0f);
+    alignas(64) float block[32 * 32];
+    const __m512 s = _mm512_set1_ps(scale);
+    Configure(16, 16, 16, 16);
+    for (int64_t rb = begin; rb < end; ++rb) {
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        RowsBlock(w + rb * 32 * k, pairs.data(), m, k, m0, block, 32);
+        for (int j = 0; j < 2; ++j) {
+          OnlineLogSumExp(block + 16 * j, 32, 32, s, &my_top[m0 + 16 * j], &my_sum[m0 + 16 * j]);
+        }
+      }
+    }
+    _tile_release();
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t i = 0; i < m; ++i) {
+      const float high = std::max(top[i], my_top[i]);
+      sum[i] = sum[i] * std::exp(top[i] - high) + my_sum[i] * std::exp(my_top[i] - high);
+      top[i] = high;
+    }
+  });
+  for (int64_t i = 0; i < m; ++i) lse[i] = top[i] + std::log(sum[i]);
+}
+
+// A 16 x 16 block of floats transposed in registers: r[i] holds row i on entry and
+// column i on return.
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // 32-bit interleave of row pairs
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 64-bit interleave of those pairs
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {  // 128-bit lanes, two stages
+    t[i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+// s[M, K] = sum_v p[m, v] w[v, :] with p[m, v] = exp(scale * w[v] . x[m] - lse[m]):
+// the softmax-weighted sum of w's rows that the log-softmax's gradient needs (M, K,
+// V multiples of 32). Per block of 256 vocabulary rows: its logits [256, M] (tiles,
+// w's rows as they are stored on the left), p rounded to bfloat16 and transposed in
+// registers to [M, 256] (the left operand of the next product), w's rows interleaved
+// in pairs [128][K][2] (its right operand), then s += p @ w[block], into the worker's
+// own [M, K] sum, added to s at the end.
+void SoftmaxRows(ffi::ThreadPool& pool, const bf16* x, const bf16* w, const float* lse,
+                 float scale, float* out, int64_t m, int64_t k, int64_t r) {
+  constexpr int64_t kSpan = 256;
+  const std::vector<bf16> pairs = PairRows(x, m, k);
+  std::fill(out, out + m * k, 0.0f);
+  std::mutex merge;
+  ParallelFor(pool, (r + kSpan - 1) / kSpan, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(static_cast<size_t>(m * k), 0.0f), logits(kSpan * m);
+    std::vector<bf16> probs(kSpan * m);                  // [M][span]
+    std::vector<uint32_t> right(static_cast<size_t>(kSpan / 2 * k));  // [span/2][K] pairs
+    const __m512 s = _mm512_set1_ps(scale);
+    Configure(16, 16, 16, 16);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t v0 = b * kSpan, span = std::min(kSpan, r - v0);
+      const bf16* rows = w + v0 * k;
+      for (int64_t rb = 0; rb < span; rb += 32) {
+        for (int64_t m0 = 0; m0 < m; m0 += 32) {
+          RowsBlock(rows + rb * k, pairs.data(), m, k, m0, logits.data() + rb * m + m0, m);
+        }
+      }
+      for (int64_t vb = 0; vb < span; vb += 16) {
+        for (int64_t m0 = 0; m0 < m; m0 += 16) {
+          const __m512 shift = _mm512_loadu_ps(lse + m0);
+          __m512 block[16];
+          for (int i = 0; i < 16; ++i) {
+            block[i] = Exp16(_mm512_fmsub_ps(_mm512_loadu_ps(&logits[(vb + i) * m + m0]), s, shift));
+          }
+          Transpose16(block);
+          for (int j = 0; j < 16; ++j) {
+            const __m512i high = RoundBf16High(block[j]);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(&probs[(m0 + j) * span + vb]),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(high, 16)));
+          }
+        }
+      }
+      for (int64_t vp = 0; vp < span / 2; ++vp) {
+        const bf16* even = rows + 2 * vp * k;
+        for (int64_t k0 = 0; k0 < k; k0 += 16) {
+          const __m512i lo = _mm512_cvtepu16_epi32(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + k0)));
+          const __m512i hi = _mm512_cvtepu16_epi32(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + k + k0)));
+          _mm512_storeu_si512(&right[vp * k + k0], _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+      for (int64_t m0 = 0; m0 < m; m0 += 32) {
+        for (int64_t k0 = 0; k0 < k; k0 += 32) {
+          float* c = acc.data() + m0 * k + k0;
+          for (int t = 0; t < 4; ++t) LoadTile(t, c + 16 * (t / 2) * k + 16 * (t % 2), k * 4);
+          for (int64_t vv = 0; vv < span; vv += 32) {
+            const bf16* a = probs.data() + m0 * span + vv;
+            const uint32_t* bt = right.data() + vv / 2 * k + k0;
+            _tile_loadd(4, a, span * 2);
+            _tile_loadd(5, a + 16 * span, span * 2);
+            _tile_loadd(6, bt, k * 4);
+            _tile_loadd(7, bt + 16, k * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          for (int t = 0; t < 4; ++t) StoreTile(t, c + 16 * (t / 2) * k + 16 * (t % 2), k * 4);
+        }
+      }
+    }
+    _tile_release();
+    std::lock_guard<std::mutex> lock(merge);
+    for (int64_t i = 0; i < m * k; ++i) out[i] += acc[i];
+  });
+}
+
 ffi::Error PackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> packed,
                       ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), pd = packed.dimensions();
@@ -237,6 +466,35 @@ ffi::Error RowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   RowsMatmul(pool, reinterpret_cast<const bf16*>(x.untyped_data()),
              reinterpret_cast<const bf16*>(w.untyped_data()), y->typed_data(), xd[0],
              xd[1], wd[0]);
+  return ffi::Error::Success();
+}
+
+ffi::Error LogSumExpImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[0] % 32 || wd[0] % 32 ||
+      wd[1] % 32) {
+    return ffi::Error::InvalidArgument(
+        "amx_logsumexp: x [M, K] and w [V, K] with M, K and V multiples of 32");
+  }
+  RowsLogSumExp(pool, reinterpret_cast<const bf16*>(x.untyped_data()),
+                reinterpret_cast<const bf16*>(w.untyped_data()), scale, lse->typed_data(),
+                xd[0], xd[1], wd[0]);
+  return ffi::Error::Success();
+}
+
+ffi::Error SoftmaxRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                           ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::F32> lse,
+                           ffi::ResultBuffer<ffi::F32> out, float scale) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || lse.dimensions().size() != 1 ||
+      lse.dimensions()[0] != xd[0] || xd[0] % 32 || wd[0] % 32 || wd[1] % 32) {
+    return ffi::Error::InvalidArgument(
+        "amx_softmax_rows: x [M, K], w [V, K], lse [M], with M, K and V multiples of 32");
+  }
+  SoftmaxRows(pool, reinterpret_cast<const bf16*>(x.untyped_data()),
+              reinterpret_cast<const bf16*>(w.untyped_data()), lse.typed_data(), scale,
+              out->typed_data(), xd[0], xd[1], wd[0]);
   return ffi::Error::Success();
 }
 
@@ -332,3 +590,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GatherRowsBf16, GatherRowsImpl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmxLogSumExpBf16, LogSumExpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AmxSoftmaxRowsBf16, SoftmaxRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
