@@ -202,7 +202,7 @@ def run(args: Args) -> dict:
 
     result = {
         "model": cfg.name, "dtype": cfg.dtype, "matmul": cfg.matmul_impl,
-        "decode_matmul": cfg.decode_matmul, "batch": args.batch, "group": args.group,
+        "cpu_kernels": cfg.cpu_kernels, "batch": args.batch, "group": args.group,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "ignore_eos": args.ignore_eos, "temperature": args.temperature,
         "generated_tokens": generated, "decode_steps": steps,

@@ -268,7 +268,7 @@ def place_weights(params, lora, cfg: ModelConfig, plan: sharding.MeshPlan):
     decode segment (tool calls, refills) instead of once here."""
     source = params
     params = sharding.put_tree(params, gemma3.param_shardings(plan, cfg))
-    if cfg.decode_matmul == "amx":
+    if cfg.cpu_kernels == "amx":
         params = _packed_for_amx(source, params)
     if lora is not None:
         lora = sharding.put_tree(lora, lora_lib.lora_shardings(plan, cfg, lora))

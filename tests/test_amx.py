@@ -1,8 +1,9 @@
-"""The decode loop's AMX matmuls (grpo_jax/kernels/cpu/amx.py): the tile packing against
-a NumPy restatement of its index map (everywhere), both custom calls against float64
-NumPy at every row count that exercises an edge tile, the tiny model's sampler on
-them against its full forward and against XLA's sampler, and what happens where
-they cannot run."""
+"""The AMX kernels (grpo_jax/kernels/cpu/amx.py): the tile packing against a NumPy
+restatement of its index map (everywhere), the decode loop's custom calls against
+float64 NumPy at every row count that exercises an edge tile, the tiny model's sampler
+on them against its full forward and against XLA's sampler, the log-softmax calls and
+their custom_vjp against float64 NumPy's formula and the model's XLA path, and what
+happens where they cannot run."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,7 @@ from grpo_jax.config import SamplerConfig
 from grpo_jax.kernels.cpu import amx
 from grpo_jax.model import gemma3
 from grpo_jax.model.config import TINY
-from grpo_jax.model.load import decode_matmul, with_dtype
+from grpo_jax.model.load import cpu_kernels, with_dtype
 from grpo_jax.model.matmul import matmul
 from grpo_jax.sampler import sample_prompts
 
@@ -127,7 +128,7 @@ def test_tiny_model_sampler_on_amx_matches_its_forward_and_xla():
     log-probs against the full forward (XLA's bf16) within the drift allowed XLA's
     own bf16 sampler, and its first greedy step's log-probs against XLA's sampler's
     (later steps may part at a near-tie: both bf16, summed in another order)."""
-    cfg = dataclasses.replace(BF16_TINY, decode_matmul="amx")
+    cfg = dataclasses.replace(BF16_TINY, cpu_kernels="amx")
     rng = np.random.default_rng()
     params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), random_params(TINY, rng))
     progs = decode.programs(cfg, SamplerConfig(max_new_tokens=4, temperature=0.0),
@@ -152,7 +153,7 @@ def test_tiny_model_sampler_on_amx_matches_its_forward_and_xla():
 
 @needs_amx
 def test_packing_is_done_once_for_the_same_weights():
-    cfg = dataclasses.replace(BF16_TINY, decode_matmul="amx")
+    cfg = dataclasses.replace(BF16_TINY, cpu_kernels="amx")
     params = jax.tree.map(lambda w: w.astype(jnp.bfloat16),
                           random_params(TINY, np.random.default_rng(0)))
     plan = decode.sharding.local_plan()
@@ -165,19 +166,19 @@ def test_packing_is_done_once_for_the_same_weights():
     assert not isinstance(first["embed"], amx.PackedWeight)
 
 
-def test_bfloat16_runs_decode_on_amx_where_it_runs_and_never_otherwise(monkeypatch, caplog):
+def test_bfloat16_runs_the_amx_kernels_where_they_run_and_never_otherwise(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="grpo_jax")
     monkeypatch.setattr(amx, "unavailable", lambda: None)
-    assert with_dtype(TINY, "bfloat16").decode_matmul == "amx"
-    assert any("decode matmuls: AMX" in r.getMessage() for r in caplog.records)
-    assert with_dtype(TINY, "bfloat16", "xla").decode_matmul == "xla"  # asked for XLA
-    assert with_dtype(TINY, "float32").decode_matmul == "xla"
+    assert with_dtype(TINY, "bfloat16").cpu_kernels == "amx"
+    assert any("CPU kernels: AMX" in r.getMessage() for r in caplog.records)
+    assert with_dtype(TINY, "bfloat16", "xla").cpu_kernels == "xla"  # asked for XLA
+    assert with_dtype(TINY, "float32").cpu_kernels == "xla"
     monkeypatch.setattr(amx, "unavailable", lambda: "this CPU has no amx_tile")
-    assert decode_matmul(BF16_TINY) == "xla"
-    with pytest.raises(ValueError, match="AMX decode matmul computes in bfloat16"):
-        dataclasses.replace(TINY, decode_matmul="amx")
-    with pytest.raises(ValueError, match="decode matmul 'tpu': choose one of xla, amx"):
-        dataclasses.replace(BF16_TINY, decode_matmul="tpu")
+    assert cpu_kernels(BF16_TINY) == "xla"
+    with pytest.raises(ValueError, match="AMX kernels compute in bfloat16"):
+        dataclasses.replace(TINY, cpu_kernels="amx")
+    with pytest.raises(ValueError, match="CPU kernels 'tpu': choose one of xla, amx"):
+        dataclasses.replace(BF16_TINY, cpu_kernels="tpu")
 
 
 def test_several_devices_or_no_amx_keep_xla(monkeypatch):
@@ -325,7 +326,7 @@ def test_teacher_forced_logprobs_on_amx_match_xla_and_keep_the_logits_out_of_mem
     lora = random_lora(TINY, LoraConfig(rank=4, alpha=4.0), rng)
     tokens = jnp.asarray(rng.integers(3, TINY.vocab_size, (4, 24)), jnp.int32)
     mask = jnp.ones(tokens.shape, bool)
-    on = dataclasses.replace(BF16_TINY, decode_matmul="amx")
+    on = dataclasses.replace(BF16_TINY, cpu_kernels="amx")
 
     def loss(lora, cfg):
         logp = grpo.per_token_logprobs(params, lora, tokens, mask, 10, cfg, chunk_size=32,

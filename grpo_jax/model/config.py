@@ -20,7 +20,7 @@ MATMUL_IMPLS = ("xla", "onednn")
 MATMUL_CHOICES = ("auto", *MATMUL_IMPLS)
 # How a decode step's weight matmuls run: XLA's dot, or AMX tiles reading each weight
 # once (grpo_jax/kernels/cpu/amx.py; bfloat16 on Intel CPUs with AMX, one device).
-DECODE_MATMULS = ("xla", "amx")
+CPU_KERNELS = ("xla", "amx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,11 @@ class ModelConfig:
     # The matmuls' implementation, of MATMUL_IMPLS; "onednn" applies to bfloat16
     # compute (other dtypes, and einsums with a batch axis, keep XLA's).
     matmul_impl: str = "xla"
-    # The decode loop's projections and logits, of DECODE_MATMULS; "amx" applies to
-    # bfloat16 compute (set by `load.with_dtype` where the kernel runs).
-    decode_matmul: str = "xla"
+    # Hand-written CPU kernels, of CPU_KERNELS: "amx" runs the decode loop's
+    # projections, logits, cache writes and embedding reads, and the teacher-forced
+    # log-softmax over the vocabulary, on AMX tiles (grpo_jax/kernels/cpu/amx.py), in
+    # bfloat16 on one device; set by `load.with_dtype` where the kernels run.
+    cpu_kernels: str = "xla"
 
     @validated
     def __post_init__(self):
@@ -79,11 +81,11 @@ class ModelConfig:
         if self.matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"matmul implementation {self.matmul_impl!r}: choose one of "
                              f"{', '.join(MATMUL_IMPLS)}")
-        if self.decode_matmul not in DECODE_MATMULS:
-            raise ValueError(f"decode matmul {self.decode_matmul!r}: choose one of "
-                             f"{', '.join(DECODE_MATMULS)}")
-        if self.decode_matmul == "amx" and self.dtype != "bfloat16":
-            raise ValueError(f"the AMX decode matmul computes in bfloat16, not {self.dtype}")
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(f"CPU kernels {self.cpu_kernels!r}: choose one of "
+                             f"{', '.join(CPU_KERNELS)}")
+        if self.cpu_kernels == "amx" and self.dtype != "bfloat16":
+            raise ValueError(f"the AMX kernels compute in bfloat16, not {self.dtype}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention implementation {self.attention_impl!r}: choose one of "
                              f"{', '.join(ATTENTION_IMPLS)}")

@@ -148,7 +148,7 @@ def decode_step(params: gemma3.Params, cache: KVCache, tokens: jax.Array, cfg: M
     """Feed one token per row [B] at position lengths[b]; -> hidden [B, D], updated cache."""
     positions = cache.lengths
     # The AMX decode loop's CPU kernels also write the cache and read the embedding.
-    amx_loop = cfg.decode_matmul == "amx"
+    amx_loop = cfg.cpu_kernels == "amx"
 
     def attend(i, q, k, v):
         k_buf = _write_token(cache.keys[i], k, positions, True, amx_loop)

@@ -43,21 +43,20 @@ def with_dtype(cfg: ModelConfig, dtype: str | None, matmul: str = "auto") -> Mod
     every use, so a wider copy would only double their memory (bf16 on a TPU: 2 GB
     instead of 4 for Gemma 3 1B)."""
     dtype, impl = dtype_choice.resolve(dtype, cfg, matmul)
-    cfg = dataclasses.replace(cfg, matmul_impl=impl, decode_matmul="xla")
+    cfg = dataclasses.replace(cfg, matmul_impl=impl, cpu_kernels="xla")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-    return dataclasses.replace(cfg, decode_matmul=decode_matmul(cfg, matmul))
+    return dataclasses.replace(cfg, cpu_kernels=cpu_kernels(cfg, matmul))
 
 
-def decode_matmul(cfg: ModelConfig, matmul: str = "auto") -> str:
-    """How `cfg`'s decode steps multiply: on AMX tiles in bfloat16 where that kernel
-    runs (one device of an AMX CPU; logged once), unless `matmul` asks for XLA's."""
-    if cfg.dtype != "bfloat16" or matmul == "xla" or jax.default_backend() != "cpu":
+def cpu_kernels(cfg: ModelConfig, matmul: str = "auto") -> str:
+    """`ModelConfig.cpu_kernels` for `cfg`: "amx" (the decode loop and the
+    teacher-forced log-softmax on AMX tiles, logging one line) in bfloat16 where those
+    kernels run (one device of an AMX CPU) unless `matmul` asks for XLA's, else "xla"."""
+    if cfg.dtype != "bfloat16" or matmul == "xla" or amx.unavailable() is not None:
         return "xla"
-    if amx.unavailable() is not None:
-        return "xla"
-    log.info("decode matmuls: AMX tiles, each weight read once per step "
-             "(grpo_jax/kernels/cpu/amx.py; --matmul xla turns this off)")
+    log.info("CPU kernels: AMX tiles for the decode loop and the log-softmax over the "
+             "vocabulary (grpo_jax/kernels/cpu/amx.py; --matmul xla turns them off)")
     return "amx"
 
 

@@ -8,7 +8,7 @@ the vocabulary, so no device gathers the table or holds a [rows, V] block: the
 pieces are combined across `tensor` (a sum for the lookup; a max, then sums for
 the log-sum-exp, the chosen logit and the entropy).
 
-On one AMX CPU (`cfg.decode_matmul == "amx"`) the log-softmax at chosen tokens runs
+On one AMX CPU (`cfg.cpu_kernels == "amx"`) the log-softmax at chosen tokens runs
 on AMX tiles instead (`tied_logprobs`): its [rows, V] logits never reach memory.
 """
 from __future__ import annotations
@@ -108,9 +108,9 @@ def logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array, cfg: Model
 
 def tied_applies(cfg: ModelConfig, return_entropy: bool) -> bool:
     """Whether `tied_logprobs` computes this model's log-probs: the AMX kernels are
-    on (bfloat16, one device: `load.decode_matmul`), no mesh, no entropy asked, and
+    on (bfloat16, one device: `load.cpu_kernels`), no mesh, no entropy asked, and
     the vocabulary and width are whole tiles."""
-    return (cfg.decode_matmul == "amx" and not return_entropy
+    return (cfg.cpu_kernels == "amx" and not return_entropy
             and sharding.active_mesh() is None and cfg.vocab_size % amx.BLOCK == 0
             and cfg.embed_dim % amx.BLOCK == 0)
 

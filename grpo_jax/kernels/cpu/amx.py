@@ -1,4 +1,5 @@
-"""A decode step's matmuls on Intel AMX tiles, as `jax.ffi` custom calls.
+"""A decode step's matmuls, and the teacher-forced log-softmax over the vocabulary,
+on Intel AMX tiles as `jax.ffi` custom calls.
 
 A decode step multiplies the batch's few rows by every weight once, so its time is
 the time to stream the weights from memory. XLA:CPU re-lays out a plain bf16
@@ -16,6 +17,12 @@ and, for the same loop, `write_token`: a step's keys or values written into a bf
 KV cache in place (XLA:CPU has no bf16 scatter; its select rewrites the whole cache),
 and `gather_rows`: its tokens' embedding rows (XLA:CPU gathers from a float32 copy of
 the table, made once per decode call: ~0.3 s for the 270M).
+
+For the trainer's log p(target) over a tied vocabulary [V, D] (`vocab_parallel.
+tied_logprobs`): `logsumexp` keeps each row's log-sum-exp while 32 x 32 blocks of
+logits pass through tiles, and `softmax_rows` gives the softmax-weighted sum of the
+embedding's rows its gradient needs, block by block. XLA materialised the [rows, V]
+float32 logits three times a chunk for these (~1 of a chunk's ~1.5 s).
 
 Built at first use like the oneDNN call (kernels/cpu/build.py); `unavailable()` says
 why it cannot run here (no AMX, several devices, no compiler, the kernel refused
@@ -83,8 +90,9 @@ def _register() -> str | None:
     else why not."""
     if jax.default_backend() != "cpu":
         return f"the backend is {jax.default_backend()}, not the CPU"
-    if cpu_reason() is not None:
-        return cpu_reason()
+    reason = cpu_reason()
+    if reason is not None:
+        return reason
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
         error = library.GrpoJaxAmxRequest()

@@ -14,6 +14,9 @@
 //  * KvWriteTokenBf16, GatherRowsBf16: a decode step's keys or values written into
 //    the cache in place, and its tokens' embedding rows read (not AMX, but the same
 //    loop's, and XLA:CPU has no bf16 scatter or gather).
+//  * AmxLogSumExpBf16, AmxSoftmaxRowsBf16: a training step's log-softmax over the
+//    tied vocabulary, its log-sum-exp and its gradient's softmax-weighted sum of the
+//    embedding's rows, with the logits consumed 32 x 32 at a time (below).
 //
 // Both: bf16 operands, float32 sums and result; K, N and R multiples of 32, any M.
 // The output's column blocks are shared out on XLA's own thread pool, not OpenMP's:
