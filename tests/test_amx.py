@@ -328,23 +328,25 @@ def test_teacher_forced_logprobs_on_amx_match_xla_and_keep_the_logits_out_of_mem
     mask = jnp.ones(tokens.shape, bool)
     on = dataclasses.replace(BF16_TINY, cpu_kernels="amx")
 
-    def loss(lora, cfg):
-        logp = grpo.per_token_logprobs(params, lora, tokens, mask, 10, cfg, chunk_size=32,
-                                       temperature=0.9, group=2)
-        return jnp.sum(logp), logp
+    def run(cfg):
+        """(log-probs, LoRA gradient of their sum, compiled HLO), one compile."""
+        def loss(lora):
+            logp = grpo.per_token_logprobs(params, lora, tokens, mask, 10, cfg, chunk_size=32,
+                                           temperature=0.9, group=2)
+            return jnp.sum(logp), logp
 
-    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(lora, on)
-    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(lora, BF16_TINY)
+        compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(lora).compile()
+        (_, logp), grads = compiled(lora)
+        return logp, grads, compiled.as_text()
+
+    got, g_got, hlo = run(on)
+    want, g_want, xla_hlo = run(BF16_TINY)
     np.testing.assert_allclose(f64(got), f64(want), atol=0.05)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         scale = np.abs(f64(b)).max()
         assert np.abs(f64(a) - f64(b)).max() <= 0.05 * scale + 1e-6
 
-    def compiled(cfg):
-        return jax.jit(jax.grad(lambda lora: loss(lora, cfg)[0])).lower(lora).compile().as_text()
-
     logits_block = re.compile(rf"f32\[[\d,]*,{TINY.vocab_size}\]")
-    assert logits_block.search(compiled(BF16_TINY))  # XLA's path holds them
-    hlo = compiled(on)
+    assert logits_block.search(xla_hlo)  # XLA's path holds them
     assert amx.LOGSUMEXP_TARGET in hlo and amx.SOFTMAX_ROWS_TARGET in hlo
     assert not logits_block.search(hlo), logits_block.search(hlo)
