@@ -311,6 +311,12 @@ def test_tied_logprobs_and_gradients_match_float64(n, rows):
     np.testing.assert_allclose(f64(d_h), d_logits @ f64(e), rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(f64(d_e), d_logits.T @ f64(h), rtol=1e-2, atol=1e-2)
 
+    # A float32 caller gets its float32 gradient back (the kernels take bf16 copies).
+    d_h32 = jax.grad(lambda h: jnp.sum(fn(h, e)))(h.astype(jnp.float32))
+    assert d_h32.dtype == jnp.float32
+    np.testing.assert_allclose(f64(d_h32), f64(jax.grad(lambda h: jnp.sum(fn(h, e)))(h)),
+                               rtol=1e-2, atol=1e-2)
+
 
 @needs_amx
 def test_teacher_forced_logprobs_on_amx_match_xla_and_keep_the_logits_out_of_memory():

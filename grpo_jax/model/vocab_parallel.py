@@ -140,21 +140,22 @@ def tied_logprobs(hidden: jax.Array, targets: jax.Array, embed: jax.Array,
 
 def _tied_forward(hidden, targets, embed, temperature, rows):
     n = hidden.shape[0]
-    hidden = hidden.astype(jnp.bfloat16)
-    lse = jax.lax.map(lambda x: amx.logsumexp(x, embed, 1.0 / temperature),
-                      _row_chunks(hidden, rows)).reshape(-1)[:n]
+    x = hidden.astype(jnp.bfloat16)
+    lse = jax.lax.map(lambda c: amx.logsumexp(c, embed, 1.0 / temperature),
+                      _row_chunks(x, rows)).reshape(-1)[:n]
     chosen = amx.gather_rows(embed, targets)
-    picked = jnp.einsum("nd,nd->n", hidden, chosen, preferred_element_type=jnp.float32)
+    picked = jnp.einsum("nd,nd->n", x, chosen, preferred_element_type=jnp.float32)
     return picked / temperature - lse, (hidden, targets, embed, lse)
 
 
 def _tied_backward(temperature, rows, residuals, g):
     hidden, targets, embed, lse = residuals
     n, dim = hidden.shape
+    x = hidden.astype(jnp.bfloat16)
     scale = 1.0 / temperature
     # d logp[m] / d hidden[m] = scale * (embed[target] - sum_v p[m, v] embed[v]).
     weighted = jax.lax.map(lambda a: amx.softmax_rows(a[0], embed, a[1], scale),
-                           (_row_chunks(hidden, rows), _row_chunks(lse, rows)))
+                           (_row_chunks(x, rows), _row_chunks(lse, rows)))
     weighted = weighted.reshape(-1, dim)[:n]
     chosen = amx.gather_rows(embed, targets).astype(jnp.float32)
     d_hidden = (g * scale)[:, None] * (chosen - weighted)
@@ -162,14 +163,14 @@ def _tied_backward(temperature, rows, residuals, g):
     # The embedding's gradient, in XLA chunk by chunk: the frozen base never asks for
     # it, so XLA drops this; it is here so that the rule is whole.
     def embed_grad(total, a):
-        x, t, l, gc = a
-        logits = jnp.einsum("md,vd->mv", x, embed, preferred_element_type=jnp.float32)
+        xc, t, l, gc = a
+        logits = jnp.einsum("md,vd->mv", xc, embed, preferred_element_type=jnp.float32)
         p = jnp.exp(logits * scale - l[:, None])
         d_logits = (gc * scale)[:, None] * (jax.nn.one_hot(t, embed.shape[0]) - p)
-        return total + jnp.einsum("mv,md->vd", d_logits, x.astype(jnp.float32)), None
+        return total + jnp.einsum("mv,md->vd", d_logits, xc.astype(jnp.float32)), None
 
     d_embed, _ = jax.lax.scan(embed_grad, jnp.zeros(embed.shape, jnp.float32),
-                              tuple(_row_chunks(a, rows) for a in (hidden, targets, lse, g)))
+                              tuple(_row_chunks(a, rows) for a in (x, targets, lse, g)))
     return d_hidden.astype(hidden.dtype), None, d_embed.astype(embed.dtype)
 
 
