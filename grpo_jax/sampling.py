@@ -57,7 +57,7 @@ def vocab_major_logits(params: gemma3.Params, hidden: jax.Array, cfg: ModelConfi
     """float32 logits [V, B] of hidden [B, D]. Vocabulary-major because XLA:CPU reduces
     over the major axis with vector lanes across the batch: max / sum-exp over
     [V, B] run several times faster than over [B, V] (and the matmul is no slower).
-    With the AMX decode matmul, the embedding streams through AMX tiles as stored."""
+    With the AMX kernels, the embedding streams through AMX tiles as stored."""
     if cfg.cpu_kernels == "amx":
         return amx.rows_matmul(hidden.astype(cfg.compute_dtype), params["embed"])
     return matmul("bd,vd->vb", hidden, params["embed"], cfg.compute_dtype, jnp.float32,

@@ -18,8 +18,9 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 # it, where XLA:CPU reaches it only in part). "auto": what `--dtype auto`'s probe picks.
 MATMUL_IMPLS = ("xla", "onednn")
 MATMUL_CHOICES = ("auto", *MATMUL_IMPLS)
-# How a decode step's weight matmuls run: XLA's dot, or AMX tiles reading each weight
-# once (grpo_jax/kernels/cpu/amx.py; bfloat16 on Intel CPUs with AMX, one device).
+# Whose kernels run the decode loop and the teacher-forced log-softmax: XLA's, or
+# custom calls on AMX tiles (grpo_jax/kernels/cpu/amx.py; bfloat16 on Intel CPUs with
+# AMX, one device).
 CPU_KERNELS = ("xla", "amx")
 
 

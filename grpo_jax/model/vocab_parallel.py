@@ -145,11 +145,11 @@ def _tied_forward(hidden, targets, embed, temperature, rows):
                       _row_chunks(x, rows)).reshape(-1)[:n]
     chosen = amx.gather_rows(embed, targets)
     picked = jnp.einsum("nd,nd->n", x, chosen, preferred_element_type=jnp.float32)
-    return picked / temperature - lse, (hidden, targets, embed, lse)
+    return picked / temperature - lse, (hidden, targets, embed, lse, chosen)
 
 
 def _tied_backward(temperature, rows, residuals, g):
-    hidden, targets, embed, lse = residuals
+    hidden, targets, embed, lse, chosen = residuals
     n, dim = hidden.shape
     x = hidden.astype(jnp.bfloat16)
     scale = 1.0 / temperature
@@ -157,8 +157,7 @@ def _tied_backward(temperature, rows, residuals, g):
     weighted = jax.lax.map(lambda a: amx.softmax_rows(a[0], embed, a[1], scale),
                            (_row_chunks(x, rows), _row_chunks(lse, rows)))
     weighted = weighted.reshape(-1, dim)[:n]
-    chosen = amx.gather_rows(embed, targets).astype(jnp.float32)
-    d_hidden = (g * scale)[:, None] * (chosen - weighted)
+    d_hidden = (g * scale)[:, None] * (chosen.astype(jnp.float32) - weighted)
 
     # The embedding's gradient, in XLA chunk by chunk: the frozen base never asks for
     # it, so XLA drops this; it is here so that the rule is whole.

@@ -18,8 +18,9 @@
 //    tied vocabulary, its log-sum-exp and its gradient's softmax-weighted sum of the
 //    embedding's rows, with the logits consumed 32 x 32 at a time (below).
 //
-// Both: bf16 operands, float32 sums and result; K, N and R multiples of 32, any M.
-// The output's column blocks are shared out on XLA's own thread pool, not OpenMP's:
+// The matmuls: bf16 operands, float32 sums and result; K, N and R multiples of 32,
+// any M (the log-softmax calls: M a multiple of 32 too). The output's column blocks
+// are shared out on XLA's own thread pool, not OpenMP's:
 // XLA runs independent ops (the q, k and v projections) side by side on its
 // threads, and an OpenMP team inside each oversubscribed the cores (3x slower calls).
 // GrpoJaxAmxRequest asks Linux for the tile state once per process, before any call.
